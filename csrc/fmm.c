@@ -1,0 +1,1409 @@
+/*
+ * fmm.c -- the fastmmap engine.  See fmm.h for the file format and the
+ * contract of every public function.
+ *
+ * Invariants kept by every function that mutates a page (all of them run
+ * with the page's mutex held by the calling thread):
+ *   - hdr->dirty is 1 from before the first mutated byte to after the last,
+ *     so a writer killed half-way leaves a mark the next locker sees;
+ *   - FMM_PAGE_HEADER_SIZE + 4*num_slots <= free_data <= page_size;
+ *   - live + deleted <= num_slots and at least one slot is empty;
+ *   - every live slot points at an entry inside [data_start, free_data).
+ * Nothing read from the mapping is trusted: page_ok() checks the header
+ * after each lock and entry_ok() checks each entry before its bytes are
+ * used.  A page that fails is re-initialised (a "repair"), never read out
+ * of bounds.
+ *
+ * Naming: public fmm_*, everything else static; `ph` is a page header,
+ * `c` the handle.
+ */
+#define _GNU_SOURCE
+#include "fmm.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifdef FMM_DEBUG_LOG
+#define FMM_DEBUG(...) fprintf(stderr, "fmm: " __VA_ARGS__)
+#else
+#define FMM_DEBUG(...) ((void)0)
+#endif
+
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+/* Compiler barrier: a process killed by a signal has executed its stores
+ * in program order, so keeping the compiler from moving stores across the
+ * dirty marker is enough for crash detection. */
+#define BARRIER() __atomic_signal_fence(__ATOMIC_SEQ_CST)
+
+#define PAGE_MAGIC 0x464d4d50u /* "FMMP" */
+#define SLOT_EMPTY 0u
+#define SLOT_DELETED 1u
+#define MIN_SLOTS 4u
+#define RENUMBER_AT 0xF0000000u
+/* Compaction policy: keep everything if live data plus the new item fill
+ * at most FILL_HIGH of the data area; otherwise evict least recently used
+ * entries until they fill at most FILL_LOW, so the next eviction is some
+ * way off (amortising its cost) while the page stays mostly full. */
+#define FILL_HIGH_PCT 92u
+#define FILL_LOW_PCT 82u
+
+#define ROUND4(x) (((uint64_t)(x) + 3u) & ~(uint64_t)3u)
+#define KLEN(kf) ((kf)&0xFFFFFFu)
+#define KFLAGS(kf) ((kf) >> 24)
+
+/* ---------- On-disk structures ---------- */
+
+typedef struct file_header {
+    char magic[8];          /* 0  */
+    uint32_t version;       /* 8  */
+    uint32_t state;         /* 12 */
+    uint32_t header_size;   /* 16 */
+    uint32_t page_size;     /* 20 */
+    uint32_t num_pages;     /* 24 */
+    uint32_t start_slots;   /* 28 */
+    uint64_t file_size;     /* 32 */
+    uint64_t created;       /* 40 */
+    uint64_t hash_seed;     /* 48 */
+    uint64_t check;         /* 56: xxh64 of bytes 0..55 */
+    uint64_t repairs;       /* 64: updated atomically */
+} file_header;
+
+typedef struct page_hdr {
+    union {
+        pthread_mutex_t m;
+        char pad[64];
+    } lock;
+    uint32_t magic;     /* 64 */
+    uint32_t dirty;     /* 68 */
+    uint32_t num_slots; /* 72 */
+    uint32_t live;      /* 76 */
+    uint32_t deleted;   /* 80 */
+    uint32_t free_data; /* 84 */
+    uint32_t clock;     /* 88 */
+    uint32_t nreads;    /* 92 */
+    uint32_t nhits;     /* 96 */
+    uint32_t spare[7];  /* 100..127 */
+} page_hdr;
+
+typedef struct entry {
+    uint32_t access;
+    uint32_t last_access;
+    uint32_t expire_on;
+    uint32_t klen_flags;
+    uint32_t vlen;
+    /* key bytes, value bytes */
+} entry;
+
+_Static_assert(sizeof(pthread_mutex_t) <= 64, "mutex must fit 64 bytes");
+_Static_assert(sizeof(page_hdr) == FMM_PAGE_HEADER_SIZE, "page header size");
+_Static_assert(sizeof(entry) == FMM_ENTRY_HEADER_SIZE, "entry header size");
+_Static_assert(sizeof(file_header) <= FMM_HEADER_SIZE, "file header size");
+
+static const char FILE_MAGIC[8] = {'F', 'A', 'S', 'T', 'M', 'M', 'A', 'P'};
+
+struct fmm_cache {
+    unsigned char *base;
+    size_t map_len;
+    int fd;
+    int anonymous;
+    int stats;
+    char *path;
+    file_header *fh;
+    uint32_t page_size;
+    uint32_t num_pages;
+    uint32_t start_slots;
+    uint32_t offbits;  /* log2(page_size) - 2 */
+    uint32_t offmask;  /* (1 << offbits) - 1 */
+    uint64_t seed;
+    uint32_t time_override;
+    dev_t dev;
+    ino_t ino;
+    char err[256];
+};
+
+/* ---------- XXH64 (the published algorithm, written from its spec) ---------- */
+
+#define XP1 0x9E3779B185EBCA87ULL
+#define XP2 0xC2B2AE3D27D4EB4FULL
+#define XP3 0x165667B19E3779F9ULL
+#define XP4 0x85EBCA77C2B2AE63ULL
+#define XP5 0x27D4EB2F165667C5ULL
+
+static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+static inline uint64_t rd64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline uint32_t rd32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t xround(uint64_t acc, uint64_t in)
+{
+    acc += in * XP2;
+    acc = rotl64(acc, 31);
+    return acc * XP1;
+}
+static inline uint64_t xmerge(uint64_t acc, uint64_t v)
+{
+    acc ^= xround(0, v);
+    return acc * XP1 + XP4;
+}
+
+uint64_t fmm_xxh64(const void *data, size_t len, uint64_t seed)
+{
+    const unsigned char *p = (const unsigned char *)data;
+    const unsigned char *end = p + len;
+    uint64_t h;
+    if (len >= 32) {
+        const unsigned char *limit = end - 32;
+        uint64_t v1 = seed + XP1 + XP2, v2 = seed + XP2, v3 = seed, v4 = seed - XP1;
+        do {
+            v1 = xround(v1, rd64(p));
+            v2 = xround(v2, rd64(p + 8));
+            v3 = xround(v3, rd64(p + 16));
+            v4 = xround(v4, rd64(p + 24));
+            p += 32;
+        } while (p <= limit);
+        h = rotl64(v1, 1) + rotl64(v2, 7) + rotl64(v3, 12) + rotl64(v4, 18);
+        h = xmerge(h, v1);
+        h = xmerge(h, v2);
+        h = xmerge(h, v3);
+        h = xmerge(h, v4);
+    } else {
+        h = seed + XP5;
+    }
+    h += (uint64_t)len;
+    while (p + 8 <= end) {
+        h ^= xround(0, rd64(p));
+        h = rotl64(h, 27) * XP1 + XP4;
+        p += 8;
+    }
+    if (p + 4 <= end) {
+        h ^= (uint64_t)rd32(p) * XP1;
+        h = rotl64(h, 23) * XP2 + XP3;
+        p += 4;
+    }
+    while (p < end) {
+        h ^= (uint64_t)(*p) * XP5;
+        h = rotl64(h, 11) * XP1;
+        p++;
+    }
+    h ^= h >> 33;
+    h *= XP2;
+    h ^= h >> 29;
+    h *= XP3;
+    h ^= h >> 32;
+    return h;
+}
+
+uint64_t fmm_hash(const fmm_cache *c, const void *key, size_t klen)
+{
+    return fmm_xxh64(key, klen, c->seed);
+}
+
+uint32_t fmm_page_of(const fmm_cache *c, uint64_t hash)
+{
+    return (uint32_t)(((hash >> 32) * (uint64_t)c->num_pages) >> 32);
+}
+
+/* ---------- Small helpers ---------- */
+
+static void set_detail(char *buf, size_t len, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void set_detail(char *buf, size_t len, const char *fmt, ...)
+{
+    if (!buf || !len)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, len, fmt, ap);
+    va_end(ap);
+}
+
+static inline int is_pow2(uint64_t x) { return x && !(x & (x - 1)); }
+static inline uint32_t pow2_ceil(uint64_t x)
+{
+    uint64_t p = 1;
+    while (p < x)
+        p <<= 1;
+    return p > (1u << 31) ? (1u << 31) : (uint32_t)p;
+}
+static inline uint32_t log2u(uint32_t x) { return 31u - (uint32_t)__builtin_clz(x); }
+
+static inline page_hdr *PH(const fmm_cache *c, uint32_t page)
+{
+    return (page_hdr *)(c->base + FMM_HEADER_SIZE + (uint64_t)page * c->page_size);
+}
+static inline uint32_t *SLOTS(page_hdr *ph) { return (uint32_t *)((char *)ph + FMM_PAGE_HEADER_SIZE); }
+static inline uint32_t data_start(uint32_t num_slots) { return FMM_PAGE_HEADER_SIZE + 4u * num_slots; }
+
+uint32_t fmm_now(const fmm_cache *c)
+{
+    if (c->time_override)
+        return c->time_override;
+    return (uint32_t)time(NULL);
+}
+
+void fmm_set_time(fmm_cache *c, uint32_t now) { c->time_override = now; }
+uint32_t fmm_page_size(const fmm_cache *c) { return c->page_size; }
+uint32_t fmm_num_pages(const fmm_cache *c) { return c->num_pages; }
+uint32_t fmm_start_slots(const fmm_cache *c) { return c->start_slots; }
+uint32_t fmm_max_item(const fmm_cache *c) { return c->page_size - data_start(MIN_SLOTS); }
+uint64_t fmm_repairs(const fmm_cache *c)
+{
+    return c->fh ? __atomic_load_n(&c->fh->repairs, __ATOMIC_RELAXED) : 0;
+}
+const char *fmm_errdetail(const fmm_cache *c) { return c->err; }
+unsigned char *fmm_page_ptr(fmm_cache *c, uint32_t page)
+{
+    return page < c->num_pages ? (unsigned char *)PH(c, page) : NULL;
+}
+
+const char *fmm_strerror(int rc)
+{
+    switch (rc) {
+    case FMM_OK: return "success";
+    case FMM_ENOTFOUND: return "key not found";
+    case FMM_ETOOBIG: return "item too large to fit in a page";
+    case FMM_EBADFILE: return "not a fastmmap cache file, or its header is invalid";
+    case FMM_EGEOMETRY: return "size options disagree with the existing cache file";
+    case FMM_ELOCKED: return "this thread already holds a page lock of this cache (recursive use from a callback?)";
+    case FMM_ETIMEDOUT: return "timed out waiting for a page lock";
+    case FMM_EBUSY: return "page is locked by another thread or process";
+    case FMM_EBADARG: return "invalid argument";
+    case FMM_ECORRUPT: return "page failed validation";
+    case FMM_EREPLACED: return "the cache file was deleted or replaced";
+    case FMM_ETOOMANY: return "this thread holds page locks in too many caches";
+    default: return rc > 0 ? strerror(rc) : "unknown fastmmap error";
+    }
+}
+
+/* ---------- Entry access, bounds-checked ---------- */
+
+/* Validate the entry a live slot points at; on success set *ep and *size
+ * (its rounded length).  Never reads outside [data_start, free_data). */
+static inline int entry_ok(const fmm_cache *c, page_hdr *ph, uint32_t slot, entry **ep, uint32_t *size)
+{
+    uint32_t off = (slot & c->offmask) << 2;
+    uint32_t fd = ph->free_data;
+    if (UNLIKELY(off < data_start(ph->num_slots) || (uint64_t)off + FMM_ENTRY_HEADER_SIZE > fd))
+        return 0;
+    entry *e = (entry *)((char *)ph + off);
+    uint64_t total = ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + KLEN(e->klen_flags) + e->vlen);
+    if (UNLIKELY((uint64_t)off + total > fd))
+        return 0;
+    *ep = e;
+    *size = (uint32_t)total;
+    return 1;
+}
+
+static inline int expired(const entry *e, uint32_t now) { return e->expire_on && now >= e->expire_on; }
+
+static inline void fill_item(fmm_item *it, const entry *e)
+{
+    const char *k = (const char *)(e + 1);
+    it->key = k;
+    it->klen = KLEN(e->klen_flags);
+    it->val = k + it->klen;
+    it->vlen = e->vlen;
+    it->flags = KFLAGS(e->klen_flags);
+    it->expire_on = e->expire_on;
+    it->access = e->access;
+    it->last_access = e->last_access;
+}
+
+/* Home index of a hash in a table of num_slots: the top bits of the low
+ * hash word, so that it can be recovered from a slot's tag bits at
+ * compaction when the tag is wide enough (see home_from_slot). */
+static inline uint32_t home_index(uint32_t lo, uint32_t num_slots)
+{
+    return lo >> (32u - log2u(num_slots));
+}
+
+/* ---------- Page initialisation and repair ---------- */
+
+static void init_page_fields(fmm_cache *c, page_hdr *ph)
+{
+    ph->dirty = 1;
+    BARRIER();
+    ph->num_slots = c->start_slots;
+    ph->live = 0;
+    ph->deleted = 0;
+    ph->free_data = data_start(c->start_slots);
+    ph->clock = 0;
+    ph->nreads = 0;
+    ph->nhits = 0;
+    memset(ph->spare, 0, sizeof ph->spare);
+    memset(SLOTS(ph), 0, 4u * c->start_slots);
+    ph->magic = PAGE_MAGIC;
+    BARRIER();
+    ph->dirty = 0;
+}
+
+void fmm_init_page(fmm_cache *c, uint32_t page) { init_page_fields(c, PH(c, page)); }
+
+static void repair_page(fmm_cache *c, page_hdr *ph, const char *why)
+{
+    (void)why;
+    FMM_DEBUG("repairing page %u: %s\n",
+              (unsigned)(((unsigned char *)ph - c->base - FMM_HEADER_SIZE) / c->page_size), why);
+    init_page_fields(c, ph);
+    if (c->fh)
+        __atomic_fetch_add(&c->fh->repairs, 1, __ATOMIC_RELAXED);
+}
+
+/* Cheap header invariants, checked after every lock. */
+static int page_ok(const fmm_cache *c, const page_hdr *ph)
+{
+    uint32_t ns = ph->num_slots;
+    if (ph->magic != PAGE_MAGIC || ph->dirty)
+        return 0;
+    if (!is_pow2(ns) || ns < MIN_SLOTS || (uint64_t)data_start(ns) > c->page_size)
+        return 0;
+    if ((uint64_t)ph->live + ph->deleted >= ns)
+        return 0;
+    if (ph->free_data < data_start(ns) || ph->free_data > c->page_size || (ph->free_data & 3u))
+        return 0;
+    return 1;
+}
+
+/* ---------- Locking ----------
+ * A thread may hold at most one page of a given cache.  The record of held
+ * pages is thread-local so that one handle can be shared by threads that
+ * each hold a different page. */
+
+#define TL_MAX 8
+static _Thread_local struct {
+    const fmm_cache *c;
+    uint32_t page;
+} tl_held[TL_MAX];
+static _Thread_local int tl_n;
+
+static int tl_find(const fmm_cache *c)
+{
+    for (int i = 0; i < tl_n; i++)
+        if (tl_held[i].c == c)
+            return i;
+    return -1;
+}
+
+static int deep_check(fmm_cache *c, uint32_t page, char *msg, size_t msglen);
+static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_t need, fmm_evict_fn fn,
+                   void *ctx);
+enum { RB_INSERT, RB_EXPIRED, RB_ALL, RB_RENUMBER };
+
+int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
+{
+    if (UNLIKELY(page >= c->num_pages))
+        return FMM_EBADARG;
+    int held = tl_find(c);
+    if (UNLIKELY(held >= 0)) {
+        snprintf(c->err, sizeof c->err, "page %u is already locked by this thread; can't lock page %u",
+                 tl_held[held].page, page);
+        return FMM_ELOCKED;
+    }
+    if (UNLIKELY(tl_n >= TL_MAX))
+        return FMM_ETOOMANY;
+
+    page_hdr *ph = PH(c, page);
+    int rc;
+    if (timeout_ns == 0) {
+        rc = pthread_mutex_trylock(&ph->lock.m);
+    } else if (timeout_ns < 0) {
+        rc = pthread_mutex_lock(&ph->lock.m);
+    } else {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_sec += (time_t)(timeout_ns / 1000000000);
+        ts.tv_nsec += (long)(timeout_ns % 1000000000);
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        rc = pthread_mutex_clocklock(&ph->lock.m, CLOCK_MONOTONIC, &ts);
+    }
+    switch (rc) {
+    case 0:
+        break;
+    case EOWNERDEAD: {
+        /* The previous holder died with the lock.  If it was mid-write the
+         * page is dirty: re-initialise.  Otherwise keep the page if it
+         * passes the full check. */
+        char why[128];
+        if (ph->dirty)
+            repair_page(c, ph, "left dirty by a killed writer");
+        else if (deep_check(c, page, why, sizeof why) != 0)
+            repair_page(c, ph, why);
+        pthread_mutex_consistent(&ph->lock.m);
+        break;
+    }
+    case EBUSY:
+        return FMM_EBUSY;
+    case ETIMEDOUT:
+        return FMM_ETIMEDOUT;
+    case EDEADLK:
+        snprintf(c->err, sizeof c->err, "page %u is already locked by this thread", page);
+        return FMM_ELOCKED;
+    default:
+        snprintf(c->err, sizeof c->err, "locking page %u: %s", page, strerror(rc));
+        return rc;
+    }
+    if (UNLIKELY(!page_ok(c, ph)))
+        repair_page(c, ph, "page header failed validation");
+    else if (UNLIKELY(ph->clock >= RENUMBER_AT))
+        rebuild(c, ph, RB_RENUMBER, -1, 0, NULL, NULL); /* on ENOMEM: retried at the next lock */
+    tl_held[tl_n].c = c;
+    tl_held[tl_n].page = page;
+    tl_n++;
+    return 0;
+}
+
+void fmm_unlock(fmm_cache *c, uint32_t page)
+{
+    int i = tl_find(c);
+    if (i >= 0) {
+        tl_held[i] = tl_held[tl_n - 1];
+        tl_n--;
+    }
+    pthread_mutex_unlock(&PH(c, page)->lock.m);
+}
+
+/* ---------- Probing ---------- */
+
+/* Find the slot of a key.  Returns the slot index or -1.  *ins (if not
+ * NULL) receives the slot to insert into: the first deleted slot seen, or
+ * the empty slot that ended the probe (-1 if the table has none).  Returns
+ * -2 if a corrupt slot was found (the caller repairs the page). */
+static inline long find_slot(const fmm_cache *c, page_hdr *ph, uint32_t lo, const void *key, uint32_t klen,
+                             long *ins, entry **found)
+{
+    uint32_t ns = ph->num_slots;
+    uint32_t mask = ns - 1;
+    uint32_t idx = home_index(lo, ns);
+    uint32_t tag = lo & ~c->offmask;
+    uint32_t *slots = SLOTS(ph);
+    long first_del = -1;
+    for (uint32_t n = ns; n; n--, idx = (idx + 1) & mask) {
+        uint32_t s = slots[idx];
+        if (s == SLOT_EMPTY) {
+            if (ins)
+                *ins = first_del >= 0 ? first_del : (long)idx;
+            return -1;
+        }
+        if (s == SLOT_DELETED) {
+            if (first_del < 0)
+                first_del = idx;
+            continue;
+        }
+        if ((s & ~c->offmask) != tag)
+            continue;
+        entry *e;
+        uint32_t size;
+        if (UNLIKELY(!entry_ok(c, ph, s, &e, &size)))
+            return -2;
+        if (KLEN(e->klen_flags) == klen && memcmp(e + 1, key, klen) == 0) {
+            *found = e;
+            if (ins)
+                *ins = -1;
+            return idx;
+        }
+    }
+    if (ins)
+        *ins = first_del;
+    return -1;
+}
+
+int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, int touch,
+            fmm_item *out)
+{
+    page_hdr *ph = PH(c, page);
+    entry *e = NULL;
+    long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &e);
+    if (UNLIKELY(idx == -2)) {
+        repair_page(c, ph, "slot points outside the page's data");
+        return FMM_ENOTFOUND;
+    }
+    if (touch && c->stats)
+        ph->nreads++;
+    if (idx < 0)
+        return FMM_ENOTFOUND;
+    uint32_t now = 0;
+    if (e->expire_on || touch)
+        now = fmm_now(c);
+    if (expired(e, now))
+        return FMM_ENOTFOUND;
+    if (touch) {
+        if (c->stats)
+            ph->nhits++;
+        e->access = ++ph->clock;
+        e->last_access = now;
+    }
+    fill_item(out, e);
+    return 0;
+}
+
+/* ---------- Compaction and eviction ---------- */
+
+typedef struct kept {
+    uint32_t slot;  /* old slot value */
+    uint32_t size;  /* rounded entry size */
+    uint32_t access;
+} kept;
+
+static int cmp_access(const void *a, const void *b)
+{
+    uint32_t x = ((const kept *)a)->access, y = ((const kept *)b)->access;
+    return x < y ? -1 : x > y;
+}
+
+/* Slots for n entries: load at most 1/2, at least start_slots. */
+static uint32_t slots_for(const fmm_cache *c, uint32_t n)
+{
+    uint32_t want = pow2_ceil((uint64_t)n * 2);
+    if (want < c->start_slots)
+        want = c->start_slots;
+    return want < MIN_SLOTS ? MIN_SLOTS : want;
+}
+/* Fewest slots for n entries: load at most 3/4. */
+static uint32_t slots_min(uint32_t n)
+{
+    uint32_t want = pow2_ceil(((uint64_t)n * 4 + 2) / 3);
+    return want < MIN_SLOTS ? MIN_SLOTS : want;
+}
+static int64_t cap_for(const fmm_cache *c, uint32_t ns) { return (int64_t)c->page_size - data_start(ns); }
+
+static void report(fmm_evict_fn fn, void *ctx, const entry *e)
+{
+    if (fn && (KFLAGS(e->klen_flags) & FMM_F_DIRTY)) {
+        fmm_item it;
+        fill_item(&it, e);
+        fn(ctx, &it);
+    }
+}
+
+/*
+ * Rebuild a locked page: drop `drop_slot` (the old entry of a key being
+ * replaced, or -1), drop expired entries (all entries for RB_ALL), evict
+ * least recently used entries if an item of `need` bytes plus one more
+ * slot must fit (RB_INSERT), and write the survivors back packed, with a
+ * slot table sized for them.  Dirty dropped entries are reported to `fn`
+ * before the page changes.
+ *
+ * Returns 0, ENOMEM (nothing changed), or FMM_ECORRUPT (the page was
+ * found corrupt and has been re-initialised instead).
+ */
+static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_t need, fmm_evict_fn fn,
+                   void *ctx)
+{
+    uint32_t ns = ph->num_slots;
+    uint32_t *slots = SLOTS(ph);
+    uint32_t now = fmm_now(c);
+    uint32_t nlive = ph->live;
+    kept *ks = malloc(((size_t)nlive + 1) * sizeof(kept));
+    unsigned char *scratch = malloc(c->page_size);
+    if (!ks || !scratch) {
+        free(ks);
+        free(scratch);
+        return ENOMEM;
+    }
+
+    /* Pass 1: classify, validating every entry. */
+    uint32_t n = 0;
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < ns; i++) {
+        uint32_t s = slots[i];
+        if (s <= SLOT_DELETED || (long)i == drop_slot)
+            continue;
+        entry *e;
+        uint32_t size;
+        if (!entry_ok(c, ph, s, &e, &size) || n >= nlive) {
+            free(ks);
+            free(scratch);
+            repair_page(c, ph, "entry outside the page's data, or live count wrong");
+            return FMM_ECORRUPT;
+        }
+        if (mode == RB_ALL || (mode != RB_RENUMBER && expired(e, now))) {
+            report(fn, ctx, e);
+            continue;
+        }
+        ks[n].slot = s;
+        ks[n].size = size;
+        ks[n].access = e->access;
+        n++;
+        total += size;
+    }
+
+    /* Decide what stays and how many slots. */
+    uint32_t extra = mode == RB_INSERT ? 1 : 0;
+    uint32_t first = 0; /* ks[first..n) are kept */
+    uint32_t nslots = slots_for(c, n + extra);
+    int sorted = 0;
+    if (mode == RB_INSERT && (int64_t)(total + need) * 100 > cap_for(c, nslots) * (int64_t)FILL_HIGH_PCT) {
+        qsort(ks, n, sizeof(kept), cmp_access);
+        sorted = 1;
+        while (first < n) {
+            nslots = slots_for(c, n - first + extra);
+            if ((int64_t)(total + need) * 100 <= cap_for(c, nslots) * (int64_t)FILL_LOW_PCT)
+                break;
+            entry *e = (entry *)((char *)ph + ((ks[first].slot & c->offmask) << 2));
+            report(fn, ctx, e);
+            total -= ks[first].size;
+            first++;
+        }
+        if (first == n)
+            nslots = slots_for(c, extra);
+    }
+    if ((int64_t)(total + need) > cap_for(c, nslots))
+        nslots = slots_min(n - first + extra); /* a big item, or a page full of tiny ones */
+    if ((int64_t)(total + need) > cap_for(c, nslots)) {
+        /* only possible if entries overlap: the page lied about itself */
+        free(ks);
+        free(scratch);
+        repair_page(c, ph, "live entries larger than the page");
+        return FMM_ECORRUPT;
+    }
+    if (!sorted && (mode == RB_RENUMBER || ph->clock >= RENUMBER_AT)) {
+        qsort(ks, n, sizeof(kept), cmp_access);
+        sorted = 1;
+    }
+
+    /* Pass 2: build the new slot table and data area in scratch. */
+    uint32_t ds = data_start(nslots);
+    uint32_t *nsl = (uint32_t *)(scratch + FMM_PAGE_HEADER_SIZE);
+    memset(nsl, 0, 4u * nslots);
+    uint32_t pos = ds;
+    uint32_t nmask = nslots - 1;
+    uint32_t nbits = log2u(nslots);
+    int tag_has_home = nbits <= 32u - c->offbits;
+    for (uint32_t i = first; i < n; i++) {
+        uint32_t s = ks[i].slot;
+        entry *e = (entry *)((char *)ph + ((s & c->offmask) << 2));
+        uint32_t lo;
+        if (tag_has_home)
+            lo = s & ~c->offmask; /* the top bits, which are all home_index needs */
+        else
+            lo = (uint32_t)fmm_hash(c, e + 1, KLEN(e->klen_flags));
+        memcpy(scratch + pos, e, ks[i].size);
+        if (sorted)
+            ((entry *)(scratch + pos))->access = i - first + 1;
+        uint32_t idx = home_index(lo, nslots);
+        while (nsl[idx] != SLOT_EMPTY)
+            idx = (idx + 1) & nmask;
+        nsl[idx] = (s & ~c->offmask) | (pos >> 2);
+        pos += ks[i].size;
+    }
+
+    /* Write it back: this is the mutation. */
+    ph->dirty = 1;
+    BARRIER();
+    memcpy((char *)ph + FMM_PAGE_HEADER_SIZE, scratch + FMM_PAGE_HEADER_SIZE, pos - FMM_PAGE_HEADER_SIZE);
+    ph->num_slots = nslots;
+    ph->live = n - first;
+    ph->deleted = 0;
+    ph->free_data = pos;
+    if (sorted)
+        ph->clock = n - first;
+    BARRIER();
+    ph->dirty = 0;
+    free(ks);
+    free(scratch);
+    return 0;
+}
+
+int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
+            uint32_t vlen, uint32_t flags, uint32_t expire_on, fmm_evict_fn evict, void *ctx)
+{
+    if (klen > FMM_MAX_KEY_LEN)
+        return FMM_ETOOBIG;
+    uint64_t need = ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + vlen);
+    if (need > fmm_max_item(c))
+        return FMM_ETOOBIG;
+    page_hdr *ph = PH(c, page);
+    uint32_t lo = (uint32_t)hash;
+    int rebuilt = 0;
+    for (;;) {
+        long ins = -1;
+        entry *old = NULL;
+        long idx = find_slot(c, ph, lo, key, klen, &ins, &old);
+        if (UNLIKELY(idx == -2)) {
+            repair_page(c, ph, "slot points outside the page's data");
+            continue;
+        }
+        int space = (uint64_t)c->page_size - ph->free_data >= need;
+        int slot_ok = idx >= 0 || (ins >= 0 && ((uint64_t)ph->live + ph->deleted + 1) * 4 <= (uint64_t)ph->num_slots * 3);
+        if (!space || !slot_ok || ph->clock >= RENUMBER_AT) {
+            if (rebuilt) /* cannot happen: rebuild guarantees room */
+                return FMM_ECORRUPT;
+            int rc = rebuild(c, ph, RB_INSERT, idx, (uint32_t)need, evict, ctx);
+            if (rc == ENOMEM)
+                return ENOMEM;
+            rebuilt = 1;
+            continue;
+        }
+        /* Store: append the entry, then point the slot at it. */
+        uint32_t now = fmm_now(c);
+        uint32_t off = ph->free_data;
+        ph->dirty = 1;
+        BARRIER();
+        entry *e = (entry *)((char *)ph + off);
+        e->access = ++ph->clock;
+        e->last_access = now;
+        e->expire_on = expire_on;
+        e->klen_flags = klen | ((flags & 0xFFu) << 24);
+        e->vlen = vlen;
+        memcpy(e + 1, key, klen);
+        if (vlen)
+            memcpy((char *)(e + 1) + klen, val, vlen);
+        ph->free_data = off + (uint32_t)need;
+        uint32_t sv = (lo & ~c->offmask) | (off >> 2);
+        uint32_t *slots = SLOTS(ph);
+        if (idx >= 0) {
+            slots[idx] = sv;
+        } else {
+            if (slots[ins] == SLOT_DELETED)
+                ph->deleted--;
+            slots[ins] = sv;
+            ph->live++;
+        }
+        BARRIER();
+        ph->dirty = 0;
+        return 0;
+    }
+}
+
+int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, uint32_t *old_flags)
+{
+    page_hdr *ph = PH(c, page);
+    entry *e = NULL;
+    long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &e);
+    if (UNLIKELY(idx == -2)) {
+        repair_page(c, ph, "slot points outside the page's data");
+        return FMM_ENOTFOUND;
+    }
+    if (idx < 0)
+        return FMM_ENOTFOUND;
+    int was_expired = e->expire_on && expired(e, fmm_now(c));
+    if (old_flags)
+        *old_flags = KFLAGS(e->klen_flags);
+    ph->dirty = 1;
+    BARRIER();
+    SLOTS(ph)[idx] = SLOT_DELETED;
+    ph->live--;
+    ph->deleted++;
+    BARRIER();
+    ph->dirty = 0;
+    return was_expired ? FMM_ENOTFOUND : 0;
+}
+
+int fmm_expunge(fmm_cache *c, uint32_t page, int mode, fmm_evict_fn evict, void *ctx)
+{
+    page_hdr *ph = PH(c, page);
+    int rc = rebuild(c, ph, mode == FMM_EXPUNGE_ALL ? RB_ALL : RB_EXPIRED, -1, 0, evict, ctx);
+    if (rc == FMM_ECORRUPT)
+        return 0;
+    return rc;
+}
+
+int fmm_page_foreach(fmm_cache *c, uint32_t page, fmm_visit_fn fn, void *ctx)
+{
+    page_hdr *ph = PH(c, page);
+    uint32_t ns = ph->num_slots;
+    uint32_t *slots = SLOTS(ph);
+    uint32_t now = fmm_now(c);
+    for (uint32_t i = 0; i < ns; i++) {
+        uint32_t s = slots[i];
+        if (s <= SLOT_DELETED)
+            continue;
+        entry *e;
+        uint32_t size;
+        if (!entry_ok(c, ph, s, &e, &size)) {
+            repair_page(c, ph, "slot points outside the page's data");
+            return 0;
+        }
+        if (expired(e, now))
+            continue;
+        fmm_item it;
+        fill_item(&it, e);
+        int rc = fn(ctx, &it);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+void fmm_page_info_get(fmm_cache *c, uint32_t page, fmm_page_info *info)
+{
+    page_hdr *ph = PH(c, page);
+    memset(info, 0, sizeof *info);
+    uint32_t ns = ph->num_slots;
+    uint32_t *slots = SLOTS(ph);
+    uint32_t now = fmm_now(c);
+    info->num_slots = ns;
+    info->deleted = ph->deleted;
+    info->data_start = data_start(ns);
+    info->free_data = ph->free_data;
+    info->nreads = ph->nreads;
+    info->nhits = ph->nhits;
+    for (uint32_t i = 0; i < ns; i++) {
+        uint32_t s = slots[i];
+        if (s <= SLOT_DELETED)
+            continue;
+        entry *e;
+        uint32_t size;
+        if (!entry_ok(c, ph, s, &e, &size))
+            continue;
+        info->live++;
+        if (expired(e, now))
+            info->expired++;
+        else
+            info->live_bytes += size;
+    }
+}
+
+void fmm_page_clear_stats(fmm_cache *c, uint32_t page)
+{
+    page_hdr *ph = PH(c, page);
+    ph->nreads = 0;
+    ph->nhits = 0;
+}
+
+void fmm_set_page_clock(fmm_cache *c, uint32_t page, uint32_t clock) { PH(c, page)->clock = clock; }
+
+/* ---------- Validation ---------- */
+
+typedef struct span {
+    uint32_t off, size;
+} span;
+static int cmp_span(const void *a, const void *b)
+{
+    uint32_t x = ((const span *)a)->off, y = ((const span *)b)->off;
+    return x < y ? -1 : x > y;
+}
+
+/* Every structural invariant of a page (the lock must be held). */
+static int deep_check(fmm_cache *c, uint32_t page, char *msg, size_t msglen)
+{
+    page_hdr *ph = PH(c, page);
+    if (ph->magic != PAGE_MAGIC) {
+        set_detail(msg, msglen, "page %u: bad magic 0x%08x", page, ph->magic);
+        return FMM_ECORRUPT;
+    }
+    if (ph->dirty) {
+        set_detail(msg, msglen, "page %u: left dirty (a writer died mid-update)", page);
+        return FMM_ECORRUPT;
+    }
+    if (!page_ok(c, ph)) {
+        set_detail(msg, msglen, "page %u: header invariants violated (slots %u, live %u, deleted %u, free_data %u)",
+                   page, ph->num_slots, ph->live, ph->deleted, ph->free_data);
+        return FMM_ECORRUPT;
+    }
+    uint32_t ns = ph->num_slots, mask = ns - 1;
+    uint32_t *slots = SLOTS(ph);
+    uint32_t live = 0, deleted = 0;
+    span *sp = malloc(((size_t)ns + 1) * sizeof(span));
+    if (!sp) {
+        set_detail(msg, msglen, "page %u: out of memory while checking", page);
+        return ENOMEM;
+    }
+    int rc = 0;
+    for (uint32_t i = 0; i < ns && rc == 0; i++) {
+        uint32_t s = slots[i];
+        if (s == SLOT_EMPTY)
+            continue;
+        if (s == SLOT_DELETED) {
+            deleted++;
+            continue;
+        }
+        entry *e;
+        uint32_t size;
+        if (!entry_ok(c, ph, s, &e, &size)) {
+            set_detail(msg, msglen, "page %u: slot %u points outside the data area (0x%08x)", page, i, s);
+            rc = FMM_ECORRUPT;
+            break;
+        }
+        uint32_t lo = (uint32_t)fmm_hash(c, e + 1, KLEN(e->klen_flags));
+        if ((lo & ~c->offmask) != (s & ~c->offmask)) {
+            set_detail(msg, msglen, "page %u: slot %u tag does not match its key's hash", page, i);
+            rc = FMM_ECORRUPT;
+            break;
+        }
+        for (uint32_t j = home_index(lo, ns); j != i; j = (j + 1) & mask) {
+            if (slots[j] == SLOT_EMPTY) {
+                set_detail(msg, msglen, "page %u: slot %u unreachable from its home slot", page, i);
+                rc = FMM_ECORRUPT;
+                break;
+            }
+        }
+        sp[live].off = (s & c->offmask) << 2;
+        sp[live].size = size;
+        live++;
+    }
+    if (rc == 0 && (live != ph->live || deleted != ph->deleted)) {
+        set_detail(msg, msglen, "page %u: counts wrong (live %u, header %u; deleted %u, header %u)", page, live,
+                   ph->live, deleted, ph->deleted);
+        rc = FMM_ECORRUPT;
+    }
+    if (rc == 0 && live) {
+        qsort(sp, live, sizeof(span), cmp_span);
+        for (uint32_t i = 1; i < live; i++) {
+            if (sp[i - 1].off + sp[i - 1].size > sp[i].off) {
+                set_detail(msg, msglen, "page %u: entries at %u and %u overlap", page, sp[i - 1].off, sp[i].off);
+                rc = FMM_ECORRUPT;
+                break;
+            }
+        }
+    }
+    free(sp);
+    return rc;
+}
+
+int fmm_check_page(fmm_cache *c, uint32_t page, char *msg, size_t msglen)
+{
+    if (msg && msglen)
+        msg[0] = 0;
+    return deep_check(c, page, msg, msglen);
+}
+
+/* ---------- File creation and opening ---------- */
+
+static uint64_t header_check(const file_header *h) { return fmm_xxh64(h, offsetof(file_header, check), 0); }
+
+static int init_mutex(pthread_mutex_t *m)
+{
+    pthread_mutexattr_t a;
+    int rc = pthread_mutexattr_init(&a);
+    if (rc)
+        return rc;
+    if (!(rc = pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED)) &&
+        !(rc = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST)) &&
+        !(rc = pthread_mutexattr_settype(&a, PTHREAD_MUTEX_ERRORCHECK)))
+        rc = pthread_mutex_init(m, &a);
+    pthread_mutexattr_destroy(&a);
+    return rc;
+}
+
+static void set_geometry(fmm_cache *c, uint32_t page_size, uint32_t num_pages, uint32_t start_slots)
+{
+    c->page_size = page_size;
+    c->num_pages = num_pages;
+    c->start_slots = start_slots;
+    c->offbits = log2u(page_size) - 2;
+    c->offmask = (1u << c->offbits) - 1;
+}
+
+/* Initialise a fresh mapping: header and every page with its mutex. */
+static int init_mapping(fmm_cache *c, uint64_t file_size)
+{
+    file_header *h = (file_header *)c->base;
+    memset(h, 0, sizeof *h);
+    memcpy(h->magic, FILE_MAGIC, 8);
+    h->version = FMM_FORMAT_VERSION;
+    h->header_size = FMM_HEADER_SIZE;
+    h->page_size = c->page_size;
+    h->num_pages = c->num_pages;
+    h->start_slots = c->start_slots;
+    h->file_size = file_size;
+    h->created = (uint64_t)time(NULL);
+    uint64_t seed;
+    if (getrandom(&seed, sizeof seed, 0) != (ssize_t)sizeof seed)
+        seed = ((uint64_t)time(NULL) << 32) ^ (uint64_t)getpid() ^ (uint64_t)(uintptr_t)c;
+    h->hash_seed = seed;
+    h->state = FMM_STATE_READY;
+    h->check = header_check(h);
+    c->fh = h;
+    c->seed = seed;
+    for (uint32_t p = 0; p < c->num_pages; p++) {
+        page_hdr *ph = PH(c, p);
+        int rc = init_mutex(&ph->lock.m);
+        if (rc)
+            return rc;
+        init_page_fields(c, ph);
+    }
+    return 0;
+}
+
+static int validate_config(const fmm_config *cfg, char *err, size_t errlen)
+{
+    if (cfg->page_size && (!is_pow2(cfg->page_size) || cfg->page_size < FMM_MIN_PAGE_SIZE ||
+                           cfg->page_size > FMM_MAX_PAGE_SIZE)) {
+        set_detail(err, errlen, "page_size %u must be a power of two between %u and %u", cfg->page_size,
+                   FMM_MIN_PAGE_SIZE, FMM_MAX_PAGE_SIZE);
+        return FMM_EBADARG;
+    }
+    if (cfg->num_pages > FMM_MAX_PAGES) {
+        set_detail(err, errlen, "num_pages %u exceeds %u", cfg->num_pages, FMM_MAX_PAGES);
+        return FMM_EBADARG;
+    }
+    return 0;
+}
+
+static uint32_t effective_start_slots(uint32_t want, uint32_t page_size)
+{
+    uint32_t s = pow2_ceil(want ? want : 89);
+    if (s < MIN_SLOTS)
+        s = MIN_SLOTS;
+    /* at most a quarter of the page */
+    while (s > MIN_SLOTS && (uint64_t)data_start(s) > page_size / 4)
+        s >>= 1;
+    return s;
+}
+
+static int map_fd(fmm_cache *c, int fd, uint64_t size, char *err, size_t errlen)
+{
+    void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+        int e = errno;
+        set_detail(err, errlen, "mmap of %llu bytes failed: %s", (unsigned long long)size, strerror(e));
+        return e;
+    }
+    c->base = p;
+    c->map_len = (size_t)size;
+    c->fh = (file_header *)p;
+    return 0;
+}
+
+/* Build a complete, initialised file under a temporary name in the
+ * directory of `path`.  On success *tmpfd is open on it and tmpname holds
+ * its name. */
+static int build_file(fmm_cache *c, const char *path, const fmm_config *cfg, char *tmpname, size_t tmplen,
+                      int *tmpfd, char *err, size_t errlen)
+{
+    uint64_t size = FMM_HEADER_SIZE + (uint64_t)c->page_size * c->num_pages;
+    int n = snprintf(tmpname, tmplen, "%s.tmp-XXXXXX", path);
+    if (n < 0 || (size_t)n >= tmplen) {
+        set_detail(err, errlen, "path too long");
+        return ENAMETOOLONG;
+    }
+    int fd = mkostemp(tmpname, O_CLOEXEC);
+    if (fd < 0) {
+        int e = errno;
+        set_detail(err, errlen, "creating a temporary file beside the cache file failed: %s", strerror(e));
+        return e;
+    }
+    int rc = 0;
+    mode_t mode = cfg->permissions > 0 ? (mode_t)cfg->permissions : 0600;
+    if (fchmod(fd, mode) != 0) {
+        rc = errno;
+        set_detail(err, errlen, "fchmod: %s", strerror(rc));
+        goto fail;
+    }
+    rc = posix_fallocate(fd, 0, (off_t)size);
+    if (rc == EOPNOTSUPP || rc == EINVAL) /* filesystems without fallocate */
+        rc = ftruncate(fd, (off_t)size) == 0 ? 0 : errno;
+    if (rc) {
+        set_detail(err, errlen, "reserving %llu bytes for the cache file failed: %s", (unsigned long long)size,
+                   strerror(rc));
+        goto fail;
+    }
+    rc = map_fd(c, fd, size, err, errlen);
+    if (rc)
+        goto fail;
+    rc = init_mapping(c, size);
+    if (rc) {
+        set_detail(err, errlen, "initialising page mutexes failed: %s", strerror(rc));
+        munmap(c->base, c->map_len);
+        c->base = NULL;
+        goto fail;
+    }
+    *tmpfd = fd;
+    return 0;
+fail:
+    close(fd);
+    unlink(tmpname);
+    return rc;
+}
+
+/* Read and validate the header of an open file; fill geometry. */
+static int adopt_header(fmm_cache *c, int fd, const struct stat *st, char *err, size_t errlen)
+{
+    file_header h;
+    if ((uint64_t)st->st_size < FMM_HEADER_SIZE) {
+        set_detail(err, errlen, "file is %lld bytes, too small for a fastmmap cache", (long long)st->st_size);
+        return FMM_EBADFILE;
+    }
+    ssize_t r;
+    do
+        r = pread(fd, &h, sizeof h, 0);
+    while (r < 0 && errno == EINTR);
+    if (r != (ssize_t)sizeof h) {
+        int e = r < 0 ? errno : EIO;
+        set_detail(err, errlen, "reading the header failed: %s", strerror(e));
+        return e;
+    }
+    if (memcmp(h.magic, FILE_MAGIC, 8) != 0) {
+        set_detail(err, errlen, "no fastmmap magic at the start of the file");
+        return FMM_EBADFILE;
+    }
+    if (h.version != FMM_FORMAT_VERSION) {
+        set_detail(err, errlen, "file format version %u is not supported (this is version %u)", h.version,
+                   FMM_FORMAT_VERSION);
+        return FMM_EBADFILE;
+    }
+    if (h.check != header_check(&h) || h.state != FMM_STATE_READY || h.header_size != FMM_HEADER_SIZE) {
+        set_detail(err, errlen, "header checksum or state is wrong");
+        return FMM_EBADFILE;
+    }
+    if (!is_pow2(h.page_size) || h.page_size < FMM_MIN_PAGE_SIZE || h.page_size > FMM_MAX_PAGE_SIZE ||
+        h.num_pages < 1 || h.num_pages > FMM_MAX_PAGES || !is_pow2(h.start_slots) || h.start_slots < MIN_SLOTS ||
+        (uint64_t)data_start(h.start_slots) > h.page_size / 4) {
+        set_detail(err, errlen, "header claims an impossible geometry (page_size %u, num_pages %u, start_slots %u)",
+                   h.page_size, h.num_pages, h.start_slots);
+        return FMM_EBADFILE;
+    }
+    uint64_t want = FMM_HEADER_SIZE + (uint64_t)h.page_size * h.num_pages;
+    if (h.file_size != want || (uint64_t)st->st_size != want) {
+        set_detail(err, errlen, "file is %lld bytes but its header says %llu", (long long)st->st_size,
+                   (unsigned long long)want);
+        return FMM_EBADFILE;
+    }
+    set_geometry(c, h.page_size, h.num_pages, h.start_slots);
+    c->seed = h.hash_seed;
+    return 0;
+}
+
+static int publish(const char *tmpname, const char *path, int replace)
+{
+    if (replace)
+        return rename(tmpname, path) == 0 ? 0 : errno;
+    if (link(tmpname, path) == 0) {
+        unlink(tmpname);
+        return 0;
+    }
+    int e = errno;
+    if (e == EEXIST)
+        return EEXIST;
+    /* filesystems without hard links */
+    if (renameat2(AT_FDCWD, tmpname, AT_FDCWD, path, RENAME_NOREPLACE) == 0)
+        return 0;
+    return errno;
+}
+
+static void reset_handle(fmm_cache *c)
+{
+    if (c->base)
+        munmap(c->base, c->map_len);
+    if (c->fd >= 0)
+        close(c->fd);
+    c->base = NULL;
+    c->fh = NULL;
+    c->fd = -1;
+}
+
+/* Create a new file (or replace one) and leave the handle on it. */
+static int create_file(fmm_cache *c, const char *path, const fmm_config *cfg, int replace, char *err,
+                       size_t errlen)
+{
+    size_t tl = strlen(path) + 16;
+    char *tmp = malloc(tl);
+    if (!tmp)
+        return ENOMEM;
+    int fd = -1;
+    int rc = build_file(c, path, cfg, tmp, tl, &fd, err, errlen);
+    if (rc == 0) {
+        rc = publish(tmp, path, replace);
+        if (rc) {
+            if (rc != EEXIST)
+                set_detail(err, errlen, "publishing the new cache file failed: %s", strerror(rc));
+            unlink(tmp);
+            munmap(c->base, c->map_len);
+            c->base = NULL;
+            c->fh = NULL;
+            close(fd);
+        } else {
+            c->fd = fd;
+        }
+    }
+    free(tmp);
+    return rc;
+}
+
+int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out, int *created, char *err, size_t errlen)
+{
+    if (err && errlen)
+        err[0] = 0;
+    *out = NULL;
+    if (created)
+        *created = 0;
+    int rc = validate_config(cfg, err, errlen);
+    if (rc)
+        return rc;
+    fmm_cache *c = calloc(1, sizeof *c);
+    if (!c)
+        return ENOMEM;
+    c->fd = -1;
+    c->stats = cfg->enable_stats;
+    uint32_t ps = cfg->page_size ? cfg->page_size : 65536;
+    uint32_t np = cfg->num_pages ? cfg->num_pages : 89;
+    set_geometry(c, ps, np, effective_start_slots(cfg->start_slots, ps));
+
+    if (cfg->anonymous) {
+        uint64_t size = FMM_HEADER_SIZE + (uint64_t)ps * np;
+        void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) {
+            rc = errno;
+            set_detail(err, errlen, "anonymous mmap of %llu bytes failed: %s", (unsigned long long)size,
+                       strerror(rc));
+            free(c);
+            return rc;
+        }
+        c->base = p;
+        c->map_len = (size_t)size;
+        c->anonymous = 1;
+        rc = init_mapping(c, size);
+        if (rc) {
+            fmm_close(c);
+            return rc;
+        }
+        if (created)
+            *created = 1;
+        *out = c;
+        return 0;
+    }
+
+    c->path = strdup(path);
+    if (!c->path) {
+        free(c);
+        return ENOMEM;
+    }
+    for (int attempt = 0; attempt < 50; attempt++) {
+        int fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) {
+            rc = errno;
+            if (rc == ENOENT) {
+                set_geometry(c, ps, np, effective_start_slots(cfg->start_slots, ps));
+                rc = create_file(c, path, cfg, 0, err, errlen);
+                if (rc == EEXIST)
+                    continue; /* another process won the race: open its file */
+                if (rc == 0 && created)
+                    *created = 1;
+                goto done;
+            }
+            if (rc == ELOOP || rc == EMLINK)
+                set_detail(err, errlen, "refusing to open a symbolic link");
+            goto done;
+        }
+        struct stat st;
+        if (fstat(fd, &st) != 0) {
+            rc = errno;
+            close(fd);
+            goto done;
+        }
+        if (!S_ISREG(st.st_mode)) {
+            close(fd);
+            rc = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
+            set_detail(err, errlen, "not a regular file");
+            goto done;
+        }
+        if (st.st_size == 0) {
+            /* An empty file (e.g. from mkstemp): replace it, serialised by
+             * flock so that only one process does. */
+            while (flock(fd, LOCK_EX) != 0 && errno == EINTR)
+                ;
+            struct stat now;
+            int same = stat(path, &now) == 0 && now.st_ino == st.st_ino && now.st_dev == st.st_dev;
+            int still_empty = fstat(fd, &st) == 0 && st.st_size == 0;
+            if (same && still_empty) {
+                set_geometry(c, ps, np, effective_start_slots(cfg->start_slots, ps));
+                rc = create_file(c, path, cfg, 1, err, errlen);
+                flock(fd, LOCK_UN);
+                close(fd);
+                if (rc == 0 && created)
+                    *created = 1;
+                goto done;
+            }
+            flock(fd, LOCK_UN);
+            close(fd);
+            continue; /* someone else replaced it: open theirs */
+        }
+        char herr[200] = "";
+        rc = adopt_header(c, fd, &st, herr, sizeof herr);
+        if (rc == 0 && (((cfg->explicit_geometry & FMM_GEOM_PAGE_SIZE) && c->page_size != ps) ||
+                        ((cfg->explicit_geometry & FMM_GEOM_NUM_PAGES) && c->num_pages != np))) {
+            set_detail(herr, sizeof herr,
+                       "the file has %u pages of %u bytes but %u pages of %u bytes were asked for "
+                       "(pass init_file=True to recreate it, or no size options to adopt it)",
+                       c->num_pages, c->page_size, np, ps);
+            rc = FMM_EGEOMETRY;
+        }
+        if (rc && cfg->init_file && (rc == FMM_EGEOMETRY || rc == FMM_EBADFILE)) {
+            close(fd);
+            set_geometry(c, ps, np, effective_start_slots(cfg->start_slots, ps));
+            rc = create_file(c, path, cfg, 1, err, errlen);
+            if (rc == 0 && created)
+                *created = 1;
+            goto done;
+        }
+        if (rc) {
+            set_detail(err, errlen, "%s", herr);
+            close(fd);
+            goto done;
+        }
+        rc = map_fd(c, fd, (uint64_t)st.st_size, err, errlen);
+        if (rc) {
+            close(fd);
+            goto done;
+        }
+        c->fd = fd;
+        if (cfg->init_file) {
+            for (uint32_t p = 0; p < c->num_pages; p++) {
+                int lrc = fmm_lock(c, p, -1);
+                if (lrc) {
+                    rc = lrc;
+                    set_detail(err, errlen, "locking page %u for init_file: %s", p, fmm_strerror(lrc));
+                    goto done;
+                }
+                init_page_fields(c, PH(c, p));
+                fmm_unlock(c, p);
+            }
+        }
+        goto done;
+    }
+    rc = EAGAIN;
+    set_detail(err, errlen, "the cache file kept changing while opening it");
+done:
+    if (rc == 0 && c->fd >= 0) {
+        struct stat st;
+        if (fstat(c->fd, &st) == 0) {
+            c->dev = st.st_dev;
+            c->ino = st.st_ino;
+        }
+    }
+    if (rc) {
+        reset_handle(c);
+        free(c->path);
+        free(c);
+        return rc;
+    }
+    *out = c;
+    return 0;
+}
+
+void fmm_close(fmm_cache *c)
+{
+    if (!c)
+        return;
+    reset_handle(c);
+    free(c->path);
+    free(c);
+}
+
+int fmm_check_file(const fmm_cache *c)
+{
+    if (c->anonymous)
+        return 0;
+    struct stat st;
+    if (stat(c->path, &st) != 0)
+        return errno == ENOENT ? FMM_EREPLACED : errno;
+    if (st.st_ino != c->ino || st.st_dev != c->dev)
+        return FMM_EREPLACED;
+    return 0;
+}

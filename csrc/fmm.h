@@ -1,0 +1,351 @@
+/*
+ * fmm.h -- the fastmmap engine: a shared-memory key/value cache in one
+ * mmap'ed file, split into pages that are locked one at a time.
+ *
+ * This header is the engine's whole contract.  The engine is plain C11 +
+ * POSIX; it never includes Python.h.  The CPython binding
+ * (_fastmmapmodule.c) and the C test driver (test_fmm.c) use only what is
+ * declared here.
+ *
+ * Naming: public functions fmm_*, macros and codes FMM_*, everything else in
+ * fmm.c is static.
+ *
+ * ---------------------------------------------------------------------------
+ * File format (native, version 1).  All fields native-endian; the file is a
+ * shared-memory file, not an exchange format.
+ *
+ *   offset 0      file header, FMM_HEADER_SIZE (4096) bytes, first 128 used:
+ *                   char     magic[8]      "FASTMMAP"
+ *                   uint32   version       1
+ *                   uint32   state         FMM_STATE_READY once initialised
+ *                   uint32   header_size   4096
+ *                   uint32   page_size     power of two, 1 KiB .. 1 GiB
+ *                   uint32   num_pages     1 .. FMM_MAX_PAGES
+ *                   uint32   start_slots   power of two
+ *                   uint64   file_size     header_size + num_pages*page_size
+ *                   uint64   created       unix seconds
+ *                   uint64   hash_seed     random per file
+ *                   uint64   repairs       pages re-initialised (atomic add)
+ *                   uint64   check         hash of the fields above it
+ *   offset 4096   page 0, then page 1, ... each page_size bytes.
+ *
+ * Page layout:
+ *   0    page header, FMM_PAGE_HEADER_SIZE (128) bytes:
+ *          pthread_mutex_t lock (robust, process-shared, error-checking),
+ *          padded to 64 bytes; then uint32 magic, dirty, num_slots, live,
+ *          deleted, free_data, clock, nreads, nhits.
+ *   128  slot table: num_slots (a power of two) uint32 slots.
+ *          0 = empty (ends a probe), 1 = deleted (probe continues),
+ *          otherwise (hash32 & ~offmask) | (entry_offset >> 2), where
+ *          offmask = page_size/4 - 1: the low bits locate the entry (offsets
+ *          are 4-aligned), the high bits are a tag from the key's hash that
+ *          rejects most non-matching slots without touching the entry.
+ *   ..   data area, from 128 + 4*num_slots to page_size: entries appended at
+ *        free_data (a bump pointer) and compacted when space or slots run
+ *        out.
+ *
+ * Entry: 20-byte header, then key bytes, then value bytes, total rounded up
+ * to a multiple of 4:
+ *   uint32 access      the page's logical LRU clock at the last read or write
+ *   uint32 last_access unix seconds of the last read or write (reported only)
+ *   uint32 expire_on   absolute unix seconds, 0 = never
+ *   uint32 klen_flags  key length (low 24 bits) | flags << 24
+ *   uint32 vlen        value length
+ * The key's hash is not stored: compaction recomputes it from the key.
+ *
+ * Hash: XXH64 of the key bytes, seeded with the file's hash_seed.  The page
+ * is chosen from the high 32 bits (multiply-shift), the slot from the low
+ * 32 bits, so the two choices are independent.
+ *
+ * LRU: each page has a 32-bit logical clock, incremented on every hit and
+ * every store; an entry's access field is the clock value of its last use,
+ * so order is exact.  Compaction renumbers live entries 1..n, so the clock
+ * never wraps.
+ *
+ * Locks and crash repair: the page mutex is a robust, process-shared
+ * pthread mutex.  `dirty` is set before the first byte of a mutation and
+ * cleared after the last.  When a lock returns EOWNERDEAD (the holder died),
+ * the new owner validates the page; if it is dirty or invalid it is
+ * re-initialised (its entries are lost, the file's repair count goes up),
+ * then the mutex is marked consistent.  Every lock also checks the header
+ * invariants, and every offset and length read from the page is bounds
+ * checked before use: a corrupt page is repaired, it never causes an
+ * out-of-page access.
+ * ---------------------------------------------------------------------------
+ */
+#ifndef FMM_H
+#define FMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FMM_HEADER_SIZE      4096u
+#define FMM_PAGE_HEADER_SIZE 128u
+#define FMM_ENTRY_HEADER_SIZE 20u
+#define FMM_MIN_PAGE_SIZE    1024u
+#define FMM_MAX_PAGE_SIZE    (1u << 30)
+#define FMM_MAX_PAGES        (1u << 24)
+#define FMM_MAX_KEY_LEN      ((1u << 24) - 1)
+#define FMM_STATE_READY      0x52454459u  /* "READ" */
+#define FMM_FORMAT_VERSION   1u
+
+/* ---------- Error codes ----------
+ * 0 is success.  Negative values are engine codes below; positive values
+ * are errno values.  fmm_strerror() describes both. */
+#define FMM_OK          0
+#define FMM_ENOTFOUND   (-30001) /* key absent, expired, or deleted */
+#define FMM_ETOOBIG     (-30002) /* item can never fit in one page */
+#define FMM_EBADFILE    (-30003) /* not a fastmmap file, or its header is invalid */
+#define FMM_EGEOMETRY   (-30004) /* size options disagree with the existing file */
+#define FMM_ELOCKED     (-30005) /* this thread already holds a page lock of this cache */
+#define FMM_ETIMEDOUT   (-30006) /* the lock wait timed out */
+#define FMM_EBUSY       (-30007) /* fmm_lock with timeout 0: page held elsewhere */
+#define FMM_EBADARG     (-30008) /* invalid argument */
+#define FMM_ECORRUPT    (-30009) /* a page failed validation */
+#define FMM_EREPLACED   (-30010) /* the file at the path was deleted or replaced */
+#define FMM_ETOOMANY    (-30011) /* a thread holds locks in too many caches at once */
+
+/* ---------- Entry flags (8 bits, stored with the key length) ----------
+ * Engine-level flags are opaque to the engine except FMM_F_DIRTY, which
+ * selects entries reported to the eviction callback.  The binding assigns
+ * the value-type and compression bits. */
+#define FMM_F_TYPE_MASK   0x07u  /* how the value bytes decode */
+#define FMM_T_BYTES       0x00u
+#define FMM_T_STR         0x01u  /* UTF-8 text */
+#define FMM_T_NONE        0x02u
+#define FMM_T_PICKLE      0x03u
+#define FMM_T_JSON        0x04u
+#define FMM_T_CUSTOM      0x05u
+#define FMM_F_COMP_MASK   0x18u  /* compression of the value bytes */
+#define FMM_C_NONE        0x00u
+#define FMM_C_ZLIB        0x08u
+#define FMM_C_LZ4         0x10u
+#define FMM_C_CUSTOM      0x18u
+#define FMM_F_DIRTY       0x20u  /* write-back: not yet written to the store */
+#define FMM_F_KEYSTR      0x40u  /* the key was given as str (UTF-8) */
+
+typedef struct fmm_cache fmm_cache;
+
+/* Options for fmm_open.  Zero-initialise, then set what you need. */
+typedef struct fmm_config {
+    uint32_t page_size;    /* 0: adopt the file's, or FMM default 64 KiB */
+    uint32_t num_pages;    /* 0: adopt the file's, or default 89 */
+    uint32_t start_slots;  /* 0: adopt the file's, or default 128 */
+    int explicit_geometry; /* FMM_GEOM_* bits: the sizes the caller asked for;
+                              an existing file that disagrees is an error */
+    int init_file;         /* re-initialise: in place if geometry matches, else replace */
+    int permissions;       /* mode of a created file, exact (no umask); 0 -> 0600 */
+    int anonymous;         /* no file: MAP_SHARED|MAP_ANONYMOUS, path ignored */
+    int enable_stats;      /* count reads and hits in the page headers */
+} fmm_config;
+
+#define FMM_GEOM_PAGE_SIZE 1 /* page_size was given */
+#define FMM_GEOM_NUM_PAGES 2 /* num_pages was given */
+
+/* One entry as seen under a page lock.  Pointers point into the mapping
+ * and are valid until the page is unlocked or mutated. */
+typedef struct fmm_item {
+    const char *key;
+    const char *val;
+    uint32_t klen;
+    uint32_t vlen;
+    uint32_t flags;
+    uint32_t expire_on;
+    uint32_t access;       /* logical LRU clock value */
+    uint32_t last_access;  /* unix seconds */
+} fmm_item;
+
+/* Page-level counters for statistics and the CLI. */
+typedef struct fmm_page_info {
+    uint32_t num_slots;
+    uint32_t live;        /* slots holding an entry (expired included) */
+    uint32_t expired;     /* of those, expired now */
+    uint32_t deleted;     /* deleted-slot markers */
+    uint32_t data_start;  /* 128 + 4*num_slots */
+    uint32_t free_data;   /* first free byte */
+    uint32_t live_bytes;  /* bytes of live, unexpired entries */
+    uint32_t nreads;
+    uint32_t nhits;
+} fmm_page_info;
+
+/* Called for each entry removed by eviction, expiry reclaim or expunge
+ * whose flags include FMM_F_DIRTY (write-back).  Runs under the page lock;
+ * the item's pointers are valid only during the call.  Must not call back
+ * into the engine. */
+typedef void (*fmm_evict_fn)(void *ctx, const fmm_item *item);
+
+/* Called by fmm_page_foreach for each live entry, under the page lock.
+ * Return 0 to continue, non-zero to stop (that value is returned). */
+typedef int (*fmm_visit_fn)(void *ctx, const fmm_item *item);
+
+/* ---------- Open and close ---------- */
+
+/**
+ * @brief Open (creating if needed) the cache file at @p path.
+ *
+ * Creation is race-free: the file is built and initialised under a
+ * temporary name in the same directory, its space reserved with
+ * posix_fallocate (ENOSPC is reported here, never as a later SIGBUS), and
+ * published with link(2), which fails if another process won the race, in
+ * which case the winner's file is opened.  Files are opened with O_NOFOLLOW
+ * and O_CLOEXEC.
+ *
+ * @param[in]  path     file path (ignored when cfg->anonymous).
+ * @param[in]  cfg      options; see fmm_config.
+ * @param[out] out      the new handle.
+ * @param[out] created  set to 1 if this call created the file, else 0.
+ * @param[out] err      buffer for a detail message (may be NULL).
+ * @param[in]  errlen   size of @p err.
+ * @return 0, an FMM_E* code, or an errno value.
+ */
+int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out,
+             int *created, char *err, size_t errlen);
+
+/**
+ * @brief Unmap and close.  No page lock of this handle may be held.
+ */
+void fmm_close(fmm_cache *c);
+
+/** @brief Describe an FMM_E* code or errno value. */
+const char *fmm_strerror(int rc);
+
+/** @brief Detail text for the last error on this handle ("" if none). */
+const char *fmm_errdetail(const fmm_cache *c);
+
+/* ---------- Geometry ---------- */
+uint32_t fmm_page_size(const fmm_cache *c);
+uint32_t fmm_num_pages(const fmm_cache *c);
+uint32_t fmm_start_slots(const fmm_cache *c);
+/** @brief Largest 20+klen+vlen (rounded to 4) that fits an empty page. */
+uint32_t fmm_max_item(const fmm_cache *c);
+/** @brief Pages re-initialised after a crash or corruption, file-wide. */
+uint64_t fmm_repairs(const fmm_cache *c);
+
+/* ---------- Hashing ---------- */
+
+/** @brief XXH64 with an explicit seed (exposed for tests). */
+uint64_t fmm_xxh64(const void *data, size_t len, uint64_t seed);
+/** @brief The key's 64-bit hash, seeded with the file's seed. */
+uint64_t fmm_hash(const fmm_cache *c, const void *key, size_t klen);
+/** @brief The page that holds keys with this hash. */
+uint32_t fmm_page_of(const fmm_cache *c, uint64_t hash);
+
+/* ---------- Time ---------- */
+
+/** @brief Seconds now: the override if set, else time(NULL) (vDSO, no syscall). */
+uint32_t fmm_now(const fmm_cache *c);
+/** @brief Override the clock for this handle (0 = real time).  For tests. */
+void fmm_set_time(fmm_cache *c, uint32_t now);
+
+/* ---------- Locking ----------
+ * Lock order: a thread releases the GIL (if any) before it may block on a
+ * page lock.  A thread holds at most one page lock per cache: locking a
+ * second page (or the same page again) of the same cache returns
+ * FMM_ELOCKED instead of deadlocking. */
+
+/**
+ * @brief Lock page @p page.
+ * @param[in] timeout_ns  <0: wait forever; 0: try once (FMM_EBUSY if held);
+ *                        >0: wait at most this long (FMM_ETIMEDOUT).
+ * @return 0, FMM_EBUSY, FMM_ETIMEDOUT, FMM_ELOCKED, FMM_ETOOMANY,
+ *         FMM_EBADARG or an errno value.  On 0 the page has been validated
+ *         (and repaired if a previous holder died mid-write or it was found
+ *         corrupt).
+ */
+int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns);
+
+/** @brief Unlock a page locked by this thread. */
+void fmm_unlock(fmm_cache *c, uint32_t page);
+
+/* ---------- Entry operations (page locked by the caller) ---------- */
+
+/**
+ * @brief Look up a key in a locked page.
+ * @param[in] touch  1: a hit updates the entry's LRU position (and the
+ *                   statistics when enabled); 0: a pure peek.
+ * @return 0 with *out filled, or FMM_ENOTFOUND (absent or expired).
+ */
+int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash,
+            const void *key, uint32_t klen, int touch, fmm_item *out);
+
+/**
+ * @brief Store a key in a locked page, compacting and evicting (least
+ * recently used first) when space or slots run out.
+ *
+ * The old entry for the key, if any, is replaced only once the new one is
+ * known to fit: on FMM_ETOOBIG nothing changes.
+ *
+ * @param[in] flags      entry flags (FMM_F_*), 8 bits.
+ * @param[in] expire_on  absolute unix seconds, 0 = never.
+ * @param[in] evict      called for dirty entries removed to make room (may be NULL).
+ * @return 0 or FMM_ETOOBIG.
+ */
+int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash,
+            const void *key, uint32_t klen, const void *val, uint32_t vlen,
+            uint32_t flags, uint32_t expire_on, fmm_evict_fn evict, void *ctx);
+
+/**
+ * @brief Delete a key from a locked page.
+ * @param[out] old_flags  flags of the deleted entry (may be NULL).
+ * @return 0, or FMM_ENOTFOUND if absent or expired (an expired entry is
+ *         deleted all the same).
+ */
+int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash,
+               const void *key, uint32_t klen, uint32_t *old_flags);
+
+/** @brief Expunge modes. */
+#define FMM_EXPUNGE_EXPIRED 0  /* purge(): expired entries only */
+#define FMM_EXPUNGE_ALL     1  /* clear(): everything */
+
+/**
+ * @brief Remove expired (or all) entries of a locked page and compact it.
+ * Dirty removed entries are passed to @p evict first.
+ * @return 0.
+ */
+int fmm_expunge(fmm_cache *c, uint32_t page, int mode,
+                fmm_evict_fn evict, void *ctx);
+
+/**
+ * @brief Visit each live, unexpired entry of a locked page.
+ * @return 0, or the first non-zero value returned by @p fn.
+ */
+int fmm_page_foreach(fmm_cache *c, uint32_t page, fmm_visit_fn fn, void *ctx);
+
+/** @brief Fill @p info for a locked page. */
+void fmm_page_info_get(fmm_cache *c, uint32_t page, fmm_page_info *info);
+
+/** @brief Zero a locked page's read counters. */
+void fmm_page_clear_stats(fmm_cache *c, uint32_t page);
+
+/**
+ * @brief Check every structural invariant of a locked page.
+ * @param[out] msg  description of the first problem found.
+ * @return 0 if valid, FMM_ECORRUPT otherwise.
+ */
+int fmm_check_page(fmm_cache *c, uint32_t page, char *msg, size_t msglen);
+
+/** @brief Re-initialise a locked page (all its entries are dropped). */
+void fmm_init_page(fmm_cache *c, uint32_t page);
+
+/**
+ * @brief Report whether the path still names the file this handle mapped.
+ * @return 0, FMM_EREPLACED, or an errno value from stat.
+ */
+int fmm_check_file(const fmm_cache *c);
+
+/* ---------- Test hooks ---------- */
+
+/** @brief Raw pointer to the start of a page (tests and fuzzers only). */
+unsigned char *fmm_page_ptr(fmm_cache *c, uint32_t page);
+
+/** @brief Set a locked page's LRU clock (to test renumbering). */
+void fmm_set_page_clock(fmm_cache *c, uint32_t page, uint32_t clock);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* FMM_H */
