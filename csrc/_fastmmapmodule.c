@@ -1,0 +1,1875 @@
+/*
+ * _fastmmapmodule.c -- the CPython binding of the fastmmap engine: the
+ * CacheBase type that fastmmap.Cache subclasses.  This is the only file that
+ * includes Python.h.
+ *
+ * Hot path: get/set/[]/in go from the Python call straight to the engine:
+ * key to bytes (UTF-8 of a str is cached by CPython), hash, try-lock with
+ * the GIL held, probe, copy the value out, unlock.  bytes and str values
+ * never touch a serializer.
+ *
+ * Lock-order rule (see also fmm.h): a thread never blocks on a page lock
+ * while holding the GIL.  It first tries the lock with the GIL held (the
+ * common, uncontended case); on contention it releases the GIL and waits in
+ * slices (LOCK_SLICE_NS) so that signals (Ctrl-C) and lock_timeout are
+ * honoured promptly.  Python code (serializers, the get_and_set function)
+ * runs under a page lock only where the API says so; that is safe because
+ * any other thread wanting that page waits with the GIL released.
+ *
+ * Lifetime: each method that uses the engine handle brackets its work with
+ * ENTER/LEAVE.  close() while another call is in flight (a thread waiting
+ * for a lock, or a callback closing its own cache) only marks the object
+ * closed; the last LEAVE frees the handle.
+ *
+ * Naming: CacheObject, cache_<method>, get_state(), set_error().
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <math.h>
+#include <time.h>
+
+#include "fmm.h"
+
+#define LOCK_SLICE_NS 50000000LL /* 50 ms */
+#define SER_RAW 0xFFu            /* serializer "raw": no serializer at all */
+#define EXPIRE_NOW (-1LL)
+
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+/* ---------- Module state ---------- */
+
+typedef struct {
+    PyTypeObject *CacheBase_Type;
+    PyObject *Error;
+    PyObject *LockTimeout;
+    PyObject *GeometryError;
+    PyObject *BadFileError;
+    PyObject *RecursiveLockError;
+    PyObject *FileReplacedError;
+    PyObject *pickle_dumps;
+    PyObject *pickle_loads;
+    PyObject *pickle_protocol;
+    PyObject *json_loads;   /* imported on first use */
+    PyObject *zlib_decompress;
+    PyObject *lz4_decompress;
+} fastmmap_state;
+
+static struct PyModuleDef fastmmap_module;
+
+typedef struct {
+    PyObject_HEAD
+    fmm_cache *c;
+    fastmmap_state *state;
+    int closed;
+    int inflight;
+    int64_t lock_timeout_ns;  /* <0: wait forever */
+    long long default_expire; /* seconds; 0 never; EXPIRE_NOW */
+    uint32_t ser_type;        /* FMM_T_PICKLE, FMM_T_JSON, FMM_T_CUSTOM or SER_RAW */
+    uint32_t comp_type;       /* FMM_C_* */
+    Py_ssize_t compress_threshold;
+    PyObject *dumps;          /* serializer for non-bytes/str values */
+    PyObject *loads;          /* its inverse, for FMM_T_CUSTOM entries */
+    PyObject *compress;
+    PyObject *decompress;     /* for FMM_C_CUSTOM entries */
+    PyObject *parse_expire;   /* fastmmap._options.parse_expire_time */
+    PyObject *weakreflist;
+} CacheObject;
+
+#define CacheObject_CAST(op) ((CacheObject *)(op))
+
+/* ---------- Errors ---------- */
+
+static const struct {
+    int code;
+    const char *name;
+    size_t offset;
+} error_table[] = {
+    {FMM_EGEOMETRY, "GeometryError", offsetof(fastmmap_state, GeometryError)},
+    {FMM_EBADFILE, "BadFileError", offsetof(fastmmap_state, BadFileError)},
+    {FMM_ELOCKED, "RecursiveLockError", offsetof(fastmmap_state, RecursiveLockError)},
+    {FMM_EREPLACED, "FileReplacedError", offsetof(fastmmap_state, FileReplacedError)},
+    {FMM_ETIMEDOUT, "LockTimeout", offsetof(fastmmap_state, LockTimeout)},
+};
+
+/* Raise the exception for engine or errno code rc.  `what` names the
+ * operation; `detail` (may be NULL or "") adds specifics. */
+static Py_NO_INLINE PyObject *set_error(fastmmap_state *st, const char *what, int rc, const char *detail,
+                                        PyObject *filename)
+{
+    if (rc > 0) {
+        if (filename) {
+            PyObject *msg = detail && *detail ? PyUnicode_FromFormat("%s: %s", what, detail)
+                                              : PyUnicode_FromString(strerror(rc));
+            if (msg) {
+                PyObject *args = Py_BuildValue("(iOO)", rc, msg, filename);
+                if (args) {
+                    PyErr_SetObject(PyExc_OSError, args);
+                    Py_DECREF(args);
+                }
+                Py_DECREF(msg);
+            }
+            return NULL;
+        }
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (rc == FMM_ETOOBIG)
+        return PyErr_Format(PyExc_ValueError, "%s: %s", what, detail && *detail ? detail : fmm_strerror(rc));
+    PyObject *exc = st->Error;
+    for (size_t i = 0; i < sizeof error_table / sizeof error_table[0]; i++)
+        if (error_table[i].code == rc)
+            exc = *(PyObject **)((char *)st + error_table[i].offset);
+    if (detail && *detail)
+        PyErr_Format(exc, "%s: %s", what, detail);
+    else
+        PyErr_Format(exc, "%s: %s", what, fmm_strerror(rc));
+    return NULL;
+}
+
+static PyObject *closed_error(void)
+{
+    PyErr_SetString(PyExc_ValueError, "I/O operation on closed cache");
+    return NULL;
+}
+
+/* ---------- Lifetime guards ---------- */
+
+static void really_close(CacheObject *self)
+{
+    if (self->c) {
+        fmm_cache *c = self->c;
+        self->c = NULL;
+        fmm_close(c);
+    }
+}
+
+#define ENTER(self)                                  \
+    do {                                             \
+        if (UNLIKELY((self)->closed || !(self)->c))  \
+            return closed_error();                   \
+        (self)->inflight++;                          \
+    } while (0)
+#define LEAVE(self)                                           \
+    do {                                                      \
+        if (--(self)->inflight == 0 && UNLIKELY((self)->closed)) \
+            really_close(self);                               \
+    } while (0)
+
+/* ---------- Keys ---------- */
+
+typedef struct {
+    const char *buf;
+    Py_ssize_t len;
+    int isstr;
+} keybuf;
+
+static inline int get_key(PyObject *key, keybuf *k)
+{
+    if (LIKELY(PyUnicode_Check(key))) {
+        k->buf = PyUnicode_AsUTF8AndSize(key, &k->len);
+        if (UNLIKELY(!k->buf))
+            return -1;
+        k->isstr = 1;
+    } else if (PyBytes_Check(key)) {
+        k->buf = PyBytes_AS_STRING(key);
+        k->len = PyBytes_GET_SIZE(key);
+        k->isstr = 0;
+    } else {
+        PyErr_Format(PyExc_TypeError, "cache keys must be str or bytes, not %.100s", Py_TYPE(key)->tp_name);
+        return -1;
+    }
+    if (UNLIKELY(k->len > (Py_ssize_t)FMM_MAX_KEY_LEN)) {
+        PyErr_Format(PyExc_ValueError, "key of %zd bytes is longer than the limit of %u bytes", k->len,
+                     FMM_MAX_KEY_LEN);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *key_object(const fmm_item *it)
+{
+    if (it->flags & FMM_F_KEYSTR)
+        return PyUnicode_DecodeUTF8(it->key, it->klen, "surrogateescape");
+    return PyBytes_FromStringAndSize(it->key, it->klen);
+}
+
+/* ---------- Locking with the GIL released on contention ---------- */
+
+static Py_NO_INLINE int lock_slow(CacheObject *self, uint32_t page, int rc)
+{
+    fastmmap_state *st = self->state;
+    if (rc != FMM_EBUSY) {
+        set_error(st, "lock", rc, fmm_errdetail(self->c), NULL);
+        return -1;
+    }
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int64_t waited = 0;
+    for (;;) {
+        int64_t slice = LOCK_SLICE_NS;
+        if (self->lock_timeout_ns >= 0 && self->lock_timeout_ns - waited < slice)
+            slice = self->lock_timeout_ns - waited;
+        if (slice <= 0)
+            slice = 1;
+        /* GIL released; no page lock of this cache is held by this thread. */
+        Py_BEGIN_ALLOW_THREADS
+        rc = fmm_lock(self->c, page, slice);
+        Py_END_ALLOW_THREADS
+        if (rc == 0)
+            return 0;
+        if (rc != FMM_ETIMEDOUT) {
+            set_error(st, "lock", rc, fmm_errdetail(self->c), NULL);
+            return -1;
+        }
+        if (PyErr_CheckSignals())
+            return -1;
+        struct timespec t1;
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        waited = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
+        if (self->lock_timeout_ns >= 0 && waited >= self->lock_timeout_ns) {
+            PyErr_Format(st->LockTimeout, "timed out after %.3f s waiting for the lock of page %u",
+                         (double)waited / 1e9, page);
+            return -1;
+        }
+    }
+}
+
+static inline int lock_page(CacheObject *self, uint32_t page)
+{
+    int rc = fmm_lock(self->c, page, 0);
+    if (LIKELY(rc == 0))
+        return 0;
+    return lock_slow(self, page, rc);
+}
+
+#define UNLOCK(self, page) fmm_unlock((self)->c, (page))
+
+/* ---------- Values ---------- */
+
+typedef struct {
+    const char *buf;
+    Py_ssize_t len;
+    uint32_t flags;
+    PyObject *owner; /* new reference keeping buf alive, or NULL */
+} encoded;
+
+/* Serialize and compress a value (no page lock held, except inside
+ * get_and_set and lock blocks, by design). */
+static int encode_value(CacheObject *self, PyObject *v, encoded *e)
+{
+    e->owner = NULL;
+    if (PyBytes_CheckExact(v) || (self->ser_type == SER_RAW && PyBytes_Check(v))) {
+        e->buf = PyBytes_AS_STRING(v);
+        e->len = PyBytes_GET_SIZE(v);
+        e->flags = FMM_T_BYTES;
+    } else if (PyUnicode_CheckExact(v) || (self->ser_type == SER_RAW && PyUnicode_Check(v))) {
+        e->buf = PyUnicode_AsUTF8AndSize(v, &e->len);
+        if (!e->buf)
+            return -1;
+        e->flags = FMM_T_STR;
+    } else if (v == Py_None) {
+        e->buf = "";
+        e->len = 0;
+        e->flags = FMM_T_NONE;
+        return 0;
+    } else if (self->ser_type == SER_RAW) {
+        PyErr_Format(PyExc_TypeError, "serializer='raw' stores only bytes, str and None values, not %.100s",
+                     Py_TYPE(v)->tp_name);
+        return -1;
+    } else {
+        PyObject *out;
+        if (self->ser_type == FMM_T_PICKLE) {
+            PyObject *args[2] = {v, self->state->pickle_protocol};
+            out = PyObject_Vectorcall(self->state->pickle_dumps, args, 2, NULL);
+        } else {
+            out = PyObject_CallOneArg(self->dumps, v);
+        }
+        if (!out)
+            return -1;
+        if (PyUnicode_Check(out)) {
+            PyObject *b = PyUnicode_AsUTF8String(out);
+            Py_DECREF(out);
+            if (!b)
+                return -1;
+            out = b;
+        }
+        if (!PyBytes_Check(out)) {
+            PyErr_Format(PyExc_TypeError, "the serializer returned %.100s, expected bytes", Py_TYPE(out)->tp_name);
+            Py_DECREF(out);
+            return -1;
+        }
+        e->owner = out;
+        e->buf = PyBytes_AS_STRING(out);
+        e->len = PyBytes_GET_SIZE(out);
+        e->flags = self->ser_type;
+    }
+    if (self->comp_type != FMM_C_NONE && e->len >= self->compress_threshold) {
+        PyObject *src = e->owner;
+        PyObject *tmp = NULL;
+        if (!src) {
+            src = tmp = PyBytes_FromStringAndSize(e->buf, e->len);
+            if (!tmp)
+                return -1;
+        }
+        PyObject *z = PyObject_CallOneArg(self->compress, src);
+        Py_XDECREF(tmp);
+        if (!z) {
+            Py_CLEAR(e->owner);
+            return -1;
+        }
+        if (!PyBytes_Check(z)) {
+            PyErr_Format(PyExc_TypeError, "the compressor returned %.100s, expected bytes", Py_TYPE(z)->tp_name);
+            Py_DECREF(z);
+            Py_CLEAR(e->owner);
+            return -1;
+        }
+        if (PyBytes_GET_SIZE(z) < e->len) {
+            Py_XSETREF(e->owner, z);
+            e->buf = PyBytes_AS_STRING(z);
+            e->len = PyBytes_GET_SIZE(z);
+            e->flags |= self->comp_type;
+        } else {
+            Py_DECREF(z);
+        }
+    }
+    return 0;
+}
+
+static PyObject *import_attr(const char *mod, const char *attr)
+{
+    PyObject *m = PyImport_ImportModule(mod);
+    if (!m)
+        return NULL;
+    PyObject *a = PyObject_GetAttrString(m, attr);
+    Py_DECREF(m);
+    return a;
+}
+
+/* Decode the raw bytes of an entry (no page lock needed: `raw` is a copy,
+ * or NULL with buf/len pointing into the page for the natively stored
+ * types, which call no Python code). */
+static PyObject *decode_value(CacheObject *self, uint32_t flags, const char *buf, Py_ssize_t len, PyObject *raw)
+{
+    fastmmap_state *st = self->state;
+    uint32_t type = flags & FMM_F_TYPE_MASK;
+    uint32_t comp = flags & FMM_F_COMP_MASK;
+    PyObject *plain = NULL, *result = NULL;
+    if (raw) {
+        buf = PyBytes_AS_STRING(raw);
+        len = PyBytes_GET_SIZE(raw);
+    }
+    if (comp != FMM_C_NONE) {
+        PyObject *fn = NULL;
+        if (comp == FMM_C_ZLIB) {
+            if (!st->zlib_decompress && !(st->zlib_decompress = import_attr("zlib", "decompress")))
+                return NULL;
+            fn = st->zlib_decompress;
+        } else if (comp == FMM_C_LZ4) {
+            if (!st->lz4_decompress) {
+                st->lz4_decompress = import_attr("lz4.frame", "decompress");
+                if (!st->lz4_decompress) {
+                    if (PyErr_ExceptionMatches(PyExc_ImportError)) {
+                        PyErr_Clear();
+                        PyErr_SetString(PyExc_ImportError,
+                                        "this value was compressed with lz4, which is not installed: "
+                                        "pip install fastmmap[lz4]");
+                    }
+                    return NULL;
+                }
+            }
+            fn = st->lz4_decompress;
+        } else {
+            fn = self->decompress;
+            if (!fn)
+                return PyErr_Format(st->Error, "this value was compressed with a custom compressor; "
+                                               "open the cache with the same compressor= to read it");
+        }
+        PyObject *src = raw ? Py_NewRef(raw) : PyBytes_FromStringAndSize(buf, len);
+        if (!src)
+            return NULL;
+        plain = PyObject_CallOneArg(fn, src);
+        Py_DECREF(src);
+        if (!plain)
+            return NULL;
+        if (!PyBytes_Check(plain)) {
+            Py_DECREF(plain);
+            return PyErr_Format(PyExc_TypeError, "the decompressor did not return bytes");
+        }
+        raw = plain;
+        buf = PyBytes_AS_STRING(plain);
+        len = PyBytes_GET_SIZE(plain);
+    }
+    switch (type) {
+    case FMM_T_BYTES:
+        result = raw && PyBytes_CheckExact(raw) ? Py_NewRef(raw) : PyBytes_FromStringAndSize(buf, len);
+        break;
+    case FMM_T_STR:
+        result = PyUnicode_DecodeUTF8(buf, len, "surrogatepass");
+        break;
+    case FMM_T_NONE:
+        result = Py_NewRef(Py_None);
+        break;
+    case FMM_T_PICKLE:
+    case FMM_T_JSON:
+    case FMM_T_CUSTOM: {
+        PyObject *fn;
+        if (type == FMM_T_PICKLE)
+            fn = st->pickle_loads;
+        else if (type == FMM_T_JSON) {
+            if (!st->json_loads && !(st->json_loads = import_attr("json", "loads")))
+                goto done;
+            fn = st->json_loads;
+        } else {
+            fn = self->loads;
+            if (!fn) {
+                PyErr_Format(st->Error, "this value was stored with a custom serializer; "
+                                        "open the cache with the same serializer= to read it");
+                goto done;
+            }
+        }
+        PyObject *src = raw ? Py_NewRef(raw) : PyBytes_FromStringAndSize(buf, len);
+        if (!src)
+            goto done;
+        result = PyObject_CallOneArg(fn, src);
+        Py_DECREF(src);
+        break;
+    }
+    default:
+        PyErr_Format(st->Error, "stored value has unknown type flags 0x%x (written by a newer fastmmap?)", flags);
+    }
+done:
+    Py_XDECREF(plain);
+    return result;
+}
+
+/* Under the page lock: turn an entry into a Python object if that calls no
+ * Python code (bytes, str, None, uncompressed), else return a bytes copy of
+ * the raw value in *raw and NULL.  Sets *err on failure. */
+static inline PyObject *value_under_lock(const fmm_item *it, PyObject **raw, int *err)
+{
+    *raw = NULL;
+    *err = 0;
+    uint32_t f = it->flags & (FMM_F_TYPE_MASK | FMM_F_COMP_MASK);
+    PyObject *r;
+    if (f == FMM_T_BYTES)
+        r = PyBytes_FromStringAndSize(it->val, it->vlen);
+    else if (f == FMM_T_STR)
+        r = PyUnicode_DecodeUTF8(it->val, it->vlen, "surrogatepass");
+    else if (f == FMM_T_NONE)
+        return Py_NewRef(Py_None);
+    else {
+        *raw = PyBytes_FromStringAndSize(it->val, it->vlen);
+        if (!*raw)
+            *err = 1;
+        return NULL;
+    }
+    if (!r)
+        *err = 1;
+    return r;
+}
+
+/* ---------- Expiry arguments ---------- */
+
+static inline uint32_t now_secs(CacheObject *self) { return fmm_now(self->c); }
+
+/* seconds (0 never, EXPIRE_NOW) -> absolute expire_on */
+static int expire_on_from_secs(CacheObject *self, long long secs, uint32_t *out)
+{
+    if (secs == 0) {
+        *out = 0;
+        return 0;
+    }
+    uint32_t now = now_secs(self);
+    if (secs == EXPIRE_NOW) {
+        *out = now ? now : 1;
+        return 0;
+    }
+    if (secs < 0 || (unsigned long long)secs + now > 0xFFFFFFFFull) {
+        PyErr_Format(PyExc_ValueError, "expire_time %lld is out of range", secs);
+        return -1;
+    }
+    *out = now + (uint32_t)secs;
+    return 0;
+}
+
+/* Resolve set()'s expire_time / expire_on arguments to expire_on. */
+static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *expire_on, uint32_t *out)
+{
+    if (expire_on && expire_on != Py_None) {
+        double d;
+        if (PyLong_Check(expire_on) && !PyBool_Check(expire_on)) {
+            long long v = PyLong_AsLongLong(expire_on);
+            if (v == -1 && PyErr_Occurred())
+                goto bad_on;
+            d = (double)v;
+        } else if (PyFloat_Check(expire_on)) {
+            d = ceil(PyFloat_AS_DOUBLE(expire_on));
+        } else {
+            PyErr_Format(PyExc_TypeError, "expire_on must be unix seconds (int or float), not %.100s",
+                         Py_TYPE(expire_on)->tp_name);
+            return -1;
+        }
+        if (!(d >= 0 && d <= 4294967295.0))
+            goto bad_on;
+        *out = (uint32_t)d;
+        return 0;
+    bad_on:
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "expire_on must be unix seconds between 0 (never) and 2**32-1");
+        return -1;
+    }
+    long long secs;
+    if (!expire_time || expire_time == Py_None) {
+        secs = self->default_expire;
+    } else if (PyLong_CheckExact(expire_time)) {
+        secs = PyLong_AsLongLong(expire_time);
+        if (secs == -1 && PyErr_Occurred())
+            return -1;
+        if (secs < 0) {
+            PyErr_Format(PyExc_ValueError, "expire_time must be >= 0 seconds, got %lld", secs);
+            return -1;
+        }
+    } else {
+        if (!self->parse_expire) {
+            PyErr_SetString(PyExc_TypeError, "expire_time must be an int");
+            return -1;
+        }
+        PyObject *r = PyObject_CallOneArg(self->parse_expire, expire_time);
+        if (!r)
+            return -1;
+        secs = PyLong_AsLongLong(r);
+        Py_DECREF(r);
+        if (secs == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return expire_on_from_secs(self, secs, out);
+}
+
+/* ---------- Core operations ---------- */
+
+/* Look a key up.  Returns a new reference, or NULL: with an exception set
+ * on error, without one on a miss. */
+static PyObject *do_get(CacheObject *self, PyObject *key)
+{
+    keybuf k;
+    if (get_key(key, &k) < 0)
+        return NULL;
+    uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
+    uint32_t page = fmm_page_of(self->c, h);
+    if (lock_page(self, page) < 0)
+        return NULL;
+    fmm_item it;
+    PyObject *r = NULL, *raw = NULL;
+    int err = 0;
+    if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, 1, &it) == 0) {
+        r = value_under_lock(&it, &raw, &err);
+        UNLOCK(self, page);
+        if (raw) {
+            r = decode_value(self, it.flags, NULL, 0, raw);
+            Py_DECREF(raw);
+        }
+        return r;
+    }
+    UNLOCK(self, page);
+    return NULL;
+}
+
+/* Store; returns 1 stored, 0 too big (nothing changed), -1 error. */
+static int do_set(CacheObject *self, PyObject *key, PyObject *value, uint32_t expire_on)
+{
+    keybuf k;
+    encoded e;
+    if (get_key(key, &k) < 0)
+        return -1;
+    if (encode_value(self, value, &e) < 0)
+        return -1;
+    int result = -1;
+    if (e.len > (Py_ssize_t)UINT32_MAX) {
+        result = 0;
+        goto done;
+    }
+    uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
+    uint32_t page = fmm_page_of(self->c, h);
+    if (lock_page(self, page) < 0)
+        goto done;
+    uint32_t flags = e.flags | (k.isstr ? FMM_F_KEYSTR : 0);
+    int rc = fmm_set(self->c, page, h, k.buf, (uint32_t)k.len, e.buf, (uint32_t)e.len, flags, expire_on, NULL,
+                     NULL);
+    UNLOCK(self, page);
+    if (rc == 0)
+        result = 1;
+    else if (rc == FMM_ETOOBIG)
+        result = 0;
+    else
+        set_error(self->state, "set", rc, NULL, NULL);
+done:
+    Py_XDECREF(e.owner);
+    return result;
+}
+
+static PyObject *too_big_error(CacheObject *self, PyObject *key)
+{
+    return PyErr_Format(PyExc_ValueError,
+                        "item for key %R does not fit in a page (at most %u bytes of key, value and %u bytes of "
+                        "overhead per item; raise page_size)",
+                        key, fmm_max_item(self->c), FMM_ENTRY_HEADER_SIZE);
+}
+
+/* ---------- Mapping protocol ---------- */
+
+static PyObject *cache_subscript(PyObject *op, PyObject *key)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    ENTER(self);
+    PyObject *r = do_get(self, key);
+    if (!r && !PyErr_Occurred())
+        PyErr_SetObject(PyExc_KeyError, key);
+    LEAVE(self);
+    return r;
+}
+
+static int do_delete(CacheObject *self, PyObject *key)
+{
+    keybuf k;
+    if (get_key(key, &k) < 0)
+        return -1;
+    uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
+    uint32_t page = fmm_page_of(self->c, h);
+    if (lock_page(self, page) < 0)
+        return -1;
+    int rc = fmm_delete(self->c, page, h, k.buf, (uint32_t)k.len, NULL);
+    UNLOCK(self, page);
+    return rc == 0;
+}
+
+static int cache_ass_subscript(PyObject *op, PyObject *key, PyObject *value)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (UNLIKELY(self->closed || !self->c)) {
+        closed_error();
+        return -1;
+    }
+    self->inflight++;
+    int r;
+    if (value) {
+        uint32_t exp;
+        r = -1;
+        if (resolve_expiry(self, NULL, NULL, &exp) == 0) {
+            r = do_set(self, key, value, exp);
+            if (r == 0) {
+                too_big_error(self, key);
+                r = -1;
+            } else if (r == 1) {
+                r = 0;
+            }
+        }
+    } else {
+        r = do_delete(self, key);
+        if (r == 0) {
+            PyErr_SetObject(PyExc_KeyError, key);
+            r = -1;
+        } else if (r == 1) {
+            r = 0;
+        }
+    }
+    LEAVE(self);
+    return r;
+}
+
+static int cache_contains(PyObject *op, PyObject *key)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (UNLIKELY(self->closed || !self->c)) {
+        closed_error();
+        return -1;
+    }
+    self->inflight++;
+    int r = -1;
+    keybuf k;
+    if (get_key(key, &k) == 0) {
+        uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
+        uint32_t page = fmm_page_of(self->c, h);
+        if (lock_page(self, page) == 0) {
+            fmm_item it;
+            r = fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, 0, &it) == 0;
+            UNLOCK(self, page);
+        }
+    }
+    LEAVE(self);
+    return r;
+}
+
+static Py_ssize_t cache_length(PyObject *op)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (UNLIKELY(self->closed || !self->c)) {
+        closed_error();
+        return -1;
+    }
+    self->inflight++;
+    Py_ssize_t n = 0;
+    uint32_t np = fmm_num_pages(self->c);
+    for (uint32_t p = 0; p < np; p++) {
+        if (lock_page(self, p) < 0) {
+            n = -1;
+            break;
+        }
+        fmm_page_info info;
+        fmm_page_info_get(self->c, p, &info);
+        UNLOCK(self, p);
+        n += info.live - info.expired;
+    }
+    LEAVE(self);
+    return n;
+}
+
+/* ---------- Methods ---------- */
+
+PyDoc_STRVAR(cache_get_doc, "get($self, key, default=None, /)\n--\n\n"
+                            "Return the value for key, or default if it is absent or expired.");
+
+static PyObject *cache_get(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (UNLIKELY(nargs < 1 || nargs > 2)) {
+        return PyErr_Format(PyExc_TypeError, "get expected 1 or 2 arguments, got %zd", nargs);
+    }
+    ENTER(self);
+    PyObject *r = do_get(self, args[0]);
+    if (!r && !PyErr_Occurred())
+        r = Py_NewRef(nargs == 2 ? args[1] : Py_None);
+    LEAVE(self);
+    return r;
+}
+
+/* Tiny keyword-argument helper: match kwnames against allowed names. */
+static int parse_kw(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                    const char *const *names, Py_ssize_t npos_max, PyObject **out, Py_ssize_t nout)
+{
+    for (Py_ssize_t i = 0; i < nout; i++)
+        out[i] = NULL;
+    if (nargs > npos_max) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd positional arguments (%zd given)", fname, npos_max,
+                     nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        out[i] = args[i];
+    if (kwnames) {
+        Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t j = 0; j < nkw; j++) {
+            PyObject *name = PyTuple_GET_ITEM(kwnames, j);
+            Py_ssize_t i;
+            for (i = 0; i < nout; i++)
+                if (PyUnicode_CompareWithASCIIString(name, names[i]) == 0)
+                    break;
+            if (i == nout) {
+                PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'", fname, name);
+                return -1;
+            }
+            if (out[i]) {
+                PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fname, names[i]);
+                return -1;
+            }
+            out[i] = args[nargs + j];
+        }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(cache_set_doc,
+             "set($self, key, value, expire_time=None, *, expire_on=None)\n--\n\n"
+             "Store value under key.  Return True if stored, False if the item can never fit in a page\n"
+             "(the old value, if any, is then kept).\n\n"
+             "expire_time: seconds or a string like '30s', '5m', 'never', 'now'; None uses the cache's default.\n"
+             "expire_on: absolute unix seconds (0 = never); takes precedence over expire_time.");
+
+static PyObject *cache_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    static const char *const names[] = {"key", "value", "expire_time", "expire_on"};
+    PyObject *a[4];
+    if (LIKELY(!kwnames && nargs == 2)) {
+        a[0] = args[0];
+        a[1] = args[1];
+        a[2] = a[3] = NULL;
+    } else if (parse_kw("set", args, nargs, kwnames, names, 3, a, 4) < 0) {
+        return NULL;
+    }
+    if (!a[0] || !a[1])
+        return PyErr_Format(PyExc_TypeError, "set() missing required argument '%s'", a[0] ? "value" : "key");
+    ENTER(self);
+    PyObject *res = NULL;
+    uint32_t exp;
+    if (resolve_expiry(self, a[2], a[3], &exp) == 0) {
+        int r = do_set(self, a[0], a[1], exp);
+        if (r >= 0)
+            res = Py_NewRef(r ? Py_True : Py_False);
+    }
+    LEAVE(self);
+    return res;
+}
+
+PyDoc_STRVAR(cache_exists_doc, "exists($self, key, /)\n--\n\n"
+                               "Return True if key is present and not expired (does not count as a use).");
+
+static PyObject *cache_exists(PyObject *op, PyObject *key)
+{
+    int r = cache_contains(op, key);
+    if (r < 0)
+        return NULL;
+    return Py_NewRef(r ? Py_True : Py_False);
+}
+
+PyDoc_STRVAR(cache_remove_doc, "remove($self, key, /)\n--\n\n"
+                               "Delete key.  Return True if a live entry was removed, False if absent.");
+
+static PyObject *cache_remove(PyObject *op, PyObject *key)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    ENTER(self);
+    int r = do_delete(self, key);
+    LEAVE(self);
+    if (r < 0)
+        return NULL;
+    return Py_NewRef(r ? Py_True : Py_False);
+}
+
+PyDoc_STRVAR(cache_get_and_set_doc,
+             "get_and_set($self, key, fn, /)\n--\n\n"
+             "Atomically replace the value of key with fn(key, old_value_or_None) and return the new value.\n\n"
+             "fn runs while the key's page is locked, so no other thread or process can change the key\n"
+             "in between.  fn must not use this cache: doing so raises fastmmap.RecursiveLockError.");
+
+static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (nargs != 2)
+        return PyErr_Format(PyExc_TypeError, "get_and_set expected 2 arguments, got %zd", nargs);
+    PyObject *key = args[0], *fn = args[1];
+    if (!PyCallable_Check(fn))
+        return PyErr_Format(PyExc_TypeError, "get_and_set: fn must be callable, not %.100s", Py_TYPE(fn)->tp_name);
+    ENTER(self);
+    PyObject *old = NULL, *raw = NULL, *newv = NULL, *res = NULL;
+    encoded e = {0};
+    keybuf k;
+    uint32_t exp;
+    if (get_key(key, &k) < 0 || resolve_expiry(self, NULL, NULL, &exp) < 0)
+        goto out;
+    uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
+    uint32_t page = fmm_page_of(self->c, h);
+    if (lock_page(self, page) < 0)
+        goto out;
+    /* Page locked from here to UNLOCK below; Python code runs under it by design. */
+    fmm_item it;
+    int err = 0;
+    if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, 1, &it) == 0) {
+        old = value_under_lock(&it, &raw, &err);
+        if (raw) {
+            old = decode_value(self, it.flags, NULL, 0, raw);
+            if (!old)
+                err = 1;
+        }
+    } else {
+        old = Py_NewRef(Py_None);
+    }
+    if (!err) {
+        PyObject *cargs[2] = {key, old};
+        newv = PyObject_Vectorcall(fn, cargs, 2, NULL);
+    }
+    if (newv && encode_value(self, newv, &e) == 0) {
+        uint32_t flags = e.flags | (k.isstr ? FMM_F_KEYSTR : 0);
+        int rc = e.len > (Py_ssize_t)UINT32_MAX
+                     ? FMM_ETOOBIG
+                     : fmm_set(self->c, page, h, k.buf, (uint32_t)k.len, e.buf, (uint32_t)e.len, flags, exp, NULL,
+                               NULL);
+        if (rc == 0)
+            res = Py_NewRef(newv);
+        else if (rc == FMM_ETOOBIG)
+            too_big_error(self, key);
+        else
+            set_error(self->state, "get_and_set", rc, NULL, NULL);
+    }
+    UNLOCK(self, page);
+out:
+    Py_XDECREF(e.owner);
+    Py_XDECREF(raw);
+    Py_XDECREF(old);
+    Py_XDECREF(newv);
+    LEAVE(self);
+    return res;
+}
+
+PyDoc_STRVAR(cache_get_and_remove_doc,
+             "get_and_remove($self, key, default=None, /)\n--\n\n"
+             "Atomically remove key and return its value (default if it was absent).");
+
+static PyObject *cache_get_and_remove(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (nargs < 1 || nargs > 2)
+        return PyErr_Format(PyExc_TypeError, "get_and_remove expected 1 or 2 arguments, got %zd", nargs);
+    PyObject *key = args[0];
+    ENTER(self);
+    PyObject *r = NULL, *raw = NULL;
+    keybuf k;
+    if (get_key(key, &k) < 0)
+        goto out;
+    uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
+    uint32_t page = fmm_page_of(self->c, h);
+    if (lock_page(self, page) < 0)
+        goto out;
+    fmm_item it;
+    int err = 0, found = 0;
+    uint32_t flags = 0;
+    if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, 0, &it) == 0) {
+        found = 1;
+        flags = it.flags;
+        r = value_under_lock(&it, &raw, &err);
+        if (!err)
+            fmm_delete(self->c, page, h, k.buf, (uint32_t)k.len, NULL);
+    }
+    UNLOCK(self, page);
+    if (raw) {
+        r = decode_value(self, flags, NULL, 0, raw);
+        Py_CLEAR(raw);
+    }
+    if (!found && !err)
+        r = Py_NewRef(nargs == 2 ? args[1] : Py_None);
+out:
+    LEAVE(self);
+    return r;
+}
+
+PyDoc_STRVAR(cache_add_doc,
+             "add($self, key, value, expire_time=None, *, expire_on=None)\n--\n\n"
+             "Store value only if key is absent (or expired), atomically.  Return True if stored,\n"
+             "False if the key was present.  Raises ValueError if the item can never fit in a page.");
+
+static PyObject *cache_add(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    static const char *const names[] = {"key", "value", "expire_time", "expire_on"};
+    PyObject *a[4];
+    if (parse_kw("add", args, nargs, kwnames, names, 3, a, 4) < 0)
+        return NULL;
+    if (!a[0] || !a[1])
+        return PyErr_Format(PyExc_TypeError, "add() missing required argument '%s'", a[0] ? "value" : "key");
+    ENTER(self);
+    PyObject *res = NULL;
+    encoded e = {0};
+    keybuf k;
+    uint32_t exp;
+    if (get_key(a[0], &k) < 0 || resolve_expiry(self, a[2], a[3], &exp) < 0 || encode_value(self, a[1], &e) < 0)
+        goto out;
+    uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
+    uint32_t page = fmm_page_of(self->c, h);
+    if (lock_page(self, page) < 0)
+        goto out;
+    fmm_item it;
+    int rc = 1;
+    if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, 0, &it) != 0)
+        rc = e.len > (Py_ssize_t)UINT32_MAX
+                 ? FMM_ETOOBIG
+                 : fmm_set(self->c, page, h, k.buf, (uint32_t)k.len, e.buf, (uint32_t)e.len,
+                           e.flags | (k.isstr ? FMM_F_KEYSTR : 0), exp, NULL, NULL);
+    UNLOCK(self, page);
+    if (rc == 1)
+        res = Py_NewRef(Py_False);
+    else if (rc == 0)
+        res = Py_NewRef(Py_True);
+    else if (rc == FMM_ETOOBIG)
+        too_big_error(self, a[0]);
+    else
+        set_error(self->state, "add", rc, NULL, NULL);
+out:
+    Py_XDECREF(e.owner);
+    LEAVE(self);
+    return res;
+}
+
+/* Run an expunge over every page. */
+static PyObject *expunge_all(CacheObject *self, int mode)
+{
+    ENTER(self);
+    PyObject *res = Py_None;
+    uint32_t np = fmm_num_pages(self->c);
+    for (uint32_t p = 0; p < np; p++) {
+        if (lock_page(self, p) < 0) {
+            res = NULL;
+            break;
+        }
+        int rc = fmm_expunge(self->c, p, mode, NULL, NULL);
+        UNLOCK(self, p);
+        if (rc) {
+            res = set_error(self->state, "expunge", rc, NULL, NULL);
+            break;
+        }
+    }
+    LEAVE(self);
+    return res ? Py_NewRef(res) : NULL;
+}
+
+PyDoc_STRVAR(cache_clear_doc, "clear($self, /)\n--\n\nRemove every entry (no callbacks are called).");
+static PyObject *cache_clear(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    return expunge_all(CacheObject_CAST(op), FMM_EXPUNGE_ALL);
+}
+
+PyDoc_STRVAR(cache_purge_doc, "purge($self, /)\n--\n\nRemove expired entries and compact their pages.");
+static PyObject *cache_purge(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    return expunge_all(CacheObject_CAST(op), FMM_EXPUNGE_EXPIRED);
+}
+
+/* Collect entries for get_keys / iteration. */
+typedef struct {
+    PyObject *list;
+    int mode; /* 0: keys; 1: (key, last_access, expire_on, flags); 2: plus raw value bytes */
+} collect_ctx;
+
+static int collect_visit(void *vctx, const fmm_item *it)
+{
+    collect_ctx *ctx = vctx;
+    PyObject *key = key_object(it);
+    if (!key)
+        return -1;
+    PyObject *item = key;
+    if (ctx->mode) {
+        PyObject *raw = Py_None;
+        if (ctx->mode == 2) {
+            raw = PyBytes_FromStringAndSize(it->val, it->vlen);
+            if (!raw) {
+                Py_DECREF(key);
+                return -1;
+            }
+        } else {
+            Py_INCREF(raw);
+        }
+        item = Py_BuildValue("(NIIIN)", key, it->last_access, it->expire_on, it->flags, raw);
+        if (!item)
+            return -1;
+    }
+    int r = PyList_Append(ctx->list, item);
+    Py_DECREF(item);
+    return r;
+}
+
+PyDoc_STRVAR(cache__entries_doc,
+             "_entries($self, mode=0, /)\n--\n\n"
+             "Snapshot of live entries, page by page.  mode 0: keys; 1: tuples (key, last_access, expire_on,\n"
+             "flags, None); 2: the same with the value decoded.");
+
+static PyObject *cache__entries(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    int mode = 0;
+    if (nargs > 1)
+        return PyErr_Format(PyExc_TypeError, "_entries expected at most 1 argument");
+    if (nargs == 1) {
+        mode = PyLong_AsLong(args[0]);
+        if (mode == -1 && PyErr_Occurred())
+            return NULL;
+        if (mode < 0 || mode > 2)
+            return PyErr_Format(PyExc_ValueError, "get_keys mode must be 0, 1 or 2, not %d", mode);
+    }
+    ENTER(self);
+    collect_ctx ctx = {PyList_New(0), mode};
+    if (!ctx.list)
+        goto error;
+    uint32_t np = fmm_num_pages(self->c);
+    for (uint32_t p = 0; p < np; p++) {
+        if (lock_page(self, p) < 0)
+            goto error;
+        int rc = fmm_page_foreach(self->c, p, collect_visit, &ctx);
+        UNLOCK(self, p);
+        if (rc)
+            goto error;
+    }
+    if (mode == 2) {
+        /* decode values now that no lock is held */
+        Py_ssize_t n = PyList_GET_SIZE(ctx.list);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *t = PyList_GET_ITEM(ctx.list, i);
+            PyObject *raw = PyTuple_GET_ITEM(t, 4);
+            uint32_t flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 3));
+            PyObject *v = decode_value(self, flags, NULL, 0, raw);
+            if (!v)
+                goto error;
+            PyObject *nt = PyTuple_Pack(5, PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1), PyTuple_GET_ITEM(t, 2),
+                                        PyTuple_GET_ITEM(t, 3), v);
+            Py_DECREF(v);
+            if (!nt)
+                goto error;
+            PyList_SetItem(ctx.list, i, nt);
+        }
+    }
+    LEAVE(self);
+    return ctx.list;
+error:
+    Py_XDECREF(ctx.list);
+    LEAVE(self);
+    return NULL;
+}
+
+PyDoc_STRVAR(cache_get_statistics_doc,
+             "get_statistics($self, clear=False)\n--\n\n"
+             "Return (nreads, nreadhits) summed over all pages (counted only with enable_stats=True).\n"
+             "With clear=True the counters are reset after reading.");
+
+static PyObject *cache_get_statistics(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    static const char *const names[] = {"clear"};
+    PyObject *a[1];
+    if (parse_kw("get_statistics", args, nargs, kwnames, names, 1, a, 1) < 0)
+        return NULL;
+    int clear = 0;
+    if (a[0] && (clear = PyObject_IsTrue(a[0])) < 0)
+        return NULL;
+    ENTER(self);
+    unsigned long long reads = 0, hits = 0;
+    PyObject *res = NULL;
+    uint32_t np = fmm_num_pages(self->c);
+    for (uint32_t p = 0; p < np; p++) {
+        if (lock_page(self, p) < 0)
+            goto out;
+        fmm_page_info info;
+        fmm_page_info_get(self->c, p, &info);
+        reads += info.nreads;
+        hits += info.nhits;
+        if (clear)
+            fmm_page_clear_stats(self->c, p);
+        UNLOCK(self, p);
+    }
+    res = Py_BuildValue("(KK)", reads, hits);
+out:
+    LEAVE(self);
+    return res;
+}
+
+/* multi_get / multi_set: keys live in the page of page_key, stored as
+ * page_key + "-" + key, as in Cache::FastMmap. */
+static PyObject *combined_key(PyObject *page_key, PyObject *key, int *isstr)
+{
+    keybuf pk, k;
+    if (get_key(page_key, &pk) < 0 || get_key(key, &k) < 0)
+        return NULL;
+    *isstr = k.isstr;
+    PyObject *b = PyBytes_FromStringAndSize(NULL, pk.len + 1 + k.len);
+    if (!b)
+        return NULL;
+    char *d = PyBytes_AS_STRING(b);
+    memcpy(d, pk.buf, pk.len);
+    d[pk.len] = '-';
+    memcpy(d + pk.len + 1, k.buf, k.len);
+    return b;
+}
+
+static int page_of_key(CacheObject *self, PyObject *page_key, uint32_t *page)
+{
+    keybuf pk;
+    if (get_key(page_key, &pk) < 0)
+        return -1;
+    *page = fmm_page_of(self->c, fmm_hash(self->c, pk.buf, (size_t)pk.len));
+    return 0;
+}
+
+PyDoc_STRVAR(cache_multi_get_doc,
+             "multi_get($self, page_key, keys, /)\n--\n\n"
+             "Fetch several keys stored with multi_set(page_key, ...) under one page lock.\n"
+             "Return a dict of the keys found.");
+
+static PyObject *cache_multi_get(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (nargs != 2)
+        return PyErr_Format(PyExc_TypeError, "multi_get expected 2 arguments, got %zd", nargs);
+    ENTER(self);
+    PyObject *keys = NULL, *combined = NULL, *raws = NULL, *result = NULL;
+    uint32_t page;
+    if (page_of_key(self, args[0], &page) < 0)
+        goto out;
+    keys = PySequence_List(args[1]);
+    if (!keys)
+        goto out;
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    combined = PyList_New(n);
+    raws = PyList_New(n);
+    if (!combined || !raws)
+        goto out;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int isstr;
+        PyObject *ck = combined_key(args[0], PyList_GET_ITEM(keys, i), &isstr);
+        if (!ck)
+            goto out;
+        PyList_SET_ITEM(combined, i, ck);
+        PyList_SET_ITEM(raws, i, Py_NewRef(Py_None));
+    }
+    if (lock_page(self, page) < 0)
+        goto out;
+    int err = 0;
+    for (Py_ssize_t i = 0; i < n && !err; i++) {
+        PyObject *ck = PyList_GET_ITEM(combined, i);
+        uint64_t h = fmm_hash(self->c, PyBytes_AS_STRING(ck), (size_t)PyBytes_GET_SIZE(ck));
+        fmm_item it;
+        if (fmm_get(self->c, page, h, PyBytes_AS_STRING(ck), (uint32_t)PyBytes_GET_SIZE(ck), 1, &it) == 0) {
+            PyObject *t = Py_BuildValue("(Iy#)", it.flags, it.val, (Py_ssize_t)it.vlen);
+            if (!t)
+                err = 1;
+            else
+                PyList_SetItem(raws, i, t);
+        }
+    }
+    UNLOCK(self, page);
+    if (err)
+        goto out;
+    result = PyDict_New();
+    if (!result)
+        goto out;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PyList_GET_ITEM(raws, i);
+        if (t == Py_None)
+            continue;
+        uint32_t flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 0));
+        PyObject *v = decode_value(self, flags, NULL, 0, PyTuple_GET_ITEM(t, 1));
+        if (!v || PyDict_SetItem(result, PyList_GET_ITEM(keys, i), v) < 0) {
+            Py_XDECREF(v);
+            Py_CLEAR(result);
+            goto out;
+        }
+        Py_DECREF(v);
+    }
+out:
+    Py_XDECREF(keys);
+    Py_XDECREF(combined);
+    Py_XDECREF(raws);
+    LEAVE(self);
+    return result;
+}
+
+PyDoc_STRVAR(cache_multi_set_doc,
+             "multi_set($self, page_key, mapping, expire_time=None)\n--\n\n"
+             "Store every item of mapping in the page chosen by page_key, under one page lock.\n"
+             "Raises ValueError (storing nothing) if any item can never fit in a page.");
+
+static PyObject *cache_multi_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    static const char *const names[] = {"page_key", "mapping", "expire_time"};
+    PyObject *a[3];
+    if (parse_kw("multi_set", args, nargs, kwnames, names, 3, a, 3) < 0)
+        return NULL;
+    if (!a[0] || !a[1])
+        return PyErr_Format(PyExc_TypeError, "multi_set() missing required arguments");
+    ENTER(self);
+    PyObject *items = NULL, *prepared = NULL, *res = NULL;
+    uint32_t page, exp;
+    if (page_of_key(self, a[0], &page) < 0 || resolve_expiry(self, a[2], NULL, &exp) < 0)
+        goto out;
+    items = PyMapping_Items(a[1]);
+    if (!items)
+        goto out;
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    prepared = PyList_New(0);
+    if (!prepared)
+        goto out;
+    /* Serialize everything before taking the lock; check sizes so that the
+     * whole batch is stored or nothing is. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *kv = PyList_GET_ITEM(items, i);
+        if (!PyTuple_Check(kv) || PyTuple_GET_SIZE(kv) != 2) {
+            PyErr_SetString(PyExc_TypeError, "multi_set: mapping items must be (key, value) pairs");
+            goto out;
+        }
+        int isstr;
+        PyObject *ck = combined_key(a[0], PyTuple_GET_ITEM(kv, 0), &isstr);
+        if (!ck)
+            goto out;
+        encoded e;
+        if (encode_value(self, PyTuple_GET_ITEM(kv, 1), &e) < 0) {
+            Py_DECREF(ck);
+            goto out;
+        }
+        PyObject *vb = e.owner ? Py_NewRef(e.owner) : PyBytes_FromStringAndSize(e.buf, e.len);
+        Py_XDECREF(e.owner);
+        if (!vb) {
+            Py_DECREF(ck);
+            goto out;
+        }
+        if ((uint64_t)FMM_ENTRY_HEADER_SIZE + PyBytes_GET_SIZE(ck) + PyBytes_GET_SIZE(vb) + 3 >
+            fmm_max_item(self->c)) {
+            too_big_error(self, PyTuple_GET_ITEM(kv, 0));
+            Py_DECREF(ck);
+            Py_DECREF(vb);
+            goto out;
+        }
+        PyObject *t = Py_BuildValue("(NNI)", ck, vb, e.flags | (isstr ? FMM_F_KEYSTR : 0));
+        if (!t || PyList_Append(prepared, t) < 0) {
+            Py_XDECREF(t);
+            goto out;
+        }
+        Py_DECREF(t);
+    }
+    if (lock_page(self, page) < 0)
+        goto out;
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < n && rc == 0; i++) {
+        PyObject *t = PyList_GET_ITEM(prepared, i);
+        PyObject *ck = PyTuple_GET_ITEM(t, 0), *vb = PyTuple_GET_ITEM(t, 1);
+        uint32_t flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 2));
+        uint64_t h = fmm_hash(self->c, PyBytes_AS_STRING(ck), (size_t)PyBytes_GET_SIZE(ck));
+        rc = fmm_set(self->c, page, h, PyBytes_AS_STRING(ck), (uint32_t)PyBytes_GET_SIZE(ck), PyBytes_AS_STRING(vb),
+                     (uint32_t)PyBytes_GET_SIZE(vb), flags, exp, NULL, NULL);
+    }
+    UNLOCK(self, page);
+    if (rc)
+        set_error(self->state, "multi_set", rc, NULL, NULL);
+    else
+        res = Py_NewRef(Py_None);
+out:
+    Py_XDECREF(items);
+    Py_XDECREF(prepared);
+    LEAVE(self);
+    return res;
+}
+
+PyDoc_STRVAR(cache_repaired_pages_doc,
+             "repaired_pages($self, /)\n--\n\n"
+             "Number of pages of this cache file re-initialised after a writer died mid-update or a page\n"
+             "failed validation (counted in the file, by every process).");
+
+static PyObject *cache_repaired_pages(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    CacheObject *self = CacheObject_CAST(op);
+    ENTER(self);
+    PyObject *r = PyLong_FromUnsignedLongLong(fmm_repairs(self->c));
+    LEAVE(self);
+    return r;
+}
+
+PyDoc_STRVAR(cache_check_doc,
+             "check($self, /)\n--\n\n"
+             "Validate every page and the file itself.  Return a list of the problems found (empty when\n"
+             "all is well).  Pages are only read, never repaired, by this call.");
+
+static PyObject *cache_check(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    CacheObject *self = CacheObject_CAST(op);
+    ENTER(self);
+    PyObject *problems = PyList_New(0);
+    if (!problems)
+        goto out;
+    int frc = fmm_check_file(self->c);
+    if (frc) {
+        PyObject *m = PyUnicode_FromFormat("file: %s", fmm_strerror(frc));
+        if (!m || PyList_Append(problems, m) < 0) {
+            Py_XDECREF(m);
+            Py_CLEAR(problems);
+            goto out;
+        }
+        Py_DECREF(m);
+    }
+    uint32_t np = fmm_num_pages(self->c);
+    for (uint32_t p = 0; p < np; p++) {
+        if (lock_page(self, p) < 0) {
+            Py_CLEAR(problems);
+            goto out;
+        }
+        char msg[256];
+        int rc = fmm_check_page(self->c, p, msg, sizeof msg);
+        UNLOCK(self, p);
+        if (rc) {
+            PyObject *m = PyUnicode_FromString(msg);
+            if (!m || PyList_Append(problems, m) < 0) {
+                Py_XDECREF(m);
+                Py_CLEAR(problems);
+                goto out;
+            }
+            Py_DECREF(m);
+        }
+    }
+out:
+    LEAVE(self);
+    return problems;
+}
+
+PyDoc_STRVAR(cache__page_info_doc,
+             "_page_info($self, page, /)\n--\n\n"
+             "Counters of one page: dict with num_slots, live, expired, deleted, data_start, free_data,\n"
+             "live_bytes, nreads, nhits.");
+
+static PyObject *cache__page_info(PyObject *op, PyObject *arg)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    unsigned long p = PyLong_AsUnsignedLong(arg);
+    if (p == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    ENTER(self);
+    PyObject *r = NULL;
+    if (p >= fmm_num_pages(self->c)) {
+        PyErr_Format(PyExc_IndexError, "page %lu out of range", p);
+        goto out;
+    }
+    if (lock_page(self, (uint32_t)p) < 0)
+        goto out;
+    fmm_page_info i;
+    fmm_page_info_get(self->c, (uint32_t)p, &i);
+    UNLOCK(self, (uint32_t)p);
+    r = Py_BuildValue("{sIsIsIsIsIsIsIsIsI}", "num_slots", i.num_slots, "live", i.live, "expired", i.expired,
+                      "deleted", i.deleted, "data_start", i.data_start, "free_data", i.free_data, "live_bytes",
+                      i.live_bytes, "nreads", i.nreads, "nhits", i.nhits);
+out:
+    LEAVE(self);
+    return r;
+}
+
+PyDoc_STRVAR(cache__set_time_override_doc,
+             "_set_time_override($self, t, /)\n--\n\n"
+             "Use unix seconds t as the current time for this Cache (0 restores the real clock).  For tests.");
+
+static PyObject *cache__set_time_override(PyObject *op, PyObject *arg)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    unsigned long t = PyLong_AsUnsignedLong(arg);
+    if (t == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (t > 0xFFFFFFFFul)
+        return PyErr_Format(PyExc_ValueError, "time override out of range");
+    ENTER(self);
+    fmm_set_time(self->c, (uint32_t)t);
+    LEAVE(self);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(cache__open_doc,
+             "_open($self, path, page_size, num_pages, start_slots, explicit_geometry, init_file,\n"
+             "      permissions, anonymous, enable_stats, /)\n--\n\n"
+             "Open or create the cache file (options already validated by fastmmap.Cache).  Return True if\n"
+             "this call created the file.");
+
+static PyObject *cache__open(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (nargs != 9)
+        return PyErr_Format(PyExc_TypeError, "_open expected 9 arguments");
+    if (self->c || self->closed)
+        return PyErr_Format(PyExc_ValueError, "cache is already open");
+    PyObject *path = args[0];
+    PyObject *path_bytes = NULL;
+    fmm_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    unsigned long v[8];
+    for (int i = 0; i < 8; i++) {
+        v[i] = PyLong_AsUnsignedLong(args[i + 1]);
+        if (v[i] == (unsigned long)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    cfg.page_size = (uint32_t)v[0];
+    cfg.num_pages = (uint32_t)v[1];
+    cfg.start_slots = (uint32_t)v[2];
+    cfg.explicit_geometry = (int)v[3];
+    cfg.init_file = (int)v[4];
+    cfg.permissions = (int)v[5];
+    cfg.anonymous = (int)v[6];
+    cfg.enable_stats = (int)v[7];
+    const char *cpath = NULL;
+    if (!cfg.anonymous) {
+        if (!PyUnicode_FSConverter(path, &path_bytes))
+            return NULL;
+        cpath = PyBytes_AS_STRING(path_bytes);
+    }
+    char err[512];
+    int created = 0, rc;
+    fmm_cache *c = NULL;
+    /* GIL released: no page lock held, open/mmap/fallocate may block. */
+    Py_BEGIN_ALLOW_THREADS
+    rc = fmm_open(cpath, &cfg, &c, &created, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    Py_XDECREF(path_bytes);
+    if (rc) {
+        if (rc > 0 && !cfg.anonymous)
+            return set_error(self->state, "open", rc, err, path);
+        if (rc == FMM_EBADARG)
+            return PyErr_Format(PyExc_ValueError, "%s", err);
+        if (rc == FMM_EBADFILE || rc == FMM_EGEOMETRY)
+            return PyErr_Format(rc == FMM_EBADFILE ? self->state->BadFileError : self->state->GeometryError,
+                                "%S: %s", path, err);
+        return set_error(self->state, "open", rc, err, NULL);
+    }
+    self->c = c;
+    return Py_NewRef(created ? Py_True : Py_False);
+}
+
+PyDoc_STRVAR(cache__configure_doc,
+             "_configure($self, default_expire, lock_timeout, ser_type, dumps, loads, comp_type, compress,\n"
+             "           decompress, compress_threshold, parse_expire, /)\n--\n\n"
+             "Set value handling options (already validated by fastmmap.Cache).");
+
+static PyObject *cache__configure(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (nargs != 10)
+        return PyErr_Format(PyExc_TypeError, "_configure expected 10 arguments");
+    long long de = PyLong_AsLongLong(args[0]);
+    if (de == -1 && PyErr_Occurred())
+        return NULL;
+    double lt = -1;
+    if (args[1] != Py_None) {
+        lt = PyFloat_AsDouble(args[1]);
+        if (lt == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    unsigned long ser = PyLong_AsUnsignedLong(args[2]);
+    unsigned long comp = PyLong_AsUnsignedLong(args[5]);
+    Py_ssize_t thr = PyLong_AsSsize_t(args[8]);
+    if (PyErr_Occurred())
+        return NULL;
+    self->default_expire = de;
+    self->lock_timeout_ns = lt < 0 ? -1 : (int64_t)(lt * 1e9);
+    self->ser_type = (uint32_t)ser;
+    self->comp_type = (uint32_t)comp;
+    self->compress_threshold = thr;
+#define SETOPT(field, obj) Py_XSETREF(self->field, (obj) == Py_None ? NULL : Py_NewRef(obj))
+    SETOPT(dumps, args[3]);
+    SETOPT(loads, args[4]);
+    SETOPT(compress, args[6]);
+    SETOPT(decompress, args[7]);
+    SETOPT(parse_expire, args[9]);
+#undef SETOPT
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(cache_close_doc, "close($self, /)\n--\n\n"
+                              "Unmap the cache.  Idempotent; later operations raise ValueError.");
+
+static PyObject *cache_close(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    CacheObject *self = CacheObject_CAST(op);
+    self->closed = 1;
+    if (self->inflight == 0)
+        really_close(self);
+    Py_RETURN_NONE;
+}
+
+/* ---------- Getters ---------- */
+
+static PyObject *cache_get_closed(PyObject *op, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(CacheObject_CAST(op)->closed || !CacheObject_CAST(op)->c ? Py_True : Py_False);
+}
+static PyObject *cache_get_page_size(PyObject *op, void *Py_UNUSED(closure))
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (!self->c)
+        return closed_error();
+    return PyLong_FromUnsignedLong(fmm_page_size(self->c));
+}
+static PyObject *cache_get_num_pages(PyObject *op, void *Py_UNUSED(closure))
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (!self->c)
+        return closed_error();
+    return PyLong_FromUnsignedLong(fmm_num_pages(self->c));
+}
+static PyObject *cache_get_cache_size(PyObject *op, void *Py_UNUSED(closure))
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (!self->c)
+        return closed_error();
+    return PyLong_FromUnsignedLongLong((unsigned long long)fmm_page_size(self->c) * fmm_num_pages(self->c));
+}
+static PyObject *cache_get_max_item_size(PyObject *op, void *Py_UNUSED(closure))
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (!self->c)
+        return closed_error();
+    return PyLong_FromUnsignedLong(fmm_max_item(self->c) - FMM_ENTRY_HEADER_SIZE);
+}
+
+static PyGetSetDef cache_getset[] = {
+    {"closed", cache_get_closed, NULL, "True once close() was called.", NULL},
+    {"page_size", cache_get_page_size, NULL, "Bytes per page.", NULL},
+    {"num_pages", cache_get_num_pages, NULL, "Number of pages.", NULL},
+    {"cache_size", cache_get_cache_size, NULL, "page_size * num_pages.", NULL},
+    {"max_item_size", cache_get_max_item_size, NULL,
+     "Largest len(key) + len(stored value) that fits in a page (values as stored: serialized, compressed).",
+     NULL},
+    {NULL},
+};
+
+static PyMethodDef cache_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))cache_get, METH_FASTCALL, cache_get_doc},
+    {"set", (PyCFunction)(void (*)(void))cache_set, METH_FASTCALL | METH_KEYWORDS, cache_set_doc},
+    {"exists", cache_exists, METH_O, cache_exists_doc},
+    {"remove", cache_remove, METH_O, cache_remove_doc},
+    {"get_and_set", (PyCFunction)(void (*)(void))cache_get_and_set, METH_FASTCALL, cache_get_and_set_doc},
+    {"get_and_remove", (PyCFunction)(void (*)(void))cache_get_and_remove, METH_FASTCALL, cache_get_and_remove_doc},
+    {"add", (PyCFunction)(void (*)(void))cache_add, METH_FASTCALL | METH_KEYWORDS, cache_add_doc},
+    {"clear", cache_clear, METH_NOARGS, cache_clear_doc},
+    {"purge", cache_purge, METH_NOARGS, cache_purge_doc},
+    {"_entries", (PyCFunction)(void (*)(void))cache__entries, METH_FASTCALL, cache__entries_doc},
+    {"get_statistics", (PyCFunction)(void (*)(void))cache_get_statistics, METH_FASTCALL | METH_KEYWORDS,
+     cache_get_statistics_doc},
+    {"multi_get", (PyCFunction)(void (*)(void))cache_multi_get, METH_FASTCALL, cache_multi_get_doc},
+    {"multi_set", (PyCFunction)(void (*)(void))cache_multi_set, METH_FASTCALL | METH_KEYWORDS,
+     cache_multi_set_doc},
+    {"repaired_pages", cache_repaired_pages, METH_NOARGS, cache_repaired_pages_doc},
+    {"check", cache_check, METH_NOARGS, cache_check_doc},
+    {"_page_info", cache__page_info, METH_O, cache__page_info_doc},
+    {"_set_time_override", cache__set_time_override, METH_O, cache__set_time_override_doc},
+    {"_open", (PyCFunction)(void (*)(void))cache__open, METH_FASTCALL, cache__open_doc},
+    {"_configure", (PyCFunction)(void (*)(void))cache__configure, METH_FASTCALL, cache__configure_doc},
+    {"close", cache_close, METH_NOARGS, cache_close_doc},
+    {NULL},
+};
+
+static PyMemberDef cache_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(CacheObject, weakreflist), READONLY},
+    {NULL},
+};
+
+/* ---------- Type slots ---------- */
+
+static PyObject *cache_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwds))
+{
+    PyObject *mod = PyType_GetModuleByDef(type, &fastmmap_module);
+    if (!mod)
+        return NULL;
+    CacheObject *self = (CacheObject *)type->tp_alloc(type, 0);
+    if (!self)
+        return NULL;
+    self->state = PyModule_GetState(mod);
+    self->lock_timeout_ns = -1;
+    self->ser_type = FMM_T_PICKLE;
+    self->comp_type = FMM_C_NONE;
+    return (PyObject *)self;
+}
+
+static int cache_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(self->dumps);
+    Py_VISIT(self->loads);
+    Py_VISIT(self->compress);
+    Py_VISIT(self->decompress);
+    Py_VISIT(self->parse_expire);
+    return 0;
+}
+
+static int cache_clear_refs(PyObject *op)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    Py_CLEAR(self->dumps);
+    Py_CLEAR(self->loads);
+    Py_CLEAR(self->compress);
+    Py_CLEAR(self->decompress);
+    Py_CLEAR(self->parse_expire);
+    return 0;
+}
+
+static void cache_dealloc(PyObject *op)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    if (self->weakreflist)
+        PyObject_ClearWeakRefs(op);
+    self->closed = 1;
+    really_close(self);
+    cache_clear_refs(op);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+PyDoc_STRVAR(cachebase_doc, "The C core of fastmmap.Cache.  Use fastmmap.Cache, not this type.");
+
+static PyType_Slot cache_slots[] = {
+    {Py_tp_doc, (void *)cachebase_doc},
+    {Py_tp_new, cache_new},
+    {Py_tp_dealloc, cache_dealloc},
+    {Py_tp_traverse, cache_traverse},
+    {Py_tp_clear, cache_clear_refs},
+    {Py_tp_methods, cache_methods},
+    {Py_tp_getset, cache_getset},
+    {Py_tp_members, cache_members},
+    {Py_mp_subscript, cache_subscript},
+    {Py_mp_ass_subscript, cache_ass_subscript},
+    {Py_mp_length, cache_length},
+    {Py_sq_contains, cache_contains},
+    {0, NULL},
+};
+
+static PyType_Spec cache_spec = {
+    .name = "fastmmap._fastmmap.CacheBase",
+    .basicsize = sizeof(CacheObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = cache_slots,
+};
+
+/* ---------- Module ---------- */
+
+static PyObject *mod_xxh64(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2)
+        return PyErr_Format(PyExc_TypeError, "xxh64(data, seed=0)");
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    unsigned long long seed = 0;
+    if (nargs == 2) {
+        seed = PyLong_AsUnsignedLongLongMask(args[1]);
+        if (PyErr_Occurred()) {
+            PyBuffer_Release(&b);
+            return NULL;
+        }
+    }
+    uint64_t h = fmm_xxh64(b.buf, (size_t)b.len, seed);
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+static PyMethodDef module_methods[] = {
+    {"xxh64", (PyCFunction)(void (*)(void))mod_xxh64, METH_FASTCALL,
+     "xxh64($module, data, seed=0, /)\n--\n\nXXH64 of a bytes-like object (the engine's hash)."},
+    {NULL},
+};
+
+static int add_exception(PyObject *mod, PyObject **slot, const char *name, PyObject *bases, const char *doc)
+{
+    char full[128];
+    snprintf(full, sizeof full, "fastmmap.%s", name);
+    *slot = PyErr_NewExceptionWithDoc(full, doc, bases, NULL);
+    if (!*slot)
+        return -1;
+    return PyModule_AddObjectRef(mod, name, *slot);
+}
+
+static int fastmmap_exec(PyObject *mod)
+{
+    fastmmap_state *st = PyModule_GetState(mod);
+    st->CacheBase_Type = (PyTypeObject *)PyType_FromModuleAndSpec(mod, &cache_spec, NULL);
+    if (!st->CacheBase_Type || PyModule_AddType(mod, st->CacheBase_Type) < 0)
+        return -1;
+    if (add_exception(mod, &st->Error, "Error", NULL, "Base class of fastmmap's own errors.") < 0)
+        return -1;
+    struct {
+        PyObject **slot;
+        const char *name;
+        PyObject *builtin;
+        const char *doc;
+    } subs[] = {
+        {&st->LockTimeout, "LockTimeout", PyExc_TimeoutError, "A page lock was not obtained within lock_timeout."},
+        {&st->GeometryError, "GeometryError", PyExc_ValueError,
+         "Size options disagree with the existing cache file (pass init_file=True to recreate it)."},
+        {&st->BadFileError, "BadFileError", NULL, "The file is not a fastmmap cache, or its header is invalid."},
+        {&st->RecursiveLockError, "RecursiveLockError", NULL,
+         "This thread already holds a page lock of this cache (a callback used the cache?)."},
+        {&st->FileReplacedError, "FileReplacedError", NULL, "The cache file was deleted or replaced."},
+    };
+    for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
+        PyObject *bases = subs[i].builtin ? PyTuple_Pack(2, st->Error, subs[i].builtin) : PyTuple_Pack(1, st->Error);
+        if (!bases)
+            return -1;
+        int r = add_exception(mod, subs[i].slot, subs[i].name, bases, subs[i].doc);
+        Py_DECREF(bases);
+        if (r < 0)
+            return -1;
+    }
+    st->pickle_dumps = import_attr("pickle", "dumps");
+    st->pickle_loads = import_attr("pickle", "loads");
+    if (!st->pickle_dumps || !st->pickle_loads)
+        return -1;
+    PyObject *proto = import_attr("pickle", "HIGHEST_PROTOCOL");
+    if (!proto)
+        return -1;
+    st->pickle_protocol = proto;
+    if (PyModule_AddIntConstant(mod, "T_BYTES", FMM_T_BYTES) < 0 ||
+        PyModule_AddIntConstant(mod, "T_STR", FMM_T_STR) < 0 ||
+        PyModule_AddIntConstant(mod, "T_NONE", FMM_T_NONE) < 0 ||
+        PyModule_AddIntConstant(mod, "T_PICKLE", FMM_T_PICKLE) < 0 ||
+        PyModule_AddIntConstant(mod, "T_JSON", FMM_T_JSON) < 0 ||
+        PyModule_AddIntConstant(mod, "T_CUSTOM", FMM_T_CUSTOM) < 0 ||
+        PyModule_AddIntConstant(mod, "SER_RAW", SER_RAW) < 0 ||
+        PyModule_AddIntConstant(mod, "C_NONE", FMM_C_NONE) < 0 ||
+        PyModule_AddIntConstant(mod, "C_ZLIB", FMM_C_ZLIB) < 0 ||
+        PyModule_AddIntConstant(mod, "C_LZ4", FMM_C_LZ4) < 0 ||
+        PyModule_AddIntConstant(mod, "C_CUSTOM", FMM_C_CUSTOM) < 0 ||
+        PyModule_AddIntConstant(mod, "F_DIRTY", FMM_F_DIRTY) < 0 ||
+        PyModule_AddIntConstant(mod, "F_KEYSTR", FMM_F_KEYSTR) < 0 ||
+        PyModule_AddIntConstant(mod, "EXPIRE_NOW", (long)EXPIRE_NOW) < 0 ||
+        PyModule_AddIntConstant(mod, "MAX_KEY_LEN", FMM_MAX_KEY_LEN) < 0 ||
+        PyModule_AddIntConstant(mod, "MIN_PAGE_SIZE", FMM_MIN_PAGE_SIZE) < 0 ||
+        PyModule_AddIntConstant(mod, "MAX_PAGE_SIZE", FMM_MAX_PAGE_SIZE) < 0 ||
+        PyModule_AddIntConstant(mod, "MAX_PAGES", FMM_MAX_PAGES) < 0)
+        return -1;
+    return 0;
+}
+
+static int fastmmap_traverse(PyObject *mod, visitproc visit, void *arg)
+{
+    fastmmap_state *st = PyModule_GetState(mod);
+    Py_VISIT(st->CacheBase_Type);
+    Py_VISIT(st->Error);
+    Py_VISIT(st->LockTimeout);
+    Py_VISIT(st->GeometryError);
+    Py_VISIT(st->BadFileError);
+    Py_VISIT(st->RecursiveLockError);
+    Py_VISIT(st->FileReplacedError);
+    Py_VISIT(st->pickle_dumps);
+    Py_VISIT(st->pickle_loads);
+    Py_VISIT(st->pickle_protocol);
+    Py_VISIT(st->json_loads);
+    Py_VISIT(st->zlib_decompress);
+    Py_VISIT(st->lz4_decompress);
+    return 0;
+}
+
+static int fastmmap_clear(PyObject *mod)
+{
+    fastmmap_state *st = PyModule_GetState(mod);
+    Py_CLEAR(st->CacheBase_Type);
+    Py_CLEAR(st->Error);
+    Py_CLEAR(st->LockTimeout);
+    Py_CLEAR(st->GeometryError);
+    Py_CLEAR(st->BadFileError);
+    Py_CLEAR(st->RecursiveLockError);
+    Py_CLEAR(st->FileReplacedError);
+    Py_CLEAR(st->pickle_dumps);
+    Py_CLEAR(st->pickle_loads);
+    Py_CLEAR(st->pickle_protocol);
+    Py_CLEAR(st->json_loads);
+    Py_CLEAR(st->zlib_decompress);
+    Py_CLEAR(st->lz4_decompress);
+    return 0;
+}
+
+static void fastmmap_free(void *mod) { fastmmap_clear((PyObject *)mod); }
+
+static PyModuleDef_Slot fastmmap_slots[] = {
+    {Py_mod_exec, fastmmap_exec},
+#ifdef Py_mod_multiple_interpreters
+    /* fcntl-free, but page locks are per thread and the thread-local record
+     * of held pages is shared by interpreters of one thread: stay conservative. */
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef fastmmap_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "fastmmap._fastmmap",
+    .m_doc = "The C core of fastmmap: a shared-memory cache in an mmap'ed file.",
+    .m_size = sizeof(fastmmap_state),
+    .m_methods = module_methods,
+    .m_slots = fastmmap_slots,
+    .m_traverse = fastmmap_traverse,
+    .m_clear = fastmmap_clear,
+    .m_free = fastmmap_free,
+};
+
+PyMODINIT_FUNC PyInit__fastmmap(void) { return PyModuleDef_Init(&fastmmap_module); }
