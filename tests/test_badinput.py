@@ -1,0 +1,247 @@
+"""Every bad input raises the stated exception and leaves the cache unchanged."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+import fastmmap
+
+BAD_KEYS = [1, 1.5, None, ("a", "b"), ["a"], bytearray(b"a"), memoryview(b"a"), object()]
+
+KEY_OPS = [
+    ("get", lambda c, k: c.get(k)),
+    ("get-default", lambda c, k: c.get(k, 0)),
+    ("set", lambda c, k: c.set(k, "v")),
+    ("getitem", lambda c, k: c[k]),
+    ("setitem", lambda c, k: c.__setitem__(k, "v")),
+    ("contains", lambda c, k: k in c),
+    ("delitem", lambda c, k: c.__delitem__(k)),
+    ("exists", lambda c, k: c.exists(k)),
+    ("remove", lambda c, k: c.remove(k)),
+    ("expire", lambda c, k: c.expire(k)),
+    ("get_and_set", lambda c, k: c.get_and_set(k, lambda key, v: "x")),
+    ("get_and_remove", lambda c, k: c.get_and_remove(k)),
+]
+
+
+@pytest.fixture
+def full(cache):
+    """A cache holding some content, checked unchanged at teardown."""
+    c = cache(num_pages=3, page_size=8192)
+    c._set_time_override(1_700_000_000)
+    c.update({"a": 1, b"b": b"2", "1": "one", "None": None, "('a', 'b')": (1,)})
+    before = dict(c.items())
+    yield c
+    assert dict(c.items()) == before, "the failed call changed the cache"
+
+
+@pytest.mark.parametrize("op", [op for _, op in KEY_OPS], ids=[n for n, _ in KEY_OPS])
+@pytest.mark.parametrize("key", BAD_KEYS, ids=lambda k: type(k).__name__)
+def test_bad_key_type_raises_typeerror(full, op, key):
+    with pytest.raises(TypeError):
+        op(full, key)
+
+
+@pytest.mark.parametrize("key", [1, None, ("a",)], ids=repr)
+def test_bad_key_in_multi_ops(full, key):
+    with pytest.raises(TypeError):
+        full.multi_set("p", {key: 1})
+    with pytest.raises(TypeError):
+        full.multi_get("p", [key])
+    with pytest.raises(TypeError):
+        full.multi_get(key, ["a"])
+
+
+def test_bad_key_in_update_leaves_earlier_keys_as_for_a_dict(cache):
+    # (dict.update semantics: items before the bad one are stored; not checked here)
+    c = cache(num_pages=1)
+    with pytest.raises(TypeError):
+        c.update({1: "x"})
+    assert len(c) == 0
+
+
+# ---------------------------------------------------------------- set arguments
+
+
+@pytest.mark.parametrize("expire", ["1 month", -5, "garbage", "5x", "-1s"], ids=repr)
+def test_bad_expire_time_in_set_raises_valueerror(full, expire):
+    with pytest.raises(ValueError):
+        full.set("a", "new", expire_time=expire)
+    with pytest.raises(ValueError):
+        full.set("new-key", "new", expire)
+
+
+def test_bad_expire_on_in_set(full):
+    with pytest.raises((TypeError, ValueError)):
+        full.set("a", "new", expire_on="tomorrow")
+
+
+@pytest.mark.parametrize("expire", ["1 month", -5, "garbage"], ids=repr)
+def test_bad_expire_time_in_multi_set(full, expire):
+    with pytest.raises(ValueError):
+        full.multi_set("p", {"x": 1}, expire_time=expire)
+
+
+def test_set_with_unknown_keyword(full):
+    with pytest.raises(TypeError):
+        full.set("a", "new", ttl=5)
+    with pytest.raises(TypeError):
+        full.set("a")
+
+
+def test_get_and_set_with_a_non_callable(full):
+    for fn in (None, 1, "fn", [len]):
+        with pytest.raises(TypeError):
+            full.get_and_set("a", fn)
+        with pytest.raises(TypeError):
+            full.get_and_set("missing", fn)
+
+
+def test_unpicklable_value(full):
+    with pytest.raises(TypeError):
+        full.set("a", threading.Lock())
+    with pytest.raises(TypeError):
+        full["new"] = threading.Lock()
+
+
+def test_too_big_value(full):
+    assert full.set("a", b"x" * 8192) is False
+    with pytest.raises(ValueError):
+        full["a"] = b"x" * 8192
+    with pytest.raises(ValueError):
+        full["brand-new"] = "x" * 20000
+
+
+def test_get_keys_bad_mode(full):
+    for mode in (3, -1, "1"):
+        with pytest.raises((ValueError, TypeError)):
+            full.get_keys(mode)
+
+
+# ---------------------------------------------------------------- constructor
+
+
+BAD_OPTIONS = [
+    ({"no_such_option": 1}, TypeError),
+    ({"pagesize": 4096}, TypeError),
+    ({"page_size": "abc"}, ValueError),
+    ({"page_size": -1}, ValueError),
+    ({"page_size": 100}, ValueError),
+    ({"page_size": 1023}, ValueError),
+    ({"page_size": "1g2"}, ValueError),
+    ({"page_size": "4g"}, ValueError),
+    ({"num_pages": 0}, ValueError),
+    ({"num_pages": -3}, ValueError),
+    ({"cache_size": "abc"}, ValueError),
+    ({"cache_size": -1}, ValueError),
+    ({"expire_time": "1 month"}, ValueError),
+    ({"expire_time": -5}, ValueError),
+    ({"expire_time": "garbage"}, ValueError),
+    ({"lock_timeout": 0}, ValueError),
+    ({"lock_timeout": -1}, ValueError),
+    ({"permissions": 0o10000}, ValueError),
+    ({"permissions": -1}, ValueError),
+    ({"serializer": "nope"}, ValueError),
+]
+
+
+@pytest.mark.parametrize("opts, exc", BAD_OPTIONS, ids=[repr(o) for o, _ in BAD_OPTIONS])
+def test_bad_constructor_option_on_a_new_path(cache, opts, exc):
+    path = cache.path()
+    with pytest.raises(exc):
+        fastmmap.Cache(path, **opts)
+    assert not os.path.exists(path), "a rejected constructor call created the file"
+    assert os.listdir(os.path.dirname(path)) == [], "a rejected constructor call left files behind"
+
+
+@pytest.mark.parametrize("opts, exc", BAD_OPTIONS, ids=[repr(o) for o, _ in BAD_OPTIONS])
+def test_bad_constructor_option_on_an_existing_cache(cache, opts, exc):
+    path = cache.path()
+    c = cache(path, num_pages=3, page_size=4096)
+    c["k"] = "v"
+    with open(path, "rb") as f:
+        raw = f.read()
+    with pytest.raises(exc):
+        fastmmap.Cache(path, **opts)
+    with open(path, "rb") as f:
+        assert f.read() == raw, "a rejected constructor call changed the file"
+    assert dict(c.items()) == {"k": "v"}
+
+
+def test_bad_constructor_option_with_init_file_keeps_data(cache):
+    path = cache.path()
+    c = cache(path, num_pages=3, page_size=4096)
+    c["k"] = "v"
+    with pytest.raises(ValueError):
+        fastmmap.Cache(path, init_file=True, expire_time="garbage")
+    assert c["k"] == "v"
+
+
+def test_positional_options_are_rejected(cache):
+    with pytest.raises(TypeError):
+        fastmmap.Cache(cache.path(), True)
+
+
+def test_bad_share_file_type(cache):
+    with pytest.raises(TypeError):
+        fastmmap.Cache(42)
+
+
+# ---------------------------------------------------------------- files that are not caches
+
+
+@pytest.mark.parametrize("size", [100, 4096, 8192 + 4096], ids=lambda n: f"{n}-bytes")
+def test_a_non_fastmmap_file_raises_error_and_is_untouched(tmp_path, rand, size):
+    path = tmp_path / "not-a-cache"
+    data = rand.randbytes(size)
+    path.write_bytes(data)
+    os.chmod(path, 0o644)
+    with pytest.raises(fastmmap.Error):
+        fastmmap.Cache(str(path))
+    with pytest.raises(fastmmap.Error):
+        fastmmap.Cache(str(path), num_pages=1, page_size=8192)
+    assert path.read_bytes() == data, "opening a foreign file modified it"
+    assert (os.stat(path).st_mode & 0o7777) == 0o644
+    assert os.listdir(tmp_path) == ["not-a-cache"]
+
+
+def test_an_empty_file_becomes_a_cache(tmp_path):
+    # By design: a path made by mkstemp() (an empty file) is initialised.
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    with fastmmap.Cache(str(path), num_pages=2, page_size=4096) as c:
+        c["k"] = "v"
+        assert c["k"] == "v"
+        assert c.num_pages == 2
+    assert os.path.getsize(path) == 4096 + 2 * 4096
+
+
+def test_a_text_file_raises_error(tmp_path):
+    path = tmp_path / "notes.txt"
+    data = b"FASTMMAP? no, just some text\n" * 500
+    path.write_bytes(data)
+    with pytest.raises(fastmmap.Error):
+        fastmmap.Cache(str(path))
+    assert path.read_bytes() == data
+
+
+def test_a_directory_as_share_file_raises_oserror(tmp_path):
+    d = tmp_path / "adir"
+    d.mkdir()
+    (d / "inside").write_text("keep")
+    with pytest.raises(OSError) as info:
+        fastmmap.Cache(str(d))
+    assert info.value.filename is not None
+    assert sorted(os.listdir(d)) == ["inside"]
+    assert (d / "inside").read_text() == "keep"
+
+
+def test_a_missing_directory_raises_oserror_with_filename(tmp_path):
+    path = tmp_path / "no" / "such" / "dir" / "cache"
+    with pytest.raises(OSError) as info:
+        fastmmap.Cache(str(path), num_pages=1)
+    assert isinstance(info.value, FileNotFoundError)
+    assert info.value.filename is not None
