@@ -467,6 +467,12 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
     return 0;
 }
 
+int fmm_held(const fmm_cache *c, uint32_t page)
+{
+    int i = tl_find(c);
+    return i >= 0 && tl_held[i].page == page;
+}
+
 void fmm_unlock(fmm_cache *c, uint32_t page)
 {
     int i = tl_find(c);
@@ -532,16 +538,20 @@ int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
         repair_page(c, ph, "slot points outside the page's data");
         return FMM_ENOTFOUND;
     }
-    if (touch && c->stats)
+    int do_touch = touch & FMM_GET_TOUCH;
+    if (do_touch && c->stats)
         ph->nreads++;
     if (idx < 0)
         return FMM_ENOTFOUND;
     uint32_t now = 0;
-    if (e->expire_on || touch)
+    if (e->expire_on || do_touch)
         now = fmm_now(c);
-    if (expired(e, now))
-        return FMM_ENOTFOUND;
-    if (touch) {
+    if (expired(e, now)) {
+        if (!(touch & FMM_GET_EXPIRED))
+            return FMM_ENOTFOUND;
+        do_touch = 0;
+    }
+    if (do_touch) {
         if (c->stats)
             ph->nhits++;
         e->access = ++ph->clock;

@@ -261,12 +261,20 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns);
 /** @brief Unlock a page locked by this thread. */
 void fmm_unlock(fmm_cache *c, uint32_t page);
 
+/** @brief 1 if the calling thread holds @p page of this cache, else 0. */
+int fmm_held(const fmm_cache *c, uint32_t page);
+
 /* ---------- Entry operations (page locked by the caller) ---------- */
+
+#define FMM_GET_TOUCH   1 /* a hit updates LRU position and statistics */
+#define FMM_GET_EXPIRED 2 /* also return an expired entry (write-back flushes) */
 
 /**
  * @brief Look up a key in a locked page.
- * @param[in] touch  1: a hit updates the entry's LRU position (and the
- *                   statistics when enabled); 0: a pure peek.
+ * @param[in] touch  FMM_GET_* bits: FMM_GET_TOUCH makes a hit update the
+ *                   entry's LRU position (and the statistics when
+ *                   enabled); 0 is a pure peek.  FMM_GET_EXPIRED returns
+ *                   expired entries too.
  * @return 0 with *out filled, or FMM_ENOTFOUND (absent or expired).
  */
 int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash,
