@@ -39,6 +39,26 @@
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
 
+/* Python < 3.12 compatibility, in one place. */
+#if PY_VERSION_HEX < 0x030C0000
+static PyObject *PyErr_GetRaisedException(void)
+{
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (v && tb)
+        PyException_SetTraceback(v, tb);
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    return v;
+}
+static void PyErr_SetRaisedException(PyObject *e)
+{
+    if (e)
+        PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(e)), e, PyException_GetTraceback(e));
+}
+#endif
+
 /* ---------- Module state ---------- */
 
 typedef struct {
@@ -75,6 +95,13 @@ typedef struct {
     PyObject *compress;
     PyObject *decompress;     /* for FMM_C_CUSTOM entries */
     PyObject *parse_expire;   /* fastmmap._options.parse_expire_time */
+    PyObject *context;        /* first argument of every callback */
+    PyObject *read_cb;        /* read_cb(context, key) on a miss */
+    PyObject *write_cb;       /* write_cb(context, key, value, expire_on) */
+    PyObject *delete_cb;      /* delete_cb(context, key) */
+    int write_back;           /* entries marked dirty, written when they leave */
+    int cache_not_found;      /* store None results of read_cb */
+    int allow_recursive;      /* unlock the page around read_cb */
     PyObject *weakreflist;
 } CacheObject;
 
@@ -548,7 +575,101 @@ static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *ex
     return expire_on_from_secs(self, secs, out);
 }
 
+/* ---------- Callbacks ----------
+ * Write-back: entries stored while write_back is on carry FMM_F_DIRTY.
+ * When the engine drops a dirty entry (eviction, expiry reclaim, expunge)
+ * it calls evict_collect under the page lock, which only copies the entry
+ * into a list (no Python code runs); after the unlock, flush_evicted
+ * passes each to write_cb. */
+
+typedef struct {
+    PyObject *list; /* (key, raw value, flags, expire_on) tuples, or NULL */
+    int err;
+} evict_ctx;
+
+static void evict_collect(void *vctx, const fmm_item *it)
+{
+    evict_ctx *ec = vctx;
+    if (ec->err)
+        return;
+    if (!ec->list && !(ec->list = PyList_New(0))) {
+        ec->err = 1;
+        return;
+    }
+    PyObject *key = key_object(it);
+    PyObject *t = key ? Py_BuildValue("(Ny#II)", key, it->val, (Py_ssize_t)it->vlen, it->flags, it->expire_on) : NULL;
+    if (!t || PyList_Append(ec->list, t) < 0)
+        ec->err = 1;
+    Py_XDECREF(t);
+}
+
+#define EVICT_FN(self) ((self)->write_back ? evict_collect : NULL)
+
+static PyObject *decode_value(CacheObject *self, uint32_t flags, const char *buf, Py_ssize_t len, PyObject *raw);
+
+static int call_write_cb(CacheObject *self, PyObject *key, PyObject *value, uint32_t expire_on)
+{
+    PyObject *exp = PyLong_FromUnsignedLong(expire_on);
+    if (!exp)
+        return -1;
+    PyObject *args[4] = {self->context ? self->context : Py_None, key, value, exp};
+    PyObject *r = PyObject_Vectorcall(self->write_cb, args, 4, NULL);
+    Py_DECREF(exp);
+    if (!r)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int call_delete_cb(CacheObject *self, PyObject *key)
+{
+    PyObject *args[2] = {self->context ? self->context : Py_None, key};
+    PyObject *r = PyObject_Vectorcall(self->delete_cb, args, 2, NULL);
+    if (!r)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* Write evicted dirty entries to the store (no page lock held).  Every
+ * entry is attempted; the first error is kept and reported.  Consumes
+ * ec->list. */
+static int flush_evicted(CacheObject *self, evict_ctx *ec)
+{
+    int rc = 0;
+    PyObject *exc = NULL;
+    if (ec->err) {
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        rc = -1;
+        exc = PyErr_GetRaisedException();
+    }
+    if (ec->list && self->write_cb) {
+        Py_ssize_t n = PyList_GET_SIZE(ec->list);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *t = PyList_GET_ITEM(ec->list, i);
+            uint32_t flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 2));
+            uint32_t exp = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 3));
+            PyObject *v = decode_value(self, flags, NULL, 0, PyTuple_GET_ITEM(t, 1));
+            if (!v || call_write_cb(self, PyTuple_GET_ITEM(t, 0), v, exp) < 0) {
+                rc = -1;
+                if (!exc)
+                    exc = PyErr_GetRaisedException();
+                else
+                    PyErr_Clear();
+            }
+            Py_XDECREF(v);
+        }
+    }
+    Py_CLEAR(ec->list);
+    if (exc)
+        PyErr_SetRaisedException(exc);
+    return rc;
+}
+
 /* ---------- Core operations ---------- */
+
+static PyObject *read_through(CacheObject *self, PyObject *key, const keybuf *k, uint64_t h, uint32_t page);
 
 /* Look a key up.  Returns a new reference, or NULL: with an exception set
  * on error, without one on a miss. */
@@ -564,7 +685,7 @@ static PyObject *do_get(CacheObject *self, PyObject *key)
     fmm_item it;
     PyObject *r = NULL, *raw = NULL;
     int err = 0;
-    if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, 1, &it) == 0) {
+    if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, FMM_GET_TOUCH, &it) == 0) {
         r = value_under_lock(&it, &raw, &err);
         UNLOCK(self, page);
         if (raw) {
@@ -573,11 +694,71 @@ static PyObject *do_get(CacheObject *self, PyObject *key)
         }
         return r;
     }
+    if (UNLIKELY(self->read_cb != NULL))
+        return read_through(self, key, &k, h, page);
     UNLOCK(self, page);
     return NULL;
 }
 
-/* Store; returns 1 stored, 0 too big (nothing changed), -1 error. */
+/* A miss with read_cb set, entered with the page locked; unlocks it.  As in
+ * Cache::FastMmap, read_cb runs under the page lock (so concurrent misses
+ * on the page wait for this one) unless allow_recursive. */
+static Py_NO_INLINE PyObject *read_through(CacheObject *self, PyObject *key, const keybuf *k, uint64_t h,
+                                           uint32_t page)
+{
+    PyObject *args[2] = {self->context ? self->context : Py_None, key};
+    PyObject *v;
+    if (self->allow_recursive) {
+        UNLOCK(self, page);
+        v = PyObject_Vectorcall(self->read_cb, args, 2, NULL);
+        if (!v)
+            return NULL;
+        if (lock_page(self, page) < 0) {
+            Py_DECREF(v);
+            return NULL;
+        }
+    } else {
+        v = PyObject_Vectorcall(self->read_cb, args, 2, NULL);
+        if (!v) {
+            UNLOCK(self, page);
+            return NULL;
+        }
+    }
+    /* page locked */
+    int store = v != Py_None || self->cache_not_found;
+    evict_ctx ec = {0};
+    encoded e = {0};
+    uint32_t exp;
+    int bad = 0;
+    if (store) {
+        if (resolve_expiry(self, NULL, NULL, &exp) < 0 || encode_value(self, v, &e) < 0) {
+            bad = 1;
+        } else if (e.len <= (Py_ssize_t)UINT32_MAX) {
+            int rc = fmm_set(self->c, page, h, k->buf, (uint32_t)k->len, e.buf, (uint32_t)e.len,
+                             e.flags | (k->isstr ? FMM_F_KEYSTR : 0), exp, EVICT_FN(self), &ec);
+            if (rc && rc != FMM_ETOOBIG) {
+                set_error(self->state, "read-through store", rc, NULL, NULL);
+                bad = 1;
+            }
+        }
+    }
+    UNLOCK(self, page);
+    Py_XDECREF(e.owner);
+    if (flush_evicted(self, &ec) < 0)
+        bad = 1;
+    if (bad) {
+        Py_DECREF(v);
+        return NULL;
+    }
+    if (v == Py_None && !store) {
+        Py_DECREF(v);
+        return NULL; /* a miss */
+    }
+    return v;
+}
+
+/* Store; returns 1 stored, 0 too big (nothing changed), -1 error.  Runs
+ * the write callbacks after the page is unlocked. */
 static int do_set(CacheObject *self, PyObject *key, PyObject *value, uint32_t expire_on)
 {
     keybuf k;
@@ -587,24 +768,30 @@ static int do_set(CacheObject *self, PyObject *key, PyObject *value, uint32_t ex
     if (encode_value(self, value, &e) < 0)
         return -1;
     int result = -1;
-    if (e.len > (Py_ssize_t)UINT32_MAX) {
-        result = 0;
-        goto done;
+    evict_ctx ec = {0};
+    int rc = FMM_ETOOBIG;
+    if (e.len <= (Py_ssize_t)UINT32_MAX) {
+        uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
+        uint32_t page = fmm_page_of(self->c, h);
+        if (lock_page(self, page) < 0)
+            goto done;
+        uint32_t flags = e.flags | (k.isstr ? FMM_F_KEYSTR : 0) | (self->write_back ? FMM_F_DIRTY : 0);
+        rc = fmm_set(self->c, page, h, k.buf, (uint32_t)k.len, e.buf, (uint32_t)e.len, flags, expire_on,
+                     EVICT_FN(self), &ec);
+        UNLOCK(self, page);
     }
-    uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
-    uint32_t page = fmm_page_of(self->c, h);
-    if (lock_page(self, page) < 0)
-        goto done;
-    uint32_t flags = e.flags | (k.isstr ? FMM_F_KEYSTR : 0);
-    int rc = fmm_set(self->c, page, h, k.buf, (uint32_t)k.len, e.buf, (uint32_t)e.len, flags, expire_on, NULL,
-                     NULL);
-    UNLOCK(self, page);
     if (rc == 0)
         result = 1;
     else if (rc == FMM_ETOOBIG)
         result = 0;
     else
         set_error(self->state, "set", rc, NULL, NULL);
+    if (flush_evicted(self, &ec) < 0)
+        result = -1;
+    /* write-through, or write-back of an item the cache could not hold */
+    if (result >= 0 && self->write_cb && (!self->write_back || result == 0))
+        if (call_write_cb(self, key, value, expire_on) < 0)
+            result = -1;
 done:
     Py_XDECREF(e.owner);
     return result;
@@ -642,6 +829,8 @@ static int do_delete(CacheObject *self, PyObject *key)
         return -1;
     int rc = fmm_delete(self->c, page, h, k.buf, (uint32_t)k.len, NULL);
     UNLOCK(self, page);
+    if (self->delete_cb && call_delete_cb(self, key) < 0)
+        return -1;
     return rc == 0;
 }
 
@@ -839,25 +1028,32 @@ static PyObject *cache_remove(PyObject *op, PyObject *key)
 }
 
 PyDoc_STRVAR(cache_get_and_set_doc,
-             "get_and_set($self, key, fn, /)\n--\n\n"
+             "get_and_set($self, key, fn, expire_time=None, *, expire_on=None)\n--\n\n"
              "Atomically replace the value of key with fn(key, old_value_or_None) and return the new value.\n\n"
              "fn runs while the key's page is locked, so no other thread or process can change the key\n"
-             "in between.  fn must not use this cache: doing so raises fastmmap.RecursiveLockError.");
+             "in between.  fn must not use this cache: doing so raises fastmmap.RecursiveLockError.\n"
+             "Raises ValueError (keeping the old value) if the new item can never fit in a page.");
 
-static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     CacheObject *self = CacheObject_CAST(op);
-    if (nargs != 2)
-        return PyErr_Format(PyExc_TypeError, "get_and_set expected 2 arguments, got %zd", nargs);
-    PyObject *key = args[0], *fn = args[1];
+    static const char *const names[] = {"key", "fn", "expire_time", "expire_on"};
+    PyObject *a[4];
+    if (parse_kw("get_and_set", args, nargs, kwnames, names, 3, a, 4) < 0)
+        return NULL;
+    if (!a[0] || !a[1])
+        return PyErr_Format(PyExc_TypeError, "get_and_set() missing required argument '%s'", a[0] ? "fn" : "key");
+    PyObject *key = a[0], *fn = a[1];
     if (!PyCallable_Check(fn))
         return PyErr_Format(PyExc_TypeError, "get_and_set: fn must be callable, not %.100s", Py_TYPE(fn)->tp_name);
     ENTER(self);
     PyObject *old = NULL, *raw = NULL, *newv = NULL, *res = NULL;
     encoded e = {0};
+    evict_ctx ec = {0};
     keybuf k;
     uint32_t exp;
-    if (get_key(key, &k) < 0 || resolve_expiry(self, NULL, NULL, &exp) < 0)
+    int stored = 0;
+    if (get_key(key, &k) < 0 || resolve_expiry(self, a[2], a[3], &exp) < 0)
         goto out;
     uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
     uint32_t page = fmm_page_of(self->c, h);
@@ -866,7 +1062,7 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
     /* Page locked from here to UNLOCK below; Python code runs under it by design. */
     fmm_item it;
     int err = 0;
-    if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, 1, &it) == 0) {
+    if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, FMM_GET_TOUCH, &it) == 0) {
         old = value_under_lock(&it, &raw, &err);
         if (raw) {
             old = decode_value(self, it.flags, NULL, 0, raw);
@@ -881,19 +1077,25 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
         newv = PyObject_Vectorcall(fn, cargs, 2, NULL);
     }
     if (newv && encode_value(self, newv, &e) == 0) {
-        uint32_t flags = e.flags | (k.isstr ? FMM_F_KEYSTR : 0);
+        uint32_t flags = e.flags | (k.isstr ? FMM_F_KEYSTR : 0) | (self->write_back ? FMM_F_DIRTY : 0);
         int rc = e.len > (Py_ssize_t)UINT32_MAX
                      ? FMM_ETOOBIG
-                     : fmm_set(self->c, page, h, k.buf, (uint32_t)k.len, e.buf, (uint32_t)e.len, flags, exp, NULL,
-                               NULL);
+                     : fmm_set(self->c, page, h, k.buf, (uint32_t)k.len, e.buf, (uint32_t)e.len, flags, exp,
+                               EVICT_FN(self), &ec);
         if (rc == 0)
-            res = Py_NewRef(newv);
+            stored = 1;
         else if (rc == FMM_ETOOBIG)
             too_big_error(self, key);
         else
             set_error(self->state, "get_and_set", rc, NULL, NULL);
     }
     UNLOCK(self, page);
+    if (flush_evicted(self, &ec) < 0)
+        stored = 0;
+    else if (stored && self->write_cb && !self->write_back && call_write_cb(self, key, newv, exp) < 0)
+        stored = 0;
+    if (stored)
+        res = Py_NewRef(newv);
 out:
     Py_XDECREF(e.owner);
     Py_XDECREF(raw);
@@ -971,11 +1173,13 @@ static PyObject *cache_add(PyObject *op, PyObject *const *args, Py_ssize_t nargs
         goto out;
     fmm_item it;
     int rc = 1;
+    evict_ctx ec = {0};
     if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, 0, &it) != 0)
         rc = e.len > (Py_ssize_t)UINT32_MAX
                  ? FMM_ETOOBIG
                  : fmm_set(self->c, page, h, k.buf, (uint32_t)k.len, e.buf, (uint32_t)e.len,
-                           e.flags | (k.isstr ? FMM_F_KEYSTR : 0), exp, NULL, NULL);
+                           e.flags | (k.isstr ? FMM_F_KEYSTR : 0) | (self->write_back ? FMM_F_DIRTY : 0), exp,
+                           EVICT_FN(self), &ec);
     UNLOCK(self, page);
     if (rc == 1)
         res = Py_NewRef(Py_False);
@@ -985,14 +1189,18 @@ static PyObject *cache_add(PyObject *op, PyObject *const *args, Py_ssize_t nargs
         too_big_error(self, a[0]);
     else
         set_error(self->state, "add", rc, NULL, NULL);
+    if (flush_evicted(self, &ec) < 0 ||
+        (rc == 0 && self->write_cb && !self->write_back && call_write_cb(self, a[0], a[1], exp) < 0))
+        Py_CLEAR(res);
 out:
     Py_XDECREF(e.owner);
     LEAVE(self);
     return res;
 }
 
-/* Run an expunge over every page. */
-static PyObject *expunge_all(CacheObject *self, int mode)
+/* Run an expunge over every page; with `flush`, dirty entries removed are
+ * written back (write-back mode) after each page is unlocked. */
+static PyObject *expunge_all(CacheObject *self, int mode, int flush)
 {
     ENTER(self);
     PyObject *res = Py_None;
@@ -1002,8 +1210,13 @@ static PyObject *expunge_all(CacheObject *self, int mode)
             res = NULL;
             break;
         }
-        int rc = fmm_expunge(self->c, p, mode, NULL, NULL);
+        evict_ctx ec = {0};
+        int rc = fmm_expunge(self->c, p, mode, flush && self->write_back ? evict_collect : NULL, &ec);
         UNLOCK(self, p);
+        if (flush_evicted(self, &ec) < 0) {
+            res = NULL;
+            break;
+        }
         if (rc) {
             res = set_error(self->state, "expunge", rc, NULL, NULL);
             break;
@@ -1016,13 +1229,120 @@ static PyObject *expunge_all(CacheObject *self, int mode)
 PyDoc_STRVAR(cache_clear_doc, "clear($self, /)\n--\n\nRemove every entry (no callbacks are called).");
 static PyObject *cache_clear(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
-    return expunge_all(CacheObject_CAST(op), FMM_EXPUNGE_ALL);
+    return expunge_all(CacheObject_CAST(op), FMM_EXPUNGE_ALL, 0);
 }
 
-PyDoc_STRVAR(cache_purge_doc, "purge($self, /)\n--\n\nRemove expired entries and compact their pages.");
+PyDoc_STRVAR(cache_purge_doc, "purge($self, /)\n--\n\nRemove expired entries and compact their pages (no callbacks).");
 static PyObject *cache_purge(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
-    return expunge_all(CacheObject_CAST(op), FMM_EXPUNGE_EXPIRED);
+    return expunge_all(CacheObject_CAST(op), FMM_EXPUNGE_EXPIRED, 0);
+}
+
+PyDoc_STRVAR(cache_empty_doc,
+             "empty($self, only_expired=False)\n--\n\n"
+             "Remove all entries (or only expired ones), first writing dirty entries back through\n"
+             "write_cb in write-back mode (expired ones included).");
+static PyObject *cache_empty(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"only_expired"};
+    PyObject *a[1];
+    if (parse_kw("empty", args, nargs, kwnames, names, 1, a, 1) < 0)
+        return NULL;
+    int only = 0;
+    if (a[0] && (only = PyObject_IsTrue(a[0])) < 0)
+        return NULL;
+    return expunge_all(CacheObject_CAST(op), only ? FMM_EXPUNGE_EXPIRED : FMM_EXPUNGE_ALL, 1);
+}
+
+PyDoc_STRVAR(cache_expire_doc,
+             "expire($self, key, /)\n--\n\n"
+             "Remove key now.  In write-back mode a dirty value is first written through write_cb.");
+static PyObject *cache_expire(PyObject *op, PyObject *key)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    ENTER(self);
+    PyObject *res = NULL, *raw = NULL;
+    keybuf k;
+    if (get_key(key, &k) < 0)
+        goto out;
+    uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
+    uint32_t page = fmm_page_of(self->c, h);
+    if (lock_page(self, page) < 0)
+        goto out;
+    fmm_item it;
+    uint32_t flags = 0, exp = 0;
+    int err = 0;
+    if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, FMM_GET_EXPIRED, &it) == 0) {
+        if (self->write_back && (it.flags & FMM_F_DIRTY)) {
+            flags = it.flags;
+            exp = it.expire_on;
+            raw = PyBytes_FromStringAndSize(it.val, it.vlen);
+            err = raw == NULL;
+        }
+        if (!err)
+            fmm_delete(self->c, page, h, k.buf, (uint32_t)k.len, NULL);
+    }
+    UNLOCK(self, page);
+    if (err)
+        goto out;
+    if (raw && self->write_cb) {
+        PyObject *v = decode_value(self, flags, NULL, 0, raw);
+        if (!v || call_write_cb(self, key, v, exp) < 0) {
+            Py_XDECREF(v);
+            goto out;
+        }
+        Py_DECREF(v);
+    }
+    res = Py_NewRef(Py_None);
+out:
+    Py_XDECREF(raw);
+    LEAVE(self);
+    return res;
+}
+
+PyDoc_STRVAR(cache_touch_doc,
+             "touch($self, key, expire_time=None, *, expire_on=None)\n--\n\n"
+             "Give key a new expiry time without changing its value.  Return True if the key exists.");
+static PyObject *cache_touch(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    static const char *const names[] = {"key", "expire_time", "expire_on"};
+    PyObject *a[3];
+    if (parse_kw("touch", args, nargs, kwnames, names, 2, a, 3) < 0)
+        return NULL;
+    if (!a[0])
+        return PyErr_Format(PyExc_TypeError, "touch() missing required argument 'key'");
+    ENTER(self);
+    PyObject *res = NULL, *copy = NULL;
+    keybuf k;
+    uint32_t exp;
+    if (get_key(a[0], &k) < 0 || resolve_expiry(self, a[1], a[2], &exp) < 0)
+        goto out;
+    uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
+    uint32_t page = fmm_page_of(self->c, h);
+    if (lock_page(self, page) < 0)
+        goto out;
+    fmm_item it;
+    int found = 0, rc = 0;
+    if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, FMM_GET_TOUCH, &it) == 0) {
+        found = 1;
+        /* copy first: storing may compact the page under the old pointer */
+        copy = PyBytes_FromStringAndSize(it.val, it.vlen);
+        if (!copy)
+            rc = -1;
+        else
+            rc = fmm_set(self->c, page, h, k.buf, (uint32_t)k.len, PyBytes_AS_STRING(copy), it.vlen, it.flags, exp,
+                         NULL, NULL);
+    }
+    UNLOCK(self, page);
+    if (rc > 0 || rc < -1)
+        set_error(self->state, "touch", rc, NULL, NULL);
+    else if (rc == 0)
+        res = Py_NewRef(found ? Py_True : Py_False);
+out:
+    Py_XDECREF(copy);
+    LEAVE(self);
+    return res;
 }
 
 /* Collect entries for get_keys / iteration. */
@@ -1317,24 +1637,219 @@ static PyObject *cache_multi_set(PyObject *op, PyObject *const *args, Py_ssize_t
     if (lock_page(self, page) < 0)
         goto out;
     int rc = 0;
+    evict_ctx ec = {0};
     for (Py_ssize_t i = 0; i < n && rc == 0; i++) {
         PyObject *t = PyList_GET_ITEM(prepared, i);
         PyObject *ck = PyTuple_GET_ITEM(t, 0), *vb = PyTuple_GET_ITEM(t, 1);
         uint32_t flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 2));
         uint64_t h = fmm_hash(self->c, PyBytes_AS_STRING(ck), (size_t)PyBytes_GET_SIZE(ck));
         rc = fmm_set(self->c, page, h, PyBytes_AS_STRING(ck), (uint32_t)PyBytes_GET_SIZE(ck), PyBytes_AS_STRING(vb),
-                     (uint32_t)PyBytes_GET_SIZE(vb), flags, exp, NULL, NULL);
+                     (uint32_t)PyBytes_GET_SIZE(vb), flags, exp, EVICT_FN(self), &ec);
     }
     UNLOCK(self, page);
     if (rc)
         set_error(self->state, "multi_set", rc, NULL, NULL);
     else
         res = Py_NewRef(Py_None);
+    if (flush_evicted(self, &ec) < 0)
+        Py_CLEAR(res);
 out:
     Py_XDECREF(items);
     Py_XDECREF(prepared);
     LEAVE(self);
     return res;
+}
+
+/* ---------- Page locks held across calls (cache.lock / cache.page) ----------
+ * _lock_for(key) locks the page of key and returns its number; the Python
+ * context managers then call the _held_* methods, which check that this
+ * thread holds that page, and finally _unlock(page).  Callbacks are not run
+ * here: _held_set returns what the caller must write back once unlocked. */
+
+static int held_key(CacheObject *self, PyObject *pageobj, PyObject *key, PyObject *page_key, uint32_t *page,
+                    PyObject **owner, keybuf *k)
+{
+    unsigned long p = PyLong_AsUnsignedLong(pageobj);
+    if (p == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    if (p >= fmm_num_pages(self->c) || !fmm_held(self->c, (uint32_t)p)) {
+        PyErr_Format(self->state->Error, "page %lu is not locked by this thread (lock block already exited?)", p);
+        return -1;
+    }
+    *page = (uint32_t)p;
+    *owner = NULL;
+    if (page_key == Py_None) {
+        if (get_key(key, k) < 0)
+            return -1;
+        if (fmm_page_of(self->c, fmm_hash(self->c, k->buf, (size_t)k->len)) != *page) {
+            PyErr_SetString(PyExc_ValueError, "key does not belong to the locked page");
+            return -1;
+        }
+        return 0;
+    }
+    int isstr;
+    PyObject *ck = combined_key(page_key, key, &isstr);
+    if (!ck)
+        return -1;
+    *owner = ck;
+    k->buf = PyBytes_AS_STRING(ck);
+    k->len = PyBytes_GET_SIZE(ck);
+    k->isstr = isstr;
+    return 0;
+}
+
+static PyObject *cache__lock_for(PyObject *op, PyObject *key)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    ENTER(self);
+    PyObject *res = NULL;
+    keybuf k;
+    if (get_key(key, &k) == 0) {
+        uint32_t page = fmm_page_of(self->c, fmm_hash(self->c, k.buf, (size_t)k.len));
+        if (lock_page(self, page) == 0) {
+            res = PyLong_FromUnsignedLong(page);
+            if (!res)
+                UNLOCK(self, page);
+            else
+                self->inflight++; /* the handle stays alive while the page is held */
+        }
+    }
+    LEAVE(self);
+    return res;
+}
+
+static PyObject *cache__unlock(PyObject *op, PyObject *pageobj)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (!self->c)
+        return closed_error();
+    unsigned long p = PyLong_AsUnsignedLong(pageobj);
+    if (p == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (p >= fmm_num_pages(self->c) || !fmm_held(self->c, (uint32_t)p))
+        return PyErr_Format(self->state->Error, "page %lu is not locked by this thread", p);
+    UNLOCK(self, (uint32_t)p);
+    LEAVE(self); /* pairs with the inflight++ of _lock_for */
+    Py_RETURN_NONE;
+}
+
+static PyObject *cache__held_get(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (nargs != 4)
+        return PyErr_Format(PyExc_TypeError, "_held_get(page, key, page_key, default)");
+    if (!self->c)
+        return closed_error();
+    uint32_t page;
+    PyObject *owner, *raw = NULL, *r = NULL;
+    keybuf k;
+    if (held_key(self, args[0], args[1], args[2], &page, &owner, &k) < 0)
+        return NULL;
+    fmm_item it;
+    int err = 0;
+    if (fmm_get(self->c, page, fmm_hash(self->c, k.buf, (size_t)k.len), k.buf, (uint32_t)k.len, FMM_GET_TOUCH,
+                &it) == 0) {
+        r = value_under_lock(&it, &raw, &err);
+        if (raw) {
+            r = decode_value(self, it.flags, NULL, 0, raw);
+            Py_DECREF(raw);
+        }
+    } else {
+        r = Py_NewRef(args[3]);
+    }
+    Py_XDECREF(owner);
+    return r;
+}
+
+static PyObject *cache__held_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (nargs != 5)
+        return PyErr_Format(PyExc_TypeError, "_held_set(page, key, page_key, value, expire_time)");
+    if (!self->c)
+        return closed_error();
+    uint32_t page, exp;
+    PyObject *owner, *res = NULL;
+    keybuf k;
+    encoded e = {0};
+    evict_ctx ec = {0};
+    if (held_key(self, args[0], args[1], args[2], &page, &owner, &k) < 0)
+        return NULL;
+    if (resolve_expiry(self, args[4], NULL, &exp) < 0 || encode_value(self, args[3], &e) < 0)
+        goto out;
+    int rc = FMM_ETOOBIG;
+    if (e.len <= (Py_ssize_t)UINT32_MAX)
+        rc = fmm_set(self->c, page, fmm_hash(self->c, k.buf, (size_t)k.len), k.buf, (uint32_t)k.len, e.buf,
+                     (uint32_t)e.len,
+                     e.flags | (k.isstr ? FMM_F_KEYSTR : 0) | (self->write_back && args[2] == Py_None ? FMM_F_DIRTY : 0),
+                     exp, EVICT_FN(self), &ec);
+    if (ec.err) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    if (rc && rc != FMM_ETOOBIG) {
+        set_error(self->state, "set", rc, NULL, NULL);
+        goto out;
+    }
+    res = Py_BuildValue("(OIO)", rc == 0 ? Py_True : Py_False, exp, ec.list ? ec.list : Py_None);
+out:
+    Py_XDECREF(ec.list);
+    Py_XDECREF(e.owner);
+    Py_XDECREF(owner);
+    return res;
+}
+
+static PyObject *cache__held_delete(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (nargs != 3)
+        return PyErr_Format(PyExc_TypeError, "_held_delete(page, key, page_key)");
+    if (!self->c)
+        return closed_error();
+    uint32_t page;
+    PyObject *owner;
+    keybuf k;
+    if (held_key(self, args[0], args[1], args[2], &page, &owner, &k) < 0)
+        return NULL;
+    int rc = fmm_delete(self->c, page, fmm_hash(self->c, k.buf, (size_t)k.len), k.buf, (uint32_t)k.len, NULL);
+    Py_XDECREF(owner);
+    return Py_NewRef(rc == 0 ? Py_True : Py_False);
+}
+
+static PyObject *cache__flush_evicted(PyObject *op, PyObject *list)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (list == Py_None)
+        Py_RETURN_NONE;
+    if (!PyList_Check(list))
+        return PyErr_Format(PyExc_TypeError, "_flush_evicted expects a list");
+    evict_ctx ec = {Py_NewRef(list), 0};
+    if (flush_evicted(self, &ec) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *cache__set_callbacks(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    if (nargs != 7)
+        return PyErr_Format(PyExc_TypeError,
+                            "_set_callbacks(context, read_cb, write_cb, delete_cb, write_back, cache_not_found, "
+                            "allow_recursive)");
+    int flags[3];
+    for (int i = 0; i < 3; i++)
+        if ((flags[i] = PyObject_IsTrue(args[4 + i])) < 0)
+            return NULL;
+#define SETOPT(field, obj) Py_XSETREF(self->field, (obj) == Py_None ? NULL : Py_NewRef(obj))
+    SETOPT(context, args[0]);
+    SETOPT(read_cb, args[1]);
+    SETOPT(write_cb, args[2]);
+    SETOPT(delete_cb, args[3]);
+#undef SETOPT
+    self->write_back = flags[0];
+    self->cache_not_found = flags[1];
+    self->allow_recursive = flags[2];
+    Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(cache_repaired_pages_doc,
@@ -1606,10 +2121,14 @@ static PyMethodDef cache_methods[] = {
     {"set", (PyCFunction)(void (*)(void))cache_set, METH_FASTCALL | METH_KEYWORDS, cache_set_doc},
     {"exists", cache_exists, METH_O, cache_exists_doc},
     {"remove", cache_remove, METH_O, cache_remove_doc},
-    {"get_and_set", (PyCFunction)(void (*)(void))cache_get_and_set, METH_FASTCALL, cache_get_and_set_doc},
+    {"get_and_set", (PyCFunction)(void (*)(void))cache_get_and_set, METH_FASTCALL | METH_KEYWORDS,
+     cache_get_and_set_doc},
     {"get_and_remove", (PyCFunction)(void (*)(void))cache_get_and_remove, METH_FASTCALL, cache_get_and_remove_doc},
     {"add", (PyCFunction)(void (*)(void))cache_add, METH_FASTCALL | METH_KEYWORDS, cache_add_doc},
     {"clear", cache_clear, METH_NOARGS, cache_clear_doc},
+    {"empty", (PyCFunction)(void (*)(void))cache_empty, METH_FASTCALL | METH_KEYWORDS, cache_empty_doc},
+    {"expire", cache_expire, METH_O, cache_expire_doc},
+    {"touch", (PyCFunction)(void (*)(void))cache_touch, METH_FASTCALL | METH_KEYWORDS, cache_touch_doc},
     {"purge", cache_purge, METH_NOARGS, cache_purge_doc},
     {"_entries", (PyCFunction)(void (*)(void))cache__entries, METH_FASTCALL, cache__entries_doc},
     {"get_statistics", (PyCFunction)(void (*)(void))cache_get_statistics, METH_FASTCALL | METH_KEYWORDS,
@@ -1624,6 +2143,20 @@ static PyMethodDef cache_methods[] = {
     {"_open", (PyCFunction)(void (*)(void))cache__open, METH_FASTCALL, cache__open_doc},
     {"_configure", (PyCFunction)(void (*)(void))cache__configure, METH_FASTCALL, cache__configure_doc},
     {"close", cache_close, METH_NOARGS, cache_close_doc},
+    {"_lock_for", cache__lock_for, METH_O, "_lock_for($self, key, /)\n--\n\nLock the page of key; return its number."},
+    {"_unlock", cache__unlock, METH_O, "_unlock($self, page, /)\n--\n\nUnlock a page locked by _lock_for."},
+    {"_held_get", (PyCFunction)(void (*)(void))cache__held_get, METH_FASTCALL,
+     "_held_get($self, page, key, page_key, default, /)\n--\n\nRead in a page this thread holds."},
+    {"_held_set", (PyCFunction)(void (*)(void))cache__held_set, METH_FASTCALL,
+     "_held_set($self, page, key, page_key, value, expire_time, /)\n--\n\n"
+     "Store in a page this thread holds; return (stored, expire_on, evicted dirty entries or None)."},
+    {"_held_delete", (PyCFunction)(void (*)(void))cache__held_delete, METH_FASTCALL,
+     "_held_delete($self, page, key, page_key, /)\n--\n\nDelete in a page this thread holds."},
+    {"_flush_evicted", cache__flush_evicted, METH_O,
+     "_flush_evicted($self, entries, /)\n--\n\nWrite evicted dirty entries through write_cb."},
+    {"_set_callbacks", (PyCFunction)(void (*)(void))cache__set_callbacks, METH_FASTCALL,
+     "_set_callbacks($self, context, read_cb, write_cb, delete_cb, write_back, cache_not_found, allow_recursive, /)"
+     "\n--\n\nConfigure callbacks (validated by fastmmap.Cache)."},
     {NULL},
 };
 
@@ -1658,6 +2191,10 @@ static int cache_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(self->compress);
     Py_VISIT(self->decompress);
     Py_VISIT(self->parse_expire);
+    Py_VISIT(self->context);
+    Py_VISIT(self->read_cb);
+    Py_VISIT(self->write_cb);
+    Py_VISIT(self->delete_cb);
     return 0;
 }
 
@@ -1669,6 +2206,10 @@ static int cache_clear_refs(PyObject *op)
     Py_CLEAR(self->compress);
     Py_CLEAR(self->decompress);
     Py_CLEAR(self->parse_expire);
+    Py_CLEAR(self->context);
+    Py_CLEAR(self->read_cb);
+    Py_CLEAR(self->write_cb);
+    Py_CLEAR(self->delete_cb);
     return 0;
 }
 

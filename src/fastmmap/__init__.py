@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import weakref
@@ -43,6 +44,9 @@ __all__ = [
     "BadFileError",
     "RecursiveLockError",
     "FileReplacedError",
+    "Share",
+    "LockedEntry",
+    "LockedPage",
 ]
 __version__ = "0.1.0"
 
@@ -147,6 +151,13 @@ class Cache(CacheBase):
         compressor=None,
         compress_threshold=DEFAULT_COMPRESS_THRESHOLD,
         anonymous=False,
+        context=None,
+        read_cb=None,
+        write_cb=None,
+        delete_cb=None,
+        write_action="write_through",
+        cache_not_found=False,
+        allow_recursive=False,
     ):
         geometry = _options.compute_geometry(cache_size, page_size, num_pages)
         slots = _options.parse_start_slots(start_slots)
@@ -157,6 +168,11 @@ class Cache(CacheBase):
         comp_type, compress, decompress = _resolve_compressor(compressor)
         if isinstance(compress_threshold, bool) or not isinstance(compress_threshold, int) or compress_threshold < 0:
             raise ValueError(f"compress_threshold must be an int >= 0, got {compress_threshold!r}")
+        for name, cb in (("read_cb", read_cb), ("write_cb", write_cb), ("delete_cb", delete_cb)):
+            if cb is not None and not callable(cb):
+                raise TypeError(f"{name} must be callable or None, not {type(cb).__name__}")
+        if write_action not in ("write_through", "write_back"):
+            raise ValueError(f"write_action must be 'write_through' or 'write_back', got {write_action!r}")
         if anonymous and share_file is not None:
             raise ValueError("anonymous=True keeps the cache in memory: do not pass share_file")
 
@@ -188,6 +204,14 @@ class Cache(CacheBase):
             default_expire, timeout, ser_type, dumps, loads, comp_type, compress, decompress,
             compress_threshold, _options.parse_expire_time,
         )
+        self._set_callbacks(
+            context, read_cb, write_cb, delete_cb, write_action == "write_back",
+            bool(cache_not_found), bool(allow_recursive),
+        )
+        self._context = context
+        self._write_cb = write_cb
+        self._delete_cb = delete_cb
+        self._write_back = write_action == "write_back"
         self._share_file = path
         self._private_dir = private_dir
         self._expire_time = default_expire
@@ -198,6 +222,8 @@ class Cache(CacheBase):
         self._reopen_options = dict(
             expire_time=expire_time, enable_stats=enable_stats, lock_timeout=lock_timeout,
             serializer=serializer, compressor=compressor, compress_threshold=compress_threshold,
+            context=context, read_cb=read_cb, write_cb=write_cb, delete_cb=delete_cb,
+            write_action=write_action, cache_not_found=cache_not_found, allow_recursive=allow_recursive,
         )
         if self._unlink_on_exit or self._empty_on_exit:
             _exit_registry.add(self)
@@ -262,16 +288,22 @@ class Cache(CacheBase):
 
     # ----- Cache::FastMmap methods written in Python (not on the hot path) -----
 
-    def expire(self, key):
-        """Remove key now (as if it had expired)."""
-        self.remove(key)
+    def lock(self, key):
+        """Hold the page lock of key for a with block; yields a LockedEntry.
 
-    def empty(self, only_expired=False):
-        """Remove expired entries (only_expired=True) or all entries."""
-        if only_expired:
-            self.purge()
-        else:
-            self.clear()
+        ``with cache.lock("hits") as e: e.value = (e.value or 0) + 1`` is an
+        atomic increment across threads and processes.  Inside the block,
+        use the entry, not the cache: other cache calls on the same page
+        would raise RecursiveLockError.
+        """
+        return LockedEntry(self, key)
+
+    def page(self, page_key):
+        """Hold the lock of the page chosen by page_key; yields a LockedPage.
+
+        The page maps keys the way multi_get/multi_set do for page_key.
+        """
+        return LockedPage(self, page_key)
 
     def get_keys(self, mode=0):
         """List live entries.
@@ -339,3 +371,199 @@ class Cache(CacheBase):
 
 
 MutableMapping.register(Cache)
+
+
+class _Held:
+    """A page lock held for a with block; callbacks deferred to the exit."""
+
+    def __init__(self, cache, lock_key, page_key):
+        self._cache = cache
+        self._lock_key = lock_key
+        self._page_key = page_key
+        self._page = None
+        self._pending = []  # ("write", key, value, expire_on) / ("delete", key) / ("evicted", list)
+
+    def __enter__(self):
+        if self._page is not None:
+            raise Error("this lock block is already active")
+        self._page = self._cache._lock_for(self._lock_key)
+        return self
+
+    def __exit__(self, *exc):
+        page, self._page = self._page, None
+        self._cache._unlock(page)
+        pending, self._pending = self._pending, []
+        self._run_callbacks(pending)
+        return False
+
+    def _run_callbacks(self, pending):
+        cache = self._cache
+        first_error = None
+        for action in pending:
+            try:
+                if action[0] == "evicted":
+                    cache._flush_evicted(action[1])
+                elif action[0] == "write":
+                    cache._write_cb(cache._context, action[1], action[2], action[3])
+                else:
+                    cache._delete_cb(cache._context, action[1])
+            except BaseException as e:  # run them all, report the first
+                if first_error is None:
+                    first_error = e
+        if first_error is not None:
+            raise first_error
+
+    def _check(self):
+        if self._page is None:
+            raise Error("use this object inside its with block")
+
+    def _get(self, key, page_key, default):
+        self._check()
+        return self._cache._held_get(self._page, key, page_key, default)
+
+    def _set(self, key, page_key, value, expire_time=None):
+        self._check()
+        stored, expire_on, evicted = self._cache._held_set(self._page, key, page_key, value, expire_time)
+        c = self._cache
+        if evicted:
+            self._pending.append(("evicted", evicted))
+        if page_key is None and c._write_cb is not None and (not c._write_back or not stored):
+            self._pending.append(("write", key, value, expire_on))
+        if not stored:
+            raise ValueError(f"item for key {key!r} does not fit in a page")
+
+    def _delete(self, key, page_key):
+        self._check()
+        existed = self._cache._held_delete(self._page, key, page_key)
+        if page_key is None and self._cache._delete_cb is not None:
+            self._pending.append(("delete", key))
+        return existed
+
+
+class LockedEntry(_Held):
+    """One key with its page locked: see Cache.lock()."""
+
+    def __init__(self, cache, key):
+        super().__init__(cache, key, None)
+        self.key = key
+
+    @property
+    def value(self):
+        """The current value (None if absent); assign to store, del to remove."""
+        return self._get(self.key, None, None)
+
+    @value.setter
+    def value(self, value):
+        self._set(self.key, None, value)
+
+    @value.deleter
+    def value(self):
+        self._delete(self.key, None)
+
+    @property
+    def exists(self):
+        """True if the key is present and not expired."""
+        return self._get(self.key, None, _MISSING) is not _MISSING
+
+    def set(self, value, expire_time=None):
+        """Store value with an optional expire_time."""
+        self._set(self.key, None, value, expire_time)
+
+    def remove(self):
+        """Delete the key; return True if it was present."""
+        return self._delete(self.key, None)
+
+
+class LockedPage(_Held):
+    """One page locked for a batch: see Cache.page()."""
+
+    def __init__(self, cache, page_key):
+        super().__init__(cache, page_key, page_key)
+
+    def __getitem__(self, key):
+        value = self._get(key, self._page_key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def get(self, key, default=None):
+        return self._get(key, self._page_key, default)
+
+    def __setitem__(self, key, value):
+        self._set(key, self._page_key, value)
+
+    def set(self, key, value, expire_time=None):
+        self._set(key, self._page_key, value, expire_time)
+
+    def __delitem__(self, key):
+        if not self._delete(key, self._page_key):
+            raise KeyError(key)
+
+    def __contains__(self, key):
+        return self._get(key, self._page_key, _MISSING) is not _MISSING
+
+
+class Share:
+    """One picklable object in anonymous shared memory (IPC::Mmap::Share).
+
+    Visible to this process and every child it forks afterwards.  No file
+    is created.  ``size`` bounds the pickled size of the object.
+    """
+
+    _KEY = b"\x00share"
+
+    def __init__(self, size, *, serializer="pickle"):
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        page = 1 << max(10, (size + 512).bit_length())
+        self._size = size
+        self._cache = Cache(anonymous=True, num_pages=1, page_size=page, start_slots=4,
+                            serializer=serializer)
+        self._page = None
+        self._depth = 0
+
+    @property
+    def size(self):
+        return self._size
+
+    def set(self, obj):
+        """Store obj; ValueError (old value kept) if it pickles to more than size bytes."""
+        data = obj if isinstance(obj, (bytes, str)) else pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        n = len(data.encode() if isinstance(data, str) else data)
+        if n > self._size:
+            raise ValueError(f"object needs {n} bytes, more than this Share's size of {self._size}")
+        if self._page is not None:
+            self._cache._held_set(self._page, self._KEY, None, obj, None)
+        else:
+            self._cache.set(self._KEY, obj)
+
+    def get(self):
+        """Return the stored object (None if nothing was stored)."""
+        if self._page is not None:
+            return self._cache._held_get(self._page, self._KEY, None, None)
+        return self._cache.get(self._KEY)
+
+    def lock(self):
+        """Lock the shared object (re-entrant within one thread)."""
+        if self._depth == 0:
+            self._page = self._cache._lock_for(self._KEY)
+        self._depth += 1
+
+    def unlock(self):
+        if self._depth == 0:
+            raise Error("Share.unlock() without lock()")
+        self._depth -= 1
+        if self._depth == 0:
+            page, self._page = self._page, None
+            self._cache._unlock(page)
+
+    def __enter__(self):
+        self.lock()
+        return self
+
+    def __exit__(self, *exc):
+        self.unlock()
+        return False
+
+    def close(self):
+        self._cache.close()
