@@ -60,7 +60,7 @@ ctest:
 
 test: install-test
 	$(MAKE) --no-print-directory ctest
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q -m "not stress"
 
 # pytest exits 5 when it collects no test: not a failure for a placeholder.
 stress: install-test

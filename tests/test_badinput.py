@@ -216,7 +216,7 @@ def test_an_empty_file_becomes_a_cache(tmp_path):
         c["k"] = "v"
         assert c["k"] == "v"
         assert c.num_pages == 2
-    assert os.path.getsize(path) == 4096 + 2 * 4096
+        assert os.path.getsize(path) == 4096 + 2 * 4096
 
 
 def test_a_text_file_raises_error(tmp_path):
@@ -245,3 +245,26 @@ def test_a_missing_directory_raises_oserror_with_filename(tmp_path):
         fastmmap.Cache(str(path), num_pages=1)
     assert isinstance(info.value, FileNotFoundError)
     assert info.value.filename is not None
+
+
+def test_a_symlink_as_share_file_is_refused(cache, tmp_path):
+    real = cache(num_pages=1)
+    real["k"] = "v"
+    link = tmp_path / "link"
+    link.symlink_to(real.share_file)
+    with pytest.raises(OSError):
+        fastmmap.Cache(str(link))
+    assert real["k"] == "v"
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "target-that-does-not-exist")
+    with pytest.raises(OSError):
+        fastmmap.Cache(str(dangling), num_pages=1)
+    assert not (tmp_path / "target-that-does-not-exist").exists()
+
+
+def test_share_file_accepts_path_objects(cache, tmp_path):
+    path = tmp_path / "as-path"
+    c = cache(path, num_pages=1)
+    c["k"] = 1
+    assert os.fspath(c.share_file) == str(path)
+    assert cache(str(path))["k"] == 1
