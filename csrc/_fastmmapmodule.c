@@ -1869,7 +1869,8 @@ static PyObject *cache_repaired_pages(PyObject *op, PyObject *Py_UNUSED(ignored)
 PyDoc_STRVAR(cache_check_doc,
              "check($self, /)\n--\n\n"
              "Validate every page and the file itself.  Return a list of the problems found (empty when\n"
-             "all is well).  Pages are only read, never repaired, by this call.");
+             "all is well).  A page whose header fails validation when it is locked is re-initialised\n"
+             "(as by any operation) and reported; other problems are only reported.");
 
 static PyObject *cache_check(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
@@ -1890,12 +1891,20 @@ static PyObject *cache_check(PyObject *op, PyObject *Py_UNUSED(ignored))
     }
     uint32_t np = fmm_num_pages(self->c);
     for (uint32_t p = 0; p < np; p++) {
+        uint64_t before = fmm_repairs(self->c);
         if (lock_page(self, p) < 0) {
             Py_CLEAR(problems);
             goto out;
         }
         char msg[256];
-        int rc = fmm_check_page(self->c, p, msg, sizeof msg);
+        int rc = 0;
+        if (fmm_repairs(self->c) != before) {
+            /* locking found the page invalid and re-initialised it */
+            snprintf(msg, sizeof msg, "%s", fmm_errdetail(self->c));
+            rc = FMM_ECORRUPT;
+        } else {
+            rc = fmm_check_page(self->c, p, msg, sizeof msg);
+        }
         UNLOCK(self, p);
         if (rc) {
             PyObject *m = PyUnicode_FromString(msg);

@@ -353,9 +353,9 @@ void fmm_init_page(fmm_cache *c, uint32_t page) { init_page_fields(c, PH(c, page
 
 static void repair_page(fmm_cache *c, page_hdr *ph, const char *why)
 {
-    (void)why;
-    FMM_DEBUG("repairing page %u: %s\n",
-              (unsigned)(((unsigned char *)ph - c->base - FMM_HEADER_SIZE) / c->page_size), why);
+    unsigned page = (unsigned)(((unsigned char *)ph - c->base - FMM_HEADER_SIZE) / c->page_size);
+    FMM_DEBUG("repairing page %u: %s\n", page, why);
+    snprintf(c->err, sizeof c->err, "page %u re-initialised: %s", page, why);
     init_page_fields(c, ph);
     if (c->fh)
         __atomic_fetch_add(&c->fh->repairs, 1, __ATOMIC_RELAXED);

@@ -9,6 +9,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import json
 import hashlib
 import os
 import random
@@ -269,6 +270,133 @@ def _positive_float(text: str) -> float:
     return x
 
 
+# ----- commands on an existing cache file -----
+
+
+def _open_existing(path: str) -> Any:
+    """Open an existing cache file (never create one); exit status 2 if absent."""
+    import fastmmap
+
+    if not os.path.exists(path):
+        print(f"fastmmap: {path}: no such cache file", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        return fastmmap.Cache(path, unlink_on_exit=False)
+    except (fastmmap.Error, OSError) as e:
+        print(f"fastmmap: {path}: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _progress(i: int, n: int, what: str) -> None:
+    """A progress line on stderr for long runs (only on a terminal)."""
+    if n >= 512 and sys.stderr.isatty() and (i % 256 == 0 or i == n):
+        print(f"\r{what}: page {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    with _open_existing(args.file) as c:
+        n = c.num_pages
+        pages = []
+        for p in range(n):
+            pages.append(c._page_info(p))
+            _progress(p + 1, n, "stats")
+        data_bytes = sum(c.page_size - i["data_start"] for i in pages)
+        live_bytes = sum(i["live_bytes"] for i in pages)
+        reads = sum(i["nreads"] for i in pages)
+        hits = sum(i["nhits"] for i in pages)
+        out = {
+            "file": args.file,
+            "page_size": c.page_size,
+            "num_pages": n,
+            "cache_size": c.cache_size,
+            "entries": sum(i["live"] - i["expired"] for i in pages),
+            "expired_entries": sum(i["expired"] for i in pages),
+            "deleted_slots": sum(i["deleted"] for i in pages),
+            "slots": sum(i["num_slots"] for i in pages),
+            "live_bytes": live_bytes,
+            "fill": live_bytes / data_bytes if data_bytes else 0.0,
+            "reads": reads,
+            "read_hits": hits,
+            "hit_rate": hits / reads if reads else None,
+            "repaired_pages": c.repaired_pages(),
+        }
+        if args.pages:
+            out["pages"] = pages
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"file            {out['file']}")
+    print(f"geometry        {n} pages x {_fmt_size(out['page_size'])} = {_fmt_size(out['cache_size'])}")
+    print(f"entries         {out['entries']} live, {out['expired_entries']} expired")
+    print(f"slots           {out['slots']} ({out['deleted_slots']} deleted)")
+    print(f"fill            {out['fill']:.1%} of data areas ({_fmt_size(live_bytes)} live)")
+    if reads:
+        print(f"hit rate        {out['hit_rate']:.1%} of {reads} reads (enable_stats)")
+    else:
+        print("hit rate        n/a (no reads counted: open caches with enable_stats=True)")
+    print(f"repaired pages  {out['repaired_pages']}")
+    if args.pages:
+        for p, i in enumerate(pages):
+            print(f"  page {p}: {i}")
+    return 0
+
+
+def _show_key(k: Any) -> str:
+    return k if isinstance(k, str) else repr(k)
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    with _open_existing(args.file) as c:
+        for k in c.keys():
+            print(_show_key(k))
+    return 0
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    import fastmmap
+
+    with _open_existing(args.file) as c:
+        try:
+            value = c.get(args.key, _MISSING)
+        except fastmmap.Error as e:
+            print(f"fastmmap: {e}", file=sys.stderr)
+            return 2
+    if value is _MISSING:
+        print(f"fastmmap: {args.key!r}: not found", file=sys.stderr)
+        return 1
+    if isinstance(value, bytes) and args.raw:
+        sys.stdout.buffer.write(value)
+    elif isinstance(value, str):
+        print(value)
+    else:
+        print(repr(value))
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    with _open_existing(args.file) as c:
+        problems = c.check()
+        repaired = c.repaired_pages()
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{len(problems)} problem(s) found in {args.file}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: all pages valid ({repaired} repaired over the file's life)")
+    return 0
+
+
+def _cmd_clear(args: argparse.Namespace) -> int:
+    with _open_existing(args.file) as c:
+        before = len(c)
+        c.clear()
+    print(f"{args.file}: removed {before} entries")
+    return 0
+
+
+_MISSING = object()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmmap",
@@ -297,6 +425,30 @@ def _build_parser() -> argparse.ArgumentParser:
         "--keys", type=_positive_int, default=10000, help="distinct keys (default 10000)"
     )
     demo.set_defaults(func=_cmd_demo)
+
+    st = sub.add_parser("stats", help="geometry, fill, entries, hit rate and repairs of a cache file")
+    st.add_argument("file")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.add_argument("--pages", action="store_true", help="include per-page counters")
+    st.set_defaults(func=_cmd_stats)
+
+    ks = sub.add_parser("keys", help="list the live keys of a cache file")
+    ks.add_argument("file")
+    ks.set_defaults(func=_cmd_keys)
+
+    g = sub.add_parser("get", help="print the value of KEY (exit status 1 if absent)")
+    g.add_argument("file")
+    g.add_argument("key")
+    g.add_argument("--raw", action="store_true", help="write bytes values unchanged to stdout")
+    g.set_defaults(func=_cmd_get)
+
+    ck = sub.add_parser("check", help="validate every page (exit status 1 on problems)")
+    ck.add_argument("file")
+    ck.set_defaults(func=_cmd_check)
+
+    cl = sub.add_parser("clear", help="remove every entry of a cache file")
+    cl.add_argument("file")
+    cl.set_defaults(func=_cmd_clear)
     return parser
 
 
