@@ -229,7 +229,11 @@ static Py_NO_INLINE int lock_slow(CacheObject *self, uint32_t page, int rc)
 {
     fastmmap_state *st = self->state;
     if (rc != FMM_EBUSY) {
-        set_error(st, "lock", rc, fmm_errdetail(self->c), NULL);
+        if (rc == EINVAL || rc == ENOTRECOVERABLE)
+            PyErr_Format(st->Error, "the lock of page %u is damaged (%s); reopen the cache with init_file=True",
+                         page, strerror(rc));
+        else
+            set_error(st, "lock", rc, fmm_errdetail(self->c), NULL);
         return -1;
     }
     struct timespec t0;
@@ -248,7 +252,11 @@ static Py_NO_INLINE int lock_slow(CacheObject *self, uint32_t page, int rc)
         if (rc == 0)
             return 0;
         if (rc != FMM_ETIMEDOUT) {
-            set_error(st, "lock", rc, fmm_errdetail(self->c), NULL);
+            if (rc == EINVAL || rc == ENOTRECOVERABLE)
+                PyErr_Format(st->Error, "the lock of page %u is damaged (%s); reopen the cache with init_file=True",
+                             page, strerror(rc));
+            else
+                set_error(st, "lock", rc, fmm_errdetail(self->c), NULL);
             return -1;
         }
         if (PyErr_CheckSignals())
@@ -256,6 +264,12 @@ static Py_NO_INLINE int lock_slow(CacheObject *self, uint32_t page, int rc)
         struct timespec t1;
         clock_gettime(CLOCK_MONOTONIC, &t1);
         waited = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
+        /* After two seconds, check at each slice that the holder still
+         * exists (a damaged lock word can name a thread that never unlocks).
+         * This judges by TID: processes sharing a cache must share a PID
+         * namespace (documented). */
+        if (waited >= 2000000000LL)
+            fmm_lock_stale(self->c, page);
         if (self->lock_timeout_ns >= 0 && waited >= self->lock_timeout_ns) {
             PyErr_Format(st->LockTimeout, "timed out after %.3f s waiting for the lock of page %u",
                          (double)waited / 1e9, page);

@@ -28,7 +28,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/file.h>
+#include <sys/syscall.h>
+#include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
@@ -465,6 +468,29 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
     tl_held[tl_n].page = page;
     tl_n++;
     return 0;
+}
+
+int fmm_lock_stale(fmm_cache *c, uint32_t page)
+{
+    if (page >= c->num_pages)
+        return 0;
+    uint32_t *word = (uint32_t *)&PH(c, page)->lock.m;
+    uint32_t lw = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+    uint32_t tid = lw & FUTEX_TID_MASK;
+    int stale;
+    if (lw == 0)
+        return 0; /* free: a waiter will get it */
+    if (tid == 0)
+        stale = 1; /* owner-died already, or bits with no owner: wake someone */
+    else
+        stale = kill((pid_t)tid, 0) != 0 && errno == ESRCH;
+    if (!stale)
+        return 0;
+    uint32_t nv = (lw & FUTEX_WAITERS) | FUTEX_OWNER_DIED;
+    if (lw != nv && !__atomic_compare_exchange_n(word, &lw, nv, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return 0; /* it changed under us: someone is handling it */
+    syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    return 1;
 }
 
 int fmm_held(const fmm_cache *c, uint32_t page)
@@ -1364,11 +1390,19 @@ int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out, int *crea
         }
         c->fd = fd;
         if (cfg->init_file) {
+            /* In place, under each page lock.  A lock that cannot be taken
+             * within a second (damaged, or held by a lost owner) makes us
+             * replace the whole file instead. */
             for (uint32_t p = 0; p < c->num_pages; p++) {
-                int lrc = fmm_lock(c, p, -1);
+                int lrc = fmm_lock(c, p, 1000000000LL);
+                if (lrc == FMM_ETIMEDOUT && fmm_lock_stale(c, p))
+                    lrc = fmm_lock(c, p, 1000000000LL);
                 if (lrc) {
-                    rc = lrc;
-                    set_detail(err, errlen, "locking page %u for init_file: %s", p, fmm_strerror(lrc));
+                    /* keep the adopted geometry: it agrees with any sizes given */
+                    reset_handle(c);
+                    rc = create_file(c, path, cfg, 1, err, errlen);
+                    if (rc == 0 && created)
+                        *created = 1;
                     goto done;
                 }
                 init_page_fields(c, PH(c, p));

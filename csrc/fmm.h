@@ -261,6 +261,21 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns);
 /** @brief Unlock a page locked by this thread. */
 void fmm_unlock(fmm_cache *c, uint32_t page);
 
+/**
+ * @brief Recover a page lock whose owner no longer exists.
+ *
+ * A robust mutex is released by the kernel when its owner dies, but a lock
+ * word damaged on disk (or an owner outside this PID namespace) can name a
+ * thread that will never unlock it.  Called by a thread that has waited a
+ * while: if the lock word's owner TID does not exist (or the word is
+ * inconsistent), it is marked owner-died, as the kernel does, and waiters
+ * are woken; the next locker gets the page through the normal repair path.
+ * Relies on the Linux robust-futex lock word (owner TID in the low 30 bits,
+ * which glibc keeps as the first word of pthread_mutex_t).
+ * @return 1 if the lock was recovered, 0 if its owner is alive.
+ */
+int fmm_lock_stale(fmm_cache *c, uint32_t page);
+
 /** @brief 1 if the calling thread holds @p page of this cache, else 0. */
 int fmm_held(const fmm_cache *c, uint32_t page);
 
