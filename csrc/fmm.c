@@ -325,8 +325,7 @@ static inline void fill_item(fmm_item *it, const entry *e)
 }
 
 /* Home index of a hash in a table of num_slots: the top bits of the low
- * hash word, so that it can be recovered from a slot's tag bits at
- * compaction when the tag is wide enough (see home_from_slot). */
+ * hash word (the slot's tag keeps those bits too). */
 static inline uint32_t home_index(uint32_t lo, uint32_t num_slots)
 {
     return lo >> (32u - log2u(num_slots));
@@ -370,7 +369,8 @@ static int page_ok(const fmm_cache *c, const page_hdr *ph)
     uint32_t ns = ph->num_slots;
     if (ph->magic != PAGE_MAGIC || ph->dirty)
         return 0;
-    if (!is_pow2(ns) || ns < MIN_SLOTS || (uint64_t)data_start(ns) > c->page_size)
+    /* bound ns first: data_start(ns) would wrap for ns >= 2^30 */
+    if (!is_pow2(ns) || ns < MIN_SLOTS || ns > (c->page_size - FMM_PAGE_HEADER_SIZE) / 4)
         return 0;
     if ((uint64_t)ph->live + ph->deleted >= ns)
         return 0;
@@ -590,6 +590,7 @@ int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
 /* ---------- Compaction and eviction ---------- */
 
 typedef struct kept {
+    uint32_t hash;  /* low 32 bits of the key's hash */
     uint32_t slot;  /* old slot value */
     uint32_t size;  /* rounded entry size */
     uint32_t access;
@@ -644,6 +645,10 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
     uint32_t *slots = SLOTS(ph);
     uint32_t now = fmm_now(c);
     uint32_t nlive = ph->live;
+    if (nlive >= ns) {
+        repair_page(c, ph, "live count larger than the slot table");
+        return FMM_ECORRUPT;
+    }
     kept *ks = malloc(((size_t)nlive + 1) * sizeof(kept));
     unsigned char *scratch = malloc(c->page_size);
     if (!ks || !scratch) {
@@ -671,6 +676,12 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
             report(fn, ctx, e);
             continue;
         }
+        /* The slot's tag must match the key's hash: a damaged tag would
+         * hide the entry from lookups and let the key be stored twice. */
+        uint32_t lo = (uint32_t)fmm_hash(c, e + 1, KLEN(e->klen_flags));
+        if ((lo & ~c->offmask) != (s & ~c->offmask))
+            continue;
+        ks[n].hash = lo;
         ks[n].slot = s;
         ks[n].size = size;
         ks[n].access = e->access;
@@ -718,16 +729,10 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
     memset(nsl, 0, 4u * nslots);
     uint32_t pos = ds;
     uint32_t nmask = nslots - 1;
-    uint32_t nbits = log2u(nslots);
-    int tag_has_home = nbits <= 32u - c->offbits;
     for (uint32_t i = first; i < n; i++) {
         uint32_t s = ks[i].slot;
         entry *e = (entry *)((char *)ph + ((s & c->offmask) << 2));
-        uint32_t lo;
-        if (tag_has_home)
-            lo = s & ~c->offmask; /* the top bits, which are all home_index needs */
-        else
-            lo = (uint32_t)fmm_hash(c, e + 1, KLEN(e->klen_flags));
+        uint32_t lo = ks[i].hash;
         memcpy(scratch + pos, e, ks[i].size);
         if (sorted)
             ((entry *)(scratch + pos))->access = i - first + 1;
@@ -774,15 +779,21 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
             repair_page(c, ph, "slot points outside the page's data");
             continue;
         }
+        /* Replacing an expired dirty entry (e.g. by read-through): it was
+         * never written back, so report it like any other reclaimed one. */
+        if (idx >= 0 && !rebuilt && evict && old->expire_on && expired(old, fmm_now(c)))
+            report(evict, ctx, old);
         int space = (uint64_t)c->page_size - ph->free_data >= need;
         int slot_ok = idx >= 0 || (ins >= 0 && ((uint64_t)ph->live + ph->deleted + 1) * 4 <= (uint64_t)ph->num_slots * 3);
         if (!space || !slot_ok || ph->clock >= RENUMBER_AT) {
-            if (rebuilt) /* cannot happen: rebuild guarantees room */
+            /* A rebuild guarantees room; one that found the page corrupt
+             * re-initialised it instead, and the next one will do. */
+            if (rebuilt >= 2)
                 return FMM_ECORRUPT;
             int rc = rebuild(c, ph, RB_INSERT, idx, (uint32_t)need, evict, ctx);
             if (rc == ENOMEM)
                 return ENOMEM;
-            rebuilt = 1;
+            rebuilt++;
             continue;
         }
         /* Store: append the entry, then point the slot at it. */
@@ -827,6 +838,10 @@ int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint
     }
     if (idx < 0)
         return FMM_ENOTFOUND;
+    if (UNLIKELY(ph->live == 0)) {
+        repair_page(c, ph, "live count is zero but a slot holds an entry");
+        return FMM_ENOTFOUND;
+    }
     int was_expired = e->expire_on && expired(e, fmm_now(c));
     if (old_flags)
         *old_flags = KFLAGS(e->klen_flags);
@@ -1190,7 +1205,7 @@ static int adopt_header(fmm_cache *c, int fd, const struct stat *st, char *err, 
     }
     if (!is_pow2(h.page_size) || h.page_size < FMM_MIN_PAGE_SIZE || h.page_size > FMM_MAX_PAGE_SIZE ||
         h.num_pages < 1 || h.num_pages > FMM_MAX_PAGES || !is_pow2(h.start_slots) || h.start_slots < MIN_SLOTS ||
-        (uint64_t)data_start(h.start_slots) > h.page_size / 4) {
+        h.start_slots > h.page_size / 16 || data_start(h.start_slots) > h.page_size / 4) {
         set_detail(err, errlen, "header claims an impossible geometry (page_size %u, num_pages %u, start_slots %u)",
                    h.page_size, h.num_pages, h.start_slots);
         return FMM_EBADFILE;

@@ -25,8 +25,8 @@
  *                   uint64   file_size     header_size + num_pages*page_size
  *                   uint64   created       unix seconds
  *                   uint64   hash_seed     random per file
+ *                   uint64   check         XXH64 of the 56 bytes above it
  *                   uint64   repairs       pages re-initialised (atomic add)
- *                   uint64   check         hash of the fields above it
  *   offset 4096   page 0, then page 1, ... each page_size bytes.
  *
  * Page layout:

@@ -1,0 +1,2521 @@
+/*
+ * test_fmm.c -- the engine's own test driver: plain C11 + POSIX, no Python,
+ * no framework.  Uses only what fmm.h declares, plus the page-header layout
+ * that fmm.h documents (mutex padded to 64 bytes, then uint32 magic at 64,
+ * dirty 68, num_slots 72, live 76, deleted 80, free_data 84, ...) for the
+ * crash and corruption tests.
+ *
+ * Build and run (what `make ctest` does):
+ *   cc -std=gnu11 -g -O1 -fsanitize=address,undefined -fno-sanitize-recover=all \
+ *      -fno-omit-frame-pointer -Wall -Wextra -Werror -Icsrc \
+ *      csrc/fmm.c csrc/test_fmm.c -o build/test_fmm -lpthread
+ *   build/test_fmm
+ *
+ * Each test is a function; CHECK() records a failure (file:line and the
+ * expression) and carries on.  main() prints one line per test and a final
+ * "N passed, M failed" (counting tests), and exits non-zero if any failed.
+ * Every file lives in a private directory made with mkdtemp under $TMPDIR
+ * (or /tmp) and removed at the end.  Child processes report through their
+ * exit status and leave with _exit() so that they never run the parent's
+ * atexit handlers (or LeakSanitizer).
+ *
+ * The corruption fuzz runs its seeds in a child process: a seed that
+ * crashes the engine is reported (and the next child carries on) instead of
+ * ending the driver.  The page layout also depends on the random hash seed
+ * of each cache, so a failing seed number locates the kind of damage but
+ * does not replay it exactly.  FMM_FUZZ_SEEDS=n runs a longer fuzz.
+ */
+#define _GNU_SOURCE
+#include "fmm.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------ harness */
+
+static int g_test_failures;   /* failed CHECKs in the current test */
+static int g_quiet_after = 12; /* print at most this many failures per test */
+static char g_dir[1024];      /* private scratch directory */
+
+static void check_fail(const char *file, int line, const char *expr)
+{
+    if (g_test_failures < g_quiet_after)
+        fprintf(stderr, "%s:%d: CHECK failed: %s\n", file, line, expr);
+    else if (g_test_failures == g_quiet_after)
+        fprintf(stderr, "    (further failures of this test not shown)\n");
+    g_test_failures++;
+}
+
+static void check_fail_eq(const char *file, int line, const char *a, const char *b, long long va, long long vb)
+{
+    if (g_test_failures < g_quiet_after)
+        fprintf(stderr, "%s:%d: CHECK failed: %s == %s (%lld [0x%llx] != %lld [0x%llx])\n", file, line, a, b, va,
+                (unsigned long long)va, vb, (unsigned long long)vb);
+    else if (g_test_failures == g_quiet_after)
+        fprintf(stderr, "    (further failures of this test not shown)\n");
+    g_test_failures++;
+}
+
+#define CHECK(expr)                                                                                                    \
+    do {                                                                                                               \
+        if (!(expr))                                                                                                   \
+            check_fail(__FILE__, __LINE__, #expr);                                                                     \
+    } while (0)
+
+#define CHECK_EQ(a, b)                                                                                                 \
+    do {                                                                                                               \
+        long long va_ = (long long)(a), vb_ = (long long)(b);                                                          \
+        if (va_ != vb_)                                                                                                \
+            check_fail_eq(__FILE__, __LINE__, #a, #b, va_, vb_);                                                       \
+    } while (0)
+
+/* An error code, compared and printed with its description. */
+#define CHECK_RC(call, want)                                                                                           \
+    do {                                                                                                               \
+        int rc_ = (call), want_ = (want);                                                                              \
+        if (rc_ != want_) {                                                                                            \
+            char m_[400];                                                                                              \
+            snprintf(m_, sizeof m_, "%s returned %d (%s), expected %d (%s)", #call, rc_, fmm_strerror(rc_), want_,     \
+                     fmm_strerror(want_));                                                                             \
+            check_fail(__FILE__, __LINE__, m_);                                                                        \
+        }                                                                                                              \
+    } while (0)
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* splitmix64: a small deterministic generator for the randomised tests. */
+static uint64_t rng_next(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+static uint32_t rng_below(uint64_t *s, uint32_t n) { return n ? (uint32_t)(rng_next(s) % n) : 0; }
+
+/* ------------------------------------------------------------------ helpers */
+
+static void tpath(char *buf, const char *name)
+{
+    int n = snprintf(buf, PATH_MAX, "%.1024s/%.256s", g_dir, name);
+    if (n < 0 || n >= PATH_MAX)
+        abort();
+}
+
+static int rm_entry(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb;
+    (void)flag;
+    (void)ftw;
+    (void)remove(p);
+    return 0; /* best effort: keep walking */
+}
+static void rm_rf(const char *dir) { nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS); }
+
+/* Read a whole file into a malloc'ed buffer; NULL if it cannot be read. */
+static unsigned char *slurp(const char *path, size_t *len)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0)
+        return NULL;
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        close(fd);
+        return NULL;
+    }
+    size_t n = (size_t)st.st_size;
+    unsigned char *b = malloc(n ? n : 1);
+    size_t got = 0;
+    while (b && got < n) {
+        ssize_t r = read(fd, b + got, n - got);
+        if (r <= 0)
+            break;
+        got += (size_t)r;
+    }
+    close(fd);
+    if (!b || got != n) {
+        free(b);
+        return NULL;
+    }
+    *len = n;
+    return b;
+}
+
+/* 1 if the file at path has exactly these contents. */
+static int same_contents(const char *path, const unsigned char *want, size_t wlen)
+{
+    size_t len = 0;
+    unsigned char *b = slurp(path, &len);
+    int same = b && len == wlen && memcmp(b, want, len) == 0;
+    free(b);
+    return same;
+}
+
+static long long file_size(const char *path)
+{
+    struct stat st;
+    return lstat(path, &st) == 0 ? (long long)st.st_size : -1;
+}
+
+static int file_mode(const char *path)
+{
+    struct stat st;
+    return lstat(path, &st) == 0 ? (int)(st.st_mode & 07777) : -1;
+}
+
+static int exists(const char *path)
+{
+    struct stat st;
+    return lstat(path, &st) == 0;
+}
+
+/* Number of entries of g_dir whose name starts with prefix. */
+static int count_dir_prefix(const char *prefix)
+{
+    DIR *d = opendir(g_dir);
+    int n = 0;
+    if (!d)
+        return -1;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL)
+        if (strncmp(de->d_name, prefix, strlen(prefix)) == 0)
+            n++;
+    closedir(d);
+    return n;
+}
+
+/* Open with a config; on failure print the detail and return NULL. */
+static fmm_cache *open_cfg(const char *path, const fmm_config *cfg, int *created)
+{
+    fmm_cache *c = NULL;
+    char err[300] = "";
+    int cr = 0;
+    int rc = fmm_open(path, cfg, &c, &cr, err, sizeof err);
+    if (rc) {
+        fprintf(stderr, "    fmm_open(%s): %s: %s\n", path ? path : "(anonymous)", fmm_strerror(rc), err);
+        return NULL;
+    }
+    if (created)
+        *created = cr;
+    return c;
+}
+
+/* A file cache with explicit geometry. */
+static fmm_cache *open_geom(const char *path, uint32_t page_size, uint32_t num_pages)
+{
+    fmm_config cfg = {0};
+    cfg.page_size = page_size;
+    cfg.num_pages = num_pages;
+    cfg.explicit_geometry = FMM_GEOM_PAGE_SIZE | FMM_GEOM_NUM_PAGES;
+    return open_cfg(path, &cfg, NULL);
+}
+
+/* An anonymous (fileless) cache. */
+static fmm_cache *open_anon(uint32_t page_size, uint32_t num_pages)
+{
+    fmm_config cfg = {0};
+    cfg.page_size = page_size;
+    cfg.num_pages = num_pages;
+    cfg.anonymous = 1;
+    return open_cfg(NULL, &cfg, NULL);
+}
+
+/* Locked one-shot operations on a key (a C string). */
+static int kset_full(fmm_cache *c, const char *k, const void *v, uint32_t vlen, uint32_t flags, uint32_t exp,
+                     fmm_evict_fn fn, void *ctx)
+{
+    uint32_t klen = (uint32_t)strlen(k);
+    uint64_t h = fmm_hash(c, k, klen);
+    uint32_t p = fmm_page_of(c, h);
+    int rc = fmm_lock(c, p, -1);
+    if (rc)
+        return rc;
+    rc = fmm_set(c, p, h, k, klen, v, vlen, flags, exp, fn, ctx);
+    fmm_unlock(c, p);
+    return rc;
+}
+static int kset(fmm_cache *c, const char *k, const void *v, uint32_t vlen)
+{
+    return kset_full(c, k, v, vlen, 0, 0, NULL, NULL);
+}
+static int ksets(fmm_cache *c, const char *k, const char *v) { return kset(c, k, v, (uint32_t)strlen(v)); }
+
+/* Get a copy of the value (at most cap bytes into buf, NUL-terminated if
+ * room); *vlen, *flags receive the entry's (either may be NULL). */
+static int kget_full(fmm_cache *c, const char *k, int touch, char *buf, size_t cap, uint32_t *vlen, uint32_t *flags)
+{
+    uint32_t klen = (uint32_t)strlen(k);
+    uint64_t h = fmm_hash(c, k, klen);
+    uint32_t p = fmm_page_of(c, h);
+    int rc = fmm_lock(c, p, -1);
+    if (rc)
+        return rc;
+    fmm_item it;
+    rc = fmm_get(c, p, h, k, klen, touch, &it);
+    if (rc == 0) {
+        if (it.klen != klen || memcmp(it.key, k, klen) != 0)
+            rc = -1; /* wrong entry returned */
+        if (buf && cap) {
+            size_t n = it.vlen < cap ? it.vlen : cap;
+            memcpy(buf, it.val, n);
+            if (n < cap)
+                buf[n] = 0;
+        }
+        if (vlen)
+            *vlen = it.vlen;
+        if (flags)
+            *flags = it.flags;
+    }
+    fmm_unlock(c, p);
+    return rc;
+}
+static int kget(fmm_cache *c, const char *k, char *buf, size_t cap, uint32_t *vlen)
+{
+    return kget_full(c, k, 1, buf, cap, vlen, NULL);
+}
+/* 1 if present (peek, no LRU touch). */
+static int khas(fmm_cache *c, const char *k) { return kget_full(c, k, 0, NULL, 0, NULL, NULL) == 0; }
+/* 1 if present with exactly this value. */
+static int kis(fmm_cache *c, const char *k, const void *v, uint32_t vlen)
+{
+    char *buf = malloc(vlen + 1);
+    uint32_t got = 0;
+    int ok = buf && kget_full(c, k, 0, buf, vlen + 1, &got, NULL) == 0 && got == vlen && memcmp(buf, v, vlen) == 0;
+    free(buf);
+    return ok;
+}
+static int kiss(fmm_cache *c, const char *k, const char *v) { return kis(c, k, v, (uint32_t)strlen(v)); }
+
+static int kdel(fmm_cache *c, const char *k)
+{
+    uint32_t klen = (uint32_t)strlen(k);
+    uint64_t h = fmm_hash(c, k, klen);
+    uint32_t p = fmm_page_of(c, h);
+    int rc = fmm_lock(c, p, -1);
+    if (rc)
+        return rc;
+    rc = fmm_delete(c, p, h, k, klen, NULL);
+    fmm_unlock(c, p);
+    return rc;
+}
+
+/* fmm_check_page of every page; prints the first problem. */
+static int check_all_pages(fmm_cache *c)
+{
+    for (uint32_t p = 0; p < fmm_num_pages(c); p++) {
+        if (fmm_lock(c, p, -1) != 0)
+            return -1;
+        char msg[256];
+        int rc = fmm_check_page(c, p, msg, sizeof msg);
+        fmm_unlock(c, p);
+        if (rc) {
+            fprintf(stderr, "    check_page: %s\n", msg);
+            return rc;
+        }
+    }
+    return 0;
+}
+
+static int check_one_page(fmm_cache *c, uint32_t p)
+{
+    if (fmm_lock(c, p, -1) != 0)
+        return -1;
+    char msg[256];
+    int rc = fmm_check_page(c, p, msg, sizeof msg);
+    fmm_unlock(c, p);
+    if (rc)
+        fprintf(stderr, "    check_page: %s\n", msg);
+    return rc;
+}
+
+/* Count live, unexpired entries across all pages (foreach). */
+static int count_visit(void *ctx, const fmm_item *it)
+{
+    (void)it;
+    ++*(long *)ctx;
+    return 0;
+}
+static long count_entries(fmm_cache *c)
+{
+    long n = 0;
+    for (uint32_t p = 0; p < fmm_num_pages(c); p++) {
+        if (fmm_lock(c, p, -1) != 0)
+            return -1;
+        fmm_page_foreach(c, p, count_visit, &n);
+        fmm_unlock(c, p);
+    }
+    return n;
+}
+
+static void page_info(fmm_cache *c, uint32_t p, fmm_page_info *info)
+{
+    memset(info, 0, sizeof *info);
+    if (fmm_lock(c, p, -1) == 0) {
+        fmm_page_info_get(c, p, info);
+        fmm_unlock(c, p);
+    }
+}
+
+/* Wait for a child; return its exit code, or 1000+signal if killed. */
+static int wait_child(pid_t pid)
+{
+    int st = 0;
+    while (waitpid(pid, &st, 0) < 0)
+        if (errno != EINTR)
+            return -1;
+    if (WIFEXITED(st))
+        return WEXITSTATUS(st);
+    if (WIFSIGNALED(st))
+        return 1000 + WTERMSIG(st);
+    return -1;
+}
+
+static int read_byte(int fd)
+{
+    unsigned char ch;
+    ssize_t r;
+    do
+        r = read(fd, &ch, 1);
+    while (r < 0 && errno == EINTR);
+    return r == 1 ? ch : -1;
+}
+static void write_byte(int fd, unsigned char ch)
+{
+    ssize_t r;
+    do
+        r = write(fd, &ch, 1);
+    while (r < 0 && errno == EINTR);
+}
+
+/* ------------------------------------------------------------------ tests */
+
+static void test_xxh64_vectors(void)
+{
+    CHECK(fmm_xxh64("", 0, 0) == 0xEF46DB3751D8E999ULL);
+    CHECK(fmm_xxh64("a", 1, 0) == 0xD24EC4F1A98C6E5BULL);
+    CHECK(fmm_xxh64("abc", 3, 0) == 0x44BC2CF5AD770999ULL);
+    unsigned char b[100];
+    for (int i = 0; i < 100; i++)
+        b[i] = (unsigned char)i;
+    /* Cross-checked with the python xxhash package (xxh64_intdigest). */
+    CHECK(fmm_xxh64(b, 100, 0) == 0x6AC1E58032166597ULL);
+    CHECK(fmm_xxh64(b, 37, 0) == 0xD93FA2DFEE5C24C9ULL);
+    CHECK(fmm_xxh64(b, 100, 0x9E3779B97F4A7C15ULL) == 0x3B97D91EBA03E785ULL);
+    const char *fox = "The quick brown fox jumps over the lazy dog";
+    CHECK(fmm_xxh64(fox, strlen(fox), 0) == 0x0B242D361FDA71BCULL);
+    /* Alignment must not matter. */
+    unsigned char un[101];
+    memcpy(un + 1, b, 100);
+    CHECK(fmm_xxh64(un + 1, 100, 0) == 0x6AC1E58032166597ULL);
+    CHECK(fmm_xxh64(un + 1, 37, 0) == 0xD93FA2DFEE5C24C9ULL);
+
+    /* fmm_hash is XXH64 with the file's seed: same file, same hash;
+     * independent files get independent seeds. */
+    fmm_cache *a = open_anon(4096, 4), *a2 = open_anon(4096, 4);
+    CHECK(a && a2);
+    if (a && a2) {
+        CHECK(fmm_hash(a, "abc", 3) == fmm_hash(a, "abc", 3));
+        CHECK(fmm_hash(a, "abc", 3) != fmm_hash(a2, "abc", 3));
+        CHECK(fmm_page_of(a, fmm_hash(a, "abc", 3)) < 4);
+        /* every page is reachable */
+        int seen[4] = {0};
+        char k[16];
+        for (int i = 0; i < 200; i++) {
+            snprintf(k, sizeof k, "k%d", i);
+            uint32_t p = fmm_page_of(a, fmm_hash(a, k, strlen(k)));
+            CHECK(p < 4);
+            if (p < 4)
+                seen[p] = 1;
+        }
+        CHECK(seen[0] && seen[1] && seen[2] && seen[3]);
+    }
+    fmm_close(a);
+    fmm_close(a2);
+}
+
+static void test_open_create(void)
+{
+    char path[PATH_MAX];
+    tpath(path, "create.fmm");
+    mode_t old = umask(022);
+    int created = -1;
+    fmm_config cfg = {0};
+    cfg.page_size = 4096;
+    cfg.num_pages = 3;
+    cfg.explicit_geometry = FMM_GEOM_PAGE_SIZE | FMM_GEOM_NUM_PAGES;
+    fmm_cache *c = open_cfg(path, &cfg, &created);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK_EQ(created, 1);
+        CHECK_EQ(file_size(path), 4096 + 3 * 4096);
+        CHECK_EQ(file_mode(path), 0600);
+        CHECK_EQ(fmm_page_size(c), 4096);
+        CHECK_EQ(fmm_num_pages(c), 3);
+        CHECK(fmm_start_slots(c) >= 4);
+        CHECK_EQ(fmm_check_file(c), 0);
+        CHECK_EQ(check_all_pages(c), 0);
+        CHECK_EQ(fmm_repairs(c), 0);
+        fmm_close(c);
+    }
+    /* the temporary name used for building is gone */
+    CHECK_EQ(count_dir_prefix("create.fmm.tmp"), 0);
+
+    /* permissions are exact, whatever the umask */
+    char p2[PATH_MAX], p3[PATH_MAX];
+    tpath(p2, "perm644.fmm");
+    tpath(p3, "perm660.fmm");
+    cfg.permissions = 0644;
+    c = open_cfg(p2, &cfg, &created);
+    CHECK(c != NULL);
+    CHECK_EQ(file_mode(p2), 0644);
+    fmm_close(c);
+    cfg.permissions = 0660;
+    c = open_cfg(p3, &cfg, &created);
+    CHECK(c != NULL);
+    CHECK_EQ(file_mode(p3), 0660);
+    fmm_close(c);
+    umask(077);
+    char p4[PATH_MAX];
+    tpath(p4, "perm600.fmm");
+    cfg.permissions = 0;
+    c = open_cfg(p4, &cfg, &created);
+    CHECK(c != NULL);
+    CHECK_EQ(file_mode(p4), 0600);
+    fmm_close(c);
+    umask(old);
+
+    /* default geometry of a new file: 64 KiB pages, 89 pages */
+    char p5[PATH_MAX];
+    tpath(p5, "default.fmm");
+    fmm_config zero = {0};
+    c = open_cfg(p5, &zero, &created);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK_EQ(created, 1);
+        CHECK_EQ(fmm_page_size(c), 65536);
+        CHECK_EQ(fmm_num_pages(c), 89);
+        CHECK_EQ(file_size(p5), 4096 + 89LL * 65536);
+        fmm_close(c);
+    }
+}
+
+static void test_open_reopen_geometry(void)
+{
+    char path[PATH_MAX];
+    tpath(path, "geom.fmm");
+    fmm_cache *c = open_geom(path, 4096, 3);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    CHECK_EQ(ksets(c, "hello", "world"), 0);
+    uint32_t slots = fmm_start_slots(c);
+    fmm_close(c);
+
+    /* start_slots is rounded up to a power of two and kept in the file */
+    {
+        char sp[PATH_MAX];
+        tpath(sp, "slots.fmm");
+        fmm_config sc = {0};
+        sc.page_size = 65536;
+        sc.num_pages = 1;
+        sc.start_slots = 300;
+        fmm_cache *x = open_cfg(sp, &sc, NULL);
+        CHECK(x != NULL);
+        if (x) {
+            CHECK_EQ(fmm_start_slots(x), 512);
+            fmm_page_info pi;
+            page_info(x, 0, &pi);
+            CHECK_EQ(pi.num_slots, 512);
+            fmm_close(x);
+        }
+        fmm_config z0 = {0};
+        x = open_cfg(sp, &z0, NULL);
+        CHECK(x != NULL);
+        if (x) {
+            CHECK_EQ(fmm_start_slots(x), 512);
+            fmm_close(x);
+        }
+    }
+
+    /* zeroed config adopts the file */
+    int created = -1;
+    fmm_config zero = {0};
+    c = open_cfg(path, &zero, &created);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK_EQ(created, 0);
+        CHECK_EQ(fmm_page_size(c), 4096);
+        CHECK_EQ(fmm_num_pages(c), 3);
+        CHECK_EQ(fmm_start_slots(c), slots);
+        CHECK(kiss(c, "hello", "world"));
+        fmm_close(c);
+    }
+
+    size_t blen = 0;
+    unsigned char *before = slurp(path, &blen);
+    CHECK(before != NULL);
+
+    /* explicit num_pages that disagrees: FMM_EGEOMETRY, file untouched */
+    fmm_config cfg = {0};
+    cfg.page_size = 4096;
+    cfg.num_pages = 5;
+    cfg.explicit_geometry = FMM_GEOM_NUM_PAGES;
+    fmm_cache *bad = NULL;
+    char err[300] = "";
+    CHECK_RC(fmm_open(path, &cfg, &bad, &created, err, sizeof err), FMM_EGEOMETRY);
+    CHECK(bad == NULL);
+    CHECK(err[0] != 0);
+    CHECK(before && same_contents(path, before, blen));
+    /* explicit page_size that disagrees: same */
+    cfg.page_size = 8192;
+    cfg.num_pages = 3;
+    cfg.explicit_geometry = FMM_GEOM_PAGE_SIZE;
+    CHECK_RC(fmm_open(path, &cfg, &bad, &created, err, sizeof err), FMM_EGEOMETRY);
+    CHECK(before && same_contents(path, before, blen));
+
+    /* only page_size was given and it matches: num_pages is adopted */
+    cfg.page_size = 4096;
+    cfg.num_pages = 5;
+    cfg.explicit_geometry = FMM_GEOM_PAGE_SIZE;
+    created = -1;
+    c = open_cfg(path, &cfg, &created);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK_EQ(created, 0);
+        CHECK_EQ(fmm_num_pages(c), 3);
+        CHECK_EQ(fmm_page_size(c), 4096);
+        CHECK(kiss(c, "hello", "world"));
+        fmm_close(c);
+    }
+    CHECK_EQ(file_size(path), 4096 + 3 * 4096);
+    free(before);
+}
+
+static void test_open_init_file(void)
+{
+    char path[PATH_MAX];
+    tpath(path, "init.fmm");
+    fmm_cache *old = open_geom(path, 4096, 3);
+    CHECK(old != NULL);
+    if (!old)
+        return;
+    CHECK_EQ(ksets(old, "k1", "v1"), 0);
+    CHECK_EQ(ksets(old, "k2", "v2"), 0);
+
+    /* init_file with a different geometry: a new file replaces the old */
+    fmm_config cfg = {0};
+    cfg.page_size = 8192;
+    cfg.num_pages = 2;
+    cfg.explicit_geometry = FMM_GEOM_PAGE_SIZE | FMM_GEOM_NUM_PAGES;
+    cfg.init_file = 1;
+    int created = -1;
+    fmm_cache *c = open_cfg(path, &cfg, &created);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK_EQ(fmm_page_size(c), 8192);
+        CHECK_EQ(fmm_num_pages(c), 2);
+        CHECK_EQ(file_size(path), 4096 + 2 * 8192);
+        CHECK(!khas(c, "k1"));
+        CHECK(!khas(c, "k2"));
+        CHECK_EQ(fmm_check_file(c), 0);
+        CHECK_EQ(check_all_pages(c), 0);
+        CHECK_EQ(ksets(c, "k3", "v3"), 0);
+        CHECK_EQ(ksets(c, "k4", "v4"), 0);
+        fmm_close(c);
+    }
+    /* the old handle still works on the old (unlinked) file, and knows it */
+    CHECK(kiss(old, "k1", "v1"));
+    CHECK_RC(fmm_check_file(old), FMM_EREPLACED);
+    fmm_close(old);
+
+    /* init_file with the same geometry: cleared in place */
+    struct stat st1, st2;
+    CHECK(stat(path, &st1) == 0);
+    c = open_cfg(path, &cfg, &created);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK_EQ(fmm_page_size(c), 8192);
+        CHECK_EQ(fmm_num_pages(c), 2);
+        CHECK(!khas(c, "k3"));
+        CHECK(!khas(c, "k4"));
+        CHECK_EQ(count_entries(c), 0);
+        CHECK_EQ(check_all_pages(c), 0);
+        CHECK_EQ(ksets(c, "k5", "v5"), 0);
+        fmm_close(c);
+    }
+    CHECK(stat(path, &st2) == 0);
+    CHECK_EQ(file_size(path), 4096 + 2 * 8192);
+
+    /* and init_file without explicit sizes also clears */
+    fmm_config zi = {0};
+    zi.init_file = 1;
+    c = open_cfg(path, &zi, &created);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK(!khas(c, "k5"));
+        CHECK_EQ(fmm_page_size(c), 8192);
+        fmm_close(c);
+    }
+}
+
+static void test_open_bad_paths(void)
+{
+    char real[PATH_MAX], link1[PATH_MAX], dangle[PATH_MAX], target[PATH_MAX];
+    tpath(real, "real.fmm");
+    tpath(link1, "link.fmm");
+    tpath(dangle, "dangle.fmm");
+    tpath(target, "nowhere.fmm");
+    fmm_config zero = {0};
+    fmm_cache *c = open_geom(real, 4096, 2);
+    CHECK(c != NULL);
+    fmm_close(c);
+
+    /* a symlink at the path (to a valid cache, or dangling) is refused */
+    CHECK(symlink("real.fmm", link1) == 0);
+    fmm_cache *x = NULL;
+    int created = -1;
+    int rc = fmm_open(link1, &zero, &x, &created, NULL, 0);
+    CHECK(rc != 0);
+    CHECK(x == NULL);
+    fmm_close(x);
+    CHECK(symlink("nowhere.fmm", dangle) == 0);
+    x = NULL;
+    rc = fmm_open(dangle, &zero, &x, &created, NULL, 0);
+    CHECK(rc != 0);
+    CHECK(x == NULL);
+    fmm_close(x);
+    CHECK(!exists(target));
+
+    /* 8 KiB of random bytes: FMM_EBADFILE and the file untouched */
+    char junk[PATH_MAX];
+    tpath(junk, "junk.fmm");
+    unsigned char rnd[8192];
+    uint64_t s = 42;
+    for (size_t i = 0; i < sizeof rnd; i++)
+        rnd[i] = (unsigned char)rng_next(&s);
+    int fd = open(junk, O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, 0600);
+    CHECK(fd >= 0);
+    if (fd >= 0) {
+        CHECK(write(fd, rnd, sizeof rnd) == (ssize_t)sizeof rnd);
+        close(fd);
+    }
+    x = NULL;
+    char err[300] = "";
+    CHECK_RC(fmm_open(junk, &zero, &x, &created, err, sizeof err), FMM_EBADFILE);
+    CHECK(x == NULL);
+    CHECK(same_contents(junk, rnd, sizeof rnd));
+    fmm_config g = {0};
+    g.page_size = 4096;
+    g.num_pages = 1;
+    g.explicit_geometry = FMM_GEOM_PAGE_SIZE | FMM_GEOM_NUM_PAGES;
+    CHECK_RC(fmm_open(junk, &g, &x, &created, err, sizeof err), FMM_EBADFILE);
+    CHECK(same_contents(junk, rnd, sizeof rnd));
+
+    /* a valid header on a truncated file is refused too */
+    char trunc[PATH_MAX];
+    tpath(trunc, "trunc.fmm");
+    c = open_geom(trunc, 4096, 4);
+    CHECK(c != NULL);
+    fmm_close(c);
+    CHECK(truncate(trunc, 4096 + 2 * 4096) == 0);
+    CHECK_RC(fmm_open(trunc, &zero, &x, &created, err, sizeof err), FMM_EBADFILE);
+    CHECK_EQ(file_size(trunc), 4096 + 2 * 4096);
+
+    /* an EMPTY existing file (mkstemp) becomes a new cache */
+    char empty[PATH_MAX];
+    tpath(empty, "empty-XXXXXX");
+    fd = mkstemp(empty);
+    CHECK(fd >= 0);
+    if (fd >= 0)
+        close(fd);
+    created = -1;
+    c = open_cfg(empty, &g, &created);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK_EQ(created, 1);
+        CHECK_EQ(file_size(empty), 4096 + 4096);
+        CHECK_EQ(ksets(c, "a", "b"), 0);
+        CHECK(kiss(c, "a", "b"));
+        CHECK_EQ(fmm_check_file(c), 0);
+        fmm_close(c);
+    }
+    c = open_cfg(empty, &zero, &created);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK_EQ(created, 0);
+        CHECK(kiss(c, "a", "b"));
+        fmm_close(c);
+    }
+
+    /* a directory is refused */
+    char dir[PATH_MAX];
+    tpath(dir, "adir.fmm");
+    CHECK(mkdir(dir, 0700) == 0);
+    x = NULL;
+    rc = fmm_open(dir, &zero, &x, &created, NULL, 0);
+    CHECK(rc != 0);
+    CHECK(x == NULL);
+    struct stat st;
+    CHECK(stat(dir, &st) == 0 && S_ISDIR(st.st_mode));
+
+    /* a missing directory: an errno, not success */
+    char nodir[PATH_MAX];
+    tpath(nodir, "no/such/dir.fmm");
+    rc = fmm_open(nodir, &zero, &x, &created, NULL, 0);
+    CHECK(rc > 0);
+    CHECK(x == NULL);
+}
+
+static void test_open_anonymous_and_args(void)
+{
+    fmm_config cfg = {0};
+    cfg.anonymous = 1;
+    cfg.page_size = 8192;
+    cfg.num_pages = 3;
+    int created = -1;
+    fmm_cache *c = open_cfg(NULL, &cfg, &created);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK_EQ(created, 1);
+        CHECK_EQ(fmm_page_size(c), 8192);
+        CHECK_EQ(fmm_num_pages(c), 3);
+        CHECK_EQ(ksets(c, "anon", "value"), 0);
+        CHECK(kiss(c, "anon", "value"));
+        CHECK_EQ(fmm_check_file(c), 0);
+        CHECK_EQ(check_all_pages(c), 0);
+        fmm_close(c);
+    }
+    /* anonymous: a path, if given, is ignored (nothing is created) */
+    char p[PATH_MAX];
+    tpath(p, "anon-ignored.fmm");
+    c = open_cfg(p, &cfg, &created);
+    CHECK(c != NULL);
+    CHECK(!exists(p));
+    fmm_close(c);
+
+    /* bad page sizes */
+    char bp[PATH_MAX];
+    tpath(bp, "badarg.fmm");
+    fmm_config bad = {0};
+    fmm_cache *x = NULL;
+    uint32_t sizes[] = {5000, 3 * 4096, 512, 1u << 31};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        bad.page_size = sizes[i];
+        bad.num_pages = 2;
+        bad.explicit_geometry = FMM_GEOM_PAGE_SIZE | FMM_GEOM_NUM_PAGES;
+        bad.anonymous = 0;
+        CHECK_RC(fmm_open(bp, &bad, &x, &created, NULL, 0), FMM_EBADARG);
+        CHECK(x == NULL);
+        bad.anonymous = 1;
+        CHECK_RC(fmm_open(NULL, &bad, &x, &created, NULL, 0), FMM_EBADARG);
+    }
+    CHECK(!exists(bp));
+    bad.page_size = 4096;
+    bad.num_pages = FMM_MAX_PAGES + 1;
+    bad.anonymous = 0;
+    CHECK_RC(fmm_open(bp, &bad, &x, &created, NULL, 0), FMM_EBADARG);
+    CHECK(!exists(bp));
+
+    /* strerror covers the codes */
+    CHECK(strcmp(fmm_strerror(FMM_ENOTFOUND), "unknown fastmmap error") != 0);
+    CHECK(strcmp(fmm_strerror(FMM_ETOOMANY), "unknown fastmmap error") != 0);
+    CHECK(fmm_strerror(ENOENT) != NULL && fmm_strerror(ENOENT)[0] != 0);
+}
+
+/* 16 processes open the same path at once (pipe barrier); each stores its
+ * own key.  Exactly one of them creates the file. */
+static void race_open(const char *path, const char *tmp_prefix)
+{
+    enum { NCHILD = 16 };
+    int pfd[2];
+    CHECK(pipe(pfd) == 0);
+    pid_t pids[NCHILD];
+    fflush(NULL);
+    for (int i = 0; i < NCHILD; i++) {
+        pids[i] = fork();
+        if (pids[i] == 0) {
+            close(pfd[1]);
+            char ch;
+            while (read(pfd[0], &ch, 1) < 0 && errno == EINTR)
+                ; /* the barrier: EOF when the parent closes its end */
+            fmm_config cfg = {0};
+            cfg.page_size = 4096;
+            cfg.num_pages = 8;
+            cfg.explicit_geometry = FMM_GEOM_PAGE_SIZE | FMM_GEOM_NUM_PAGES;
+            fmm_cache *c = NULL;
+            int created = 0;
+            if (fmm_open(path, &cfg, &c, &created, NULL, 0) != 0)
+                _exit(2);
+            char key[32];
+            snprintf(key, sizeof key, "child-%d", i);
+            if (ksets(c, key, key) != 0)
+                _exit(3);
+            fmm_close(c);
+            _exit(created ? 11 : 10);
+        }
+        CHECK(pids[i] > 0);
+    }
+    close(pfd[0]);
+    usleep(50000); /* let every child reach the barrier */
+    close(pfd[1]);
+    int creators = 0, bad = 0;
+    for (int i = 0; i < NCHILD; i++) {
+        if (pids[i] <= 0)
+            continue;
+        int st = wait_child(pids[i]);
+        if (st == 11)
+            creators++;
+        else if (st != 10) {
+            bad++;
+            fprintf(stderr, "    child %d exited with %d\n", i, st);
+        }
+    }
+    CHECK_EQ(bad, 0);
+    CHECK_EQ(creators, 1);
+    fmm_config zero = {0};
+    int created = -1;
+    fmm_cache *c = open_cfg(path, &zero, &created);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK_EQ(created, 0);
+        CHECK_EQ(fmm_num_pages(c), 8);
+        CHECK_EQ(file_size(path), 4096 + 8 * 4096);
+        for (int i = 0; i < NCHILD; i++) {
+            char key[32];
+            snprintf(key, sizeof key, "child-%d", i);
+            CHECK(kiss(c, key, key));
+        }
+        CHECK_EQ(count_entries(c), NCHILD);
+        CHECK_EQ(check_all_pages(c), 0);
+        fmm_close(c);
+    }
+    CHECK_EQ(count_dir_prefix(tmp_prefix), 0); /* no temporary file left */
+}
+
+static void test_race_free_creation(void)
+{
+    char path[PATH_MAX];
+    tpath(path, "race.fmm");
+    race_open(path, "race.fmm.tmp");
+    /* the same race on an existing EMPTY file (made by mkstemp) */
+    char empty[PATH_MAX];
+    tpath(empty, "race-empty-XXXXXX");
+    int fd = mkstemp(empty);
+    CHECK(fd >= 0);
+    if (fd >= 0) {
+        close(fd);
+        char prefix[64];
+        snprintf(prefix, sizeof prefix, "%s.tmp", strrchr(empty, '/') + 1);
+        race_open(empty, prefix);
+    }
+}
+
+static void test_get_set_delete(void)
+{
+    fmm_cache *c = open_anon(8192, 4);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    char buf[256];
+    uint32_t vlen = 0;
+    CHECK_RC(kget(c, "missing", buf, sizeof buf, &vlen), FMM_ENOTFOUND);
+    CHECK_EQ(ksets(c, "alpha", "one"), 0);
+    CHECK_EQ(ksets(c, "beta", "two"), 0);
+    CHECK(kiss(c, "alpha", "one"));
+    CHECK(kiss(c, "beta", "two"));
+    /* overwrite, longer and shorter */
+    CHECK_EQ(ksets(c, "alpha", "a much longer value than before"), 0);
+    CHECK(kiss(c, "alpha", "a much longer value than before"));
+    CHECK_EQ(ksets(c, "alpha", "s"), 0);
+    CHECK(kiss(c, "alpha", "s"));
+    CHECK(kiss(c, "beta", "two"));
+    /* delete */
+    CHECK_EQ(kdel(c, "alpha"), 0);
+    CHECK(!khas(c, "alpha"));
+    CHECK_RC(kdel(c, "alpha"), FMM_ENOTFOUND);
+    CHECK_RC(kdel(c, "never-there"), FMM_ENOTFOUND);
+    CHECK(kiss(c, "beta", "two"));
+    /* old_flags from delete */
+    {
+        const char *k = "flagged";
+        uint32_t kl = (uint32_t)strlen(k);
+        CHECK_EQ(kset_full(c, k, "v", 1, FMM_T_STR | FMM_F_KEYSTR, 0, NULL, NULL), 0);
+        uint64_t h = fmm_hash(c, k, kl);
+        uint32_t p = fmm_page_of(c, h);
+        CHECK_EQ(fmm_lock(c, p, -1), 0);
+        uint32_t of = 0;
+        CHECK_EQ(fmm_delete(c, p, h, k, kl, &of), 0);
+        CHECK_EQ(of, FMM_T_STR | FMM_F_KEYSTR);
+        fmm_unlock(c, p);
+    }
+    /* empty key and empty value */
+    CHECK_EQ(ksets(c, "", "empty key"), 0);
+    CHECK(kiss(c, "", "empty key"));
+    CHECK_EQ(ksets(c, "empty value", ""), 0);
+    vlen = 99;
+    CHECK_EQ(kget(c, "empty value", buf, sizeof buf, &vlen), 0);
+    CHECK_EQ(vlen, 0);
+    CHECK_EQ(kset(c, "", "", 0), 0);
+    vlen = 99;
+    CHECK_EQ(kget(c, "", buf, sizeof buf, &vlen), 0);
+    CHECK_EQ(vlen, 0);
+    CHECK_EQ(kdel(c, ""), 0);
+    CHECK(!khas(c, ""));
+    /* binary keys with NUL bytes are distinct from their prefixes */
+    {
+        const char k1[] = {'a', 0, 'b'}, k2[] = {'a', 0, 'c'};
+        uint64_t h1 = fmm_hash(c, k1, 3), h2 = fmm_hash(c, k2, 3), h0 = fmm_hash(c, "a", 1);
+        uint32_t p1 = fmm_page_of(c, h1), p2 = fmm_page_of(c, h2), p0 = fmm_page_of(c, h0);
+        CHECK_EQ(fmm_lock(c, p1, -1), 0);
+        CHECK_EQ(fmm_set(c, p1, h1, k1, 3, "1", 1, 0, 0, NULL, NULL), 0);
+        fmm_unlock(c, p1);
+        CHECK_EQ(fmm_lock(c, p2, -1), 0);
+        fmm_item it;
+        CHECK_RC(fmm_get(c, p2, h2, k2, 3, 1, &it), FMM_ENOTFOUND);
+        fmm_unlock(c, p2);
+        CHECK_EQ(fmm_lock(c, p0, -1), 0);
+        CHECK_RC(fmm_get(c, p0, h0, "a", 1, 1, &it), FMM_ENOTFOUND);
+        fmm_unlock(c, p0);
+        CHECK_EQ(fmm_lock(c, p1, -1), 0);
+        CHECK_EQ(fmm_get(c, p1, h1, k1, 3, 1, &it), 0);
+        CHECK(it.vlen == 1 && it.val[0] == '1');
+        fmm_unlock(c, p1);
+    }
+
+    /* key too long */
+    {
+        uint32_t kl = FMM_MAX_KEY_LEN + 1;
+        char *big = malloc(kl);
+        CHECK(big != NULL);
+        if (big) {
+            memset(big, 'k', kl);
+            uint64_t h = fmm_hash(c, big, kl);
+            uint32_t p = fmm_page_of(c, h);
+            CHECK_EQ(fmm_lock(c, p, -1), 0);
+            CHECK_RC(fmm_set(c, p, h, big, kl, "v", 1, 0, 0, NULL, NULL), FMM_ETOOBIG);
+            CHECK_EQ(check_one_page(c, p) == -1, 1); /* ELOCKED: we hold it */
+            fmm_unlock(c, p);
+            free(big);
+        }
+    }
+
+    /* value too big: FMM_ETOOBIG and the old value survives */
+    uint32_t mi = fmm_max_item(c);
+    CHECK(mi > 0 && mi <= fmm_page_size(c) - FMM_PAGE_HEADER_SIZE);
+    CHECK_EQ(mi % 4, 0);
+    {
+        const char *k = "bigkey";
+        uint32_t kl = (uint32_t)strlen(k);
+        CHECK_EQ(ksets(c, k, "old value"), 0);
+        uint32_t vl = mi - FMM_ENTRY_HEADER_SIZE - kl + 1; /* one byte too many */
+        char *v = malloc(vl);
+        memset(v, 'v', vl);
+        CHECK_RC(kset(c, k, v, vl), FMM_ETOOBIG);
+        CHECK(kiss(c, k, "old value"));
+        CHECK_RC(kset(c, k, v, UINT32_MAX - 8), FMM_ETOOBIG);
+        CHECK(kiss(c, k, "old value"));
+        free(v);
+    }
+    CHECK_EQ(check_all_pages(c), 0);
+    fmm_close(c);
+
+    /* an item of exactly fmm_max_item bytes fits an empty page, and then
+     * a page that has entries (evicting them) */
+    for (uint32_t ps = 1024; ps <= 65536; ps *= 4) {
+        c = open_anon(ps, 1);
+        CHECK(c != NULL);
+        if (!c)
+            continue;
+        mi = fmm_max_item(c);
+        const char *k = "max";
+        uint32_t vl = mi - FMM_ENTRY_HEADER_SIZE - 3;
+        char *v = malloc(vl);
+        for (uint32_t i = 0; i < vl; i++)
+            v[i] = (char)('a' + i % 26);
+        CHECK_EQ(kset(c, k, v, vl), 0);
+        CHECK(kis(c, k, v, vl));
+        CHECK_EQ(check_all_pages(c), 0);
+        CHECK_EQ(ksets(c, "small1", "x"), 0);
+        CHECK_EQ(ksets(c, "small2", "y"), 0);
+        CHECK(kiss(c, "small2", "y"));
+        CHECK_EQ(kset(c, k, v, vl), 0);
+        CHECK(kis(c, k, v, vl));
+        CHECK_EQ(check_all_pages(c), 0);
+        free(v);
+        fmm_close(c);
+    }
+
+    /* every flag value 0..0x7f round-trips */
+    c = open_anon(65536, 2);
+    CHECK(c != NULL);
+    if (c) {
+        char k[16];
+        for (uint32_t f = 0; f <= 0x7f; f++) {
+            snprintf(k, sizeof k, "f%u", f);
+            CHECK_EQ(kset_full(c, k, k, (uint32_t)strlen(k), f, 0, NULL, NULL), 0);
+        }
+        for (uint32_t f = 0; f <= 0x7f; f++) {
+            snprintf(k, sizeof k, "f%u", f);
+            uint32_t got = 0xFFFF;
+            CHECK_EQ(kget_full(c, k, 1, buf, sizeof buf, NULL, &got), 0);
+            CHECK_EQ(got, f);
+        }
+        fmm_close(c);
+    }
+}
+
+static void test_expiry(void)
+{
+    fmm_cache *c = open_anon(8192, 2);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    const uint32_t T = 1700000000u;
+    fmm_set_time(c, T);
+    CHECK_EQ(fmm_now(c), T);
+    CHECK_EQ(kset_full(c, "soon", "v", 1, 0, T + 3, NULL, NULL), 0);
+    CHECK_EQ(kset_full(c, "never", "w", 1, 0, 0, NULL, NULL), 0);
+    CHECK_EQ(kset_full(c, "soon2", "x", 1, 0, T + 3, NULL, NULL), 0);
+    CHECK_EQ(kset_full(c, "past", "y", 1, 0, T - 1, NULL, NULL), 0);
+    CHECK(!khas(c, "past"));
+    fmm_set_time(c, T + 2);
+    CHECK(kiss(c, "soon", "v"));
+    CHECK_EQ(count_entries(c), 3);
+    fmm_set_time(c, T + 3);
+    CHECK(!khas(c, "soon"));
+    CHECK(!khas(c, "soon2"));
+    CHECK(kiss(c, "never", "w"));
+    CHECK_EQ(count_entries(c), 1);
+    fmm_set_time(c, 0xFFFFFFF0u);
+    CHECK(kiss(c, "never", "w"));
+    fmm_set_time(c, T + 3);
+    /* deleting an expired entry says not found, and removes it */
+    const char *k = "soon";
+    uint64_t h = fmm_hash(c, k, 4);
+    uint32_t p = fmm_page_of(c, h);
+    fmm_page_info before, after;
+    page_info(c, p, &before);
+    CHECK_RC(kdel(c, "soon"), FMM_ENOTFOUND);
+    page_info(c, p, &after);
+    CHECK_EQ(after.live, before.live - 1);
+    CHECK_EQ(after.deleted, before.deleted + 1);
+    CHECK_RC(kdel(c, "soon"), FMM_ENOTFOUND);
+    /* an expired key can be set again */
+    CHECK_EQ(kset_full(c, "soon2", "new", 3, 0, T + 10, NULL, NULL), 0);
+    CHECK(kiss(c, "soon2", "new"));
+    /* an expired entry no longer counts as live bytes */
+    fmm_set_time(c, T + 11);
+    CHECK(!khas(c, "soon2"));
+    CHECK_EQ(check_all_pages(c), 0);
+    /* back to real time */
+    fmm_set_time(c, 0);
+    uint32_t real = (uint32_t)time(NULL);
+    CHECK(fmm_now(c) + 2 >= real && fmm_now(c) <= real + 2);
+    fmm_close(c);
+}
+
+static void test_lru_eviction(void)
+{
+    fmm_cache *c = open_anon(8192, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    enum { N = 200 };
+    char k[16], v[128];
+    int evicted_seen = 0;
+    for (int i = 0; i < N; i++) {
+        snprintf(k, sizeof k, "key%03d", i);
+        memset(v, 'a' + i % 26, 90);
+        memcpy(v, k, 6);
+        CHECK_EQ(kset(c, k, v, 90), 0);
+        if (i >= 5 && i % 10 == 0) {
+            for (int j = 0; j < 5; j++) {
+                snprintf(k, sizeof k, "key%03d", j);
+                CHECK_EQ(kget(c, k, NULL, 0, NULL), 0);
+            }
+        }
+        if (!evicted_seen && !khas(c, "key005"))
+            evicted_seen = i;
+    }
+    CHECK(evicted_seen > 0);
+    for (int j = 0; j < 5; j++) {
+        snprintf(k, sizeof k, "key%03d", j);
+        CHECK(khas(c, k));
+    }
+    /* the most recent 20 are present, with the right values */
+    for (int i = N - 20; i < N; i++) {
+        snprintf(k, sizeof k, "key%03d", i);
+        memset(v, 'a' + i % 26, 90);
+        memcpy(v, k, 6);
+        CHECK(kis(c, k, v, 90));
+    }
+    /* survivors (besides the touched 5) are a contiguous most-recent run */
+    int first_present = -1, holes = 0;
+    for (int i = 5; i < N; i++) {
+        snprintf(k, sizeof k, "key%03d", i);
+        int has = khas(c, k);
+        if (has && first_present < 0)
+            first_present = i;
+        if (!has && first_present >= 0)
+            holes++;
+    }
+    CHECK_EQ(holes, 0);
+    CHECK(first_present > 100); /* the least recently used are gone */
+    for (int i = 5; i < 100; i++) {
+        snprintf(k, sizeof k, "key%03d", i);
+        CHECK(!khas(c, k));
+    }
+    CHECK_EQ(check_all_pages(c), 0);
+    fmm_close(c);
+}
+
+static void test_compaction_overwrites(void)
+{
+    fmm_cache *c = open_anon(8192, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    enum { NK = 30, ROUNDS = 2000 };
+    char k[16], v[128];
+    uint64_t s = 7;
+    uint32_t last_len[NK] = {0};
+    for (int r = 0; r < ROUNDS; r++) {
+        for (int i = 0; i < NK; i++) {
+            snprintf(k, sizeof k, "ow%02d", i);
+            uint32_t vl = 40 + rng_below(&s, 60);
+            int n = snprintf(v, sizeof v, "%s-round-%d-", k, r);
+            memset(v + n, 'z', vl - (uint32_t)n);
+            last_len[i] = vl;
+            CHECK_EQ(kset(c, k, v, vl), 0);
+        }
+        if (r % 250 == 249 || r == ROUNDS - 1) {
+            CHECK_EQ(check_all_pages(c), 0);
+            for (int i = 0; i < NK; i++) {
+                snprintf(k, sizeof k, "ow%02d", i);
+                int n = snprintf(v, sizeof v, "%s-round-%d-", k, r);
+                memset(v + n, 'z', last_len[i] - (uint32_t)n);
+                CHECK(kis(c, k, v, last_len[i]));
+            }
+        }
+    }
+    CHECK_EQ(count_entries(c), NK);
+    fmm_close(c);
+}
+
+static void test_slot_growth_shrink(void)
+{
+    fmm_cache *c = open_anon(65536, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    char k[16];
+    fmm_page_info info;
+    page_info(c, 0, &info);
+    uint32_t start = info.num_slots;
+    CHECK(start <= 128);
+    for (int i = 0; i < 1000; i++) {
+        snprintf(k, sizeof k, "%d", i);
+        CHECK_EQ(kset(c, k, "v", 1), 0);
+    }
+    page_info(c, 0, &info);
+    CHECK(info.num_slots > 1024);
+    CHECK_EQ(info.live, 1000);
+    CHECK_EQ(info.data_start, FMM_PAGE_HEADER_SIZE + 4 * info.num_slots);
+    for (int i = 0; i < 1000; i++) {
+        snprintf(k, sizeof k, "%d", i);
+        CHECK(khas(c, k));
+    }
+    CHECK_EQ(check_all_pages(c), 0);
+    for (int i = 0; i < 990; i++) {
+        snprintf(k, sizeof k, "%d", i);
+        CHECK_EQ(kdel(c, k), 0);
+    }
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    CHECK_EQ(fmm_expunge(c, 0, FMM_EXPUNGE_EXPIRED, NULL, NULL), 0);
+    fmm_page_info_get(c, 0, &info);
+    fmm_unlock(c, 0);
+    CHECK(info.num_slots <= 128);
+    CHECK_EQ(info.live, 10);
+    CHECK_EQ(info.deleted, 0);
+    for (int i = 990; i < 1000; i++) {
+        snprintf(k, sizeof k, "%d", i);
+        CHECK(kiss(c, k, "v"));
+    }
+    for (int i = 0; i < 990; i += 37) {
+        snprintf(k, sizeof k, "%d", i);
+        CHECK(!khas(c, k));
+    }
+    CHECK_EQ(check_all_pages(c), 0);
+    fmm_close(c);
+}
+
+/* A random word of lowercase letters, length lo..hi. */
+static uint32_t rand_word(uint64_t *s, char *out, uint32_t lo, uint32_t hi)
+{
+    uint32_t n = lo + rng_below(s, hi - lo + 1);
+    for (uint32_t i = 0; i < n; i++)
+        out[i] = (char)('a' + rng_below(s, 26));
+    out[n] = 0;
+    return n;
+}
+
+static void test_perl_t16(void)
+{
+    fmm_cache *c = open_anon(32768, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    enum { LIVE = 100 };
+    char keys[LIVE][16], vals[LIVE][48];
+    uint64_t s = 16;
+    for (int round = 0; round < 20; round++) {
+        CHECK_EQ(fmm_lock(c, 0, -1), 0);
+        CHECK_EQ(fmm_expunge(c, 0, FMM_EXPUNGE_ALL, NULL, NULL), 0);
+        fmm_unlock(c, 0);
+        int n = 0;
+        while (n < LIVE) {
+            char kw[16];
+            rand_word(&s, kw, 1, 12);
+            int dup = 0;
+            for (int i = 0; i < n; i++)
+                dup |= strcmp(keys[i], kw) == 0;
+            if (dup)
+                continue;
+            strcpy(keys[n], kw);
+            rand_word(&s, vals[n], 0, 40);
+            CHECK_EQ(ksets(c, keys[n], vals[n]), 0);
+            n++;
+        }
+        for (int step = 0; step < 50; step++) {
+            int gone = (int)rng_below(&s, LIVE);
+            char gk[16];
+            strcpy(gk, keys[gone]);
+            CHECK_EQ(kdel(c, gk), 0);
+            for (;;) {
+                rand_word(&s, keys[gone], 1, 12);
+                int dup = strcmp(keys[gone], gk) == 0;
+                for (int i = 0; i < LIVE; i++)
+                    dup |= i != gone && strcmp(keys[i], keys[gone]) == 0;
+                if (!dup)
+                    break;
+            }
+            rand_word(&s, vals[gone], 0, 40);
+            CHECK_EQ(ksets(c, keys[gone], vals[gone]), 0);
+            for (int i = 0; i < LIVE; i++)
+                if (!kiss(c, keys[i], vals[i])) {
+                    fprintf(stderr, "    round %d step %d: key %s lost\n", round, step, keys[i]);
+                    CHECK(!"a live key went missing");
+                }
+            CHECK(!khas(c, gk));
+        }
+        CHECK_EQ(count_entries(c), LIVE);
+    }
+    CHECK_EQ(check_all_pages(c), 0);
+    fmm_close(c);
+}
+
+static void test_perl_t17(void)
+{
+    fmm_cache *c = open_anon(65536, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    enum { BIG = 31000 };
+    char *a = malloc(BIG), *b = malloc(BIG);
+    memset(a, 'a', BIG);
+    memset(b, 'b', BIG);
+    CHECK_EQ(kset(c, "big-a", a, BIG), 0);
+    CHECK_EQ(kset(c, "big-b", b, BIG), 0);
+    int lost_at = -1;
+    for (int i = 0; i < 90; i++) {
+        CHECK_EQ(ksets(c, "small", "x"), 0);
+        CHECK(kiss(c, "small", "x"));
+        CHECK_EQ(kdel(c, "small"), 0);
+        if (lost_at < 0 && (!kis(c, "big-a", a, BIG) || !kis(c, "big-b", b, BIG)))
+            lost_at = i;
+    }
+    if (lost_at >= 0)
+        fprintf(stderr, "    a big value was evicted at round %d\n", lost_at);
+    CHECK_EQ(lost_at, -1);
+    CHECK(kis(c, "big-a", a, BIG));
+    CHECK(kis(c, "big-b", b, BIG));
+    CHECK_EQ(count_entries(c), 2);
+    CHECK_EQ(check_all_pages(c), 0);
+    free(a);
+    free(b);
+    fmm_close(c);
+}
+
+/* Eviction callback log: keys are "<letter><index>". */
+typedef struct evlog {
+    int n, clean, bad;
+    int hits[400];
+} evlog;
+static void ev_record(void *ctx, const fmm_item *it)
+{
+    evlog *l = ctx;
+    l->n++;
+    if (!(it->flags & FMM_F_DIRTY))
+        l->clean++;
+    char k[32];
+    if (it->klen < 2 || it->klen >= sizeof k) {
+        l->bad++;
+        return;
+    }
+    memcpy(k, it->key, it->klen);
+    k[it->klen] = 0;
+    int i = atoi(k + 1);
+    if (i < 0 || i >= 400)
+        l->bad++;
+    else
+        l->hits[i]++;
+}
+
+typedef struct seen {
+    int n;
+    int hits[400];
+    int stop_after; /* 0: never */
+} seen;
+static int visit_record(void *ctx, const fmm_item *it)
+{
+    seen *s = ctx;
+    char k[32];
+    s->n++;
+    if (it->klen >= 2 && it->klen < sizeof k) {
+        memcpy(k, it->key, it->klen);
+        k[it->klen] = 0;
+        int i = atoi(k + 1);
+        if (i >= 0 && i < 400)
+            s->hits[i]++;
+    }
+    return s->stop_after && s->n >= s->stop_after ? 7 : 0;
+}
+
+static void test_expunge_dirty_foreach(void)
+{
+    fmm_cache *c = open_anon(65536, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    const uint32_t T = 1700000000u;
+    fmm_set_time(c, T);
+    char k[16];
+    /* i%4: 0 dirty forever, 1 dirty expiring, 2 clean expiring, 3 clean forever */
+    for (int i = 0; i < 40; i++) {
+        snprintf(k, sizeof k, "x%d", i);
+        uint32_t flags = (i % 4 <= 1 ? FMM_F_DIRTY : 0) | FMM_T_STR;
+        uint32_t exp = (i % 4 == 1 || i % 4 == 2) ? T + 10 : 0;
+        CHECK_EQ(kset_full(c, k, k, (uint32_t)strlen(k), flags, exp, NULL, NULL), 0);
+    }
+    /* delete a few of each kind: deleted entries are not visited or reported */
+    for (int i = 36; i < 40; i++) {
+        snprintf(k, sizeof k, "x%d", i);
+        CHECK_EQ(kdel(c, k), 0);
+    }
+    seen sn;
+    memset(&sn, 0, sizeof sn);
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    CHECK_EQ(fmm_page_foreach(c, 0, visit_record, &sn), 0);
+    fmm_unlock(c, 0);
+    CHECK_EQ(sn.n, 36);
+    for (int i = 0; i < 40; i++)
+        CHECK_EQ(sn.hits[i], i < 36 ? 1 : 0);
+
+    fmm_set_time(c, T + 10);
+    memset(&sn, 0, sizeof sn);
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    CHECK_EQ(fmm_page_foreach(c, 0, visit_record, &sn), 0);
+    fmm_page_info info;
+    fmm_page_info_get(c, 0, &info);
+    CHECK_EQ(info.live, 36);
+    CHECK_EQ(info.expired, 18);
+    CHECK_EQ(info.deleted, 4);
+    /* a visitor's non-zero return stops the walk and is returned */
+    seen stop;
+    memset(&stop, 0, sizeof stop);
+    stop.stop_after = 3;
+    CHECK_EQ(fmm_page_foreach(c, 0, visit_record, &stop), 7);
+    CHECK_EQ(stop.n, 3);
+    fmm_unlock(c, 0);
+    CHECK_EQ(sn.n, 18);
+    for (int i = 0; i < 36; i++)
+        CHECK_EQ(sn.hits[i], (i % 4 == 0 || i % 4 == 3) ? 1 : 0);
+
+    /* purge: expired only; only the dirty ones are reported */
+    evlog ev;
+    memset(&ev, 0, sizeof ev);
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    CHECK_EQ(fmm_expunge(c, 0, FMM_EXPUNGE_EXPIRED, ev_record, &ev), 0);
+    fmm_page_info_get(c, 0, &info);
+    fmm_unlock(c, 0);
+    CHECK_EQ(ev.n, 9);
+    CHECK_EQ(ev.clean, 0);
+    CHECK_EQ(ev.bad, 0);
+    for (int i = 0; i < 36; i++)
+        CHECK_EQ(ev.hits[i], i % 4 == 1 ? 1 : 0);
+    CHECK_EQ(info.live, 18);
+    CHECK_EQ(info.expired, 0);
+    CHECK_EQ(info.deleted, 0);
+    for (int i = 0; i < 36; i++) {
+        snprintf(k, sizeof k, "x%d", i);
+        CHECK_EQ(khas(c, k), (i % 4 == 0 || i % 4 == 3));
+    }
+    CHECK_EQ(check_all_pages(c), 0);
+
+    /* clear: everything; the dirty ones reported */
+    memset(&ev, 0, sizeof ev);
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    CHECK_EQ(fmm_expunge(c, 0, FMM_EXPUNGE_ALL, ev_record, &ev), 0);
+    fmm_page_info_get(c, 0, &info);
+    fmm_unlock(c, 0);
+    CHECK_EQ(ev.n, 9);
+    CHECK_EQ(ev.clean, 0);
+    for (int i = 0; i < 36; i++)
+        CHECK_EQ(ev.hits[i], i % 4 == 0 ? 1 : 0);
+    CHECK_EQ(info.live, 0);
+    CHECK_EQ(count_entries(c), 0);
+    CHECK_EQ(check_all_pages(c), 0);
+    /* expunge with a NULL callback works too */
+    CHECK_EQ(ksets(c, "y1", "v"), 0);
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    CHECK_EQ(fmm_expunge(c, 0, FMM_EXPUNGE_ALL, NULL, NULL), 0);
+    fmm_unlock(c, 0);
+    CHECK(!khas(c, "y1"));
+    fmm_close(c);
+}
+
+/* Dirty entries removed by eviction (and by expiry reclaim during a set)
+ * are reported exactly once; clean ones never. */
+static void test_evict_callback(void)
+{
+    fmm_cache *c = open_anon(8192, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    enum { N = 300 };
+    evlog ev;
+    memset(&ev, 0, sizeof ev);
+    char k[16], v[100];
+    memset(v, 'v', sizeof v);
+    for (int i = 0; i < N; i++) {
+        snprintf(k, sizeof k, "e%d", i);
+        CHECK_EQ(kset_full(c, k, v, 80, i % 2 ? 0 : FMM_F_DIRTY, 0, ev_record, &ev), 0);
+    }
+    CHECK(ev.n > 0);
+    CHECK_EQ(ev.clean, 0);
+    CHECK_EQ(ev.bad, 0);
+    int missing_dirty = 0, missing_clean = 0;
+    for (int i = 0; i < N; i++) {
+        snprintf(k, sizeof k, "e%d", i);
+        int has = khas(c, k);
+        if (i % 2 == 0) {
+            CHECK_EQ(ev.hits[i], has ? 0 : 1);
+            missing_dirty += !has;
+        } else {
+            CHECK_EQ(ev.hits[i], 0);
+            missing_clean += !has;
+        }
+    }
+    CHECK(missing_clean > 0);
+    CHECK_EQ(ev.n, missing_dirty);
+
+    /* expiry reclaim: expired dirty entries are reported when a set
+     * compacts the page */
+    const uint32_t T = 1700000000u;
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    CHECK_EQ(fmm_expunge(c, 0, FMM_EXPUNGE_ALL, NULL, NULL), 0);
+    fmm_unlock(c, 0);
+    fmm_set_time(c, T);
+    for (int i = 0; i < 10; i++) {
+        snprintf(k, sizeof k, "t%d", i);
+        CHECK_EQ(kset_full(c, k, v, 80, i % 2 ? 0 : FMM_F_DIRTY, T + 5, NULL, NULL), 0);
+    }
+    fmm_set_time(c, T + 5);
+    memset(&ev, 0, sizeof ev);
+    for (int i = 10; i < 200 && ev.n == 0; i++) {
+        snprintf(k, sizeof k, "t%d", i);
+        CHECK_EQ(kset_full(c, k, v, 80, 0, 0, ev_record, &ev), 0);
+    }
+    CHECK_EQ(ev.n, 5);
+    CHECK_EQ(ev.clean, 0);
+    for (int i = 0; i < 10; i++)
+        CHECK_EQ(ev.hits[i], i % 2 ? 0 : 1);
+    CHECK_EQ(check_all_pages(c), 0);
+    fmm_close(c);
+}
+
+static void test_lru_clock_renumbering(void)
+{
+    fmm_cache *c = open_anon(8192, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    enum { NK = 40 };
+    char k[16], v[128];
+    uint64_t last_use[NK];
+    uint64_t tick = 0;
+    memset(v, 'r', sizeof v);
+    for (int i = 0; i < NK; i++) {
+        snprintf(k, sizeof k, "k%02d", i);
+        CHECK_EQ(kset(c, k, v, 100), 0);
+        last_use[i] = ++tick;
+    }
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    fmm_set_page_clock(c, 0, 0xEFFFFFF0u);
+    fmm_unlock(c, 0);
+    uint64_t s = 99;
+    for (int op = 0; op < 100; op++) {
+        int i = (int)rng_below(&s, NK);
+        snprintf(k, sizeof k, "k%02d", i);
+        if (op % 3 == 0)
+            CHECK_EQ(kset(c, k, v, 90 + rng_below(&s, 20)), 0);
+        else
+            CHECK_EQ(kget(c, k, NULL, 0, NULL), 0);
+        last_use[i] = ++tick;
+        if (op % 10 == 0)
+            CHECK_EQ(check_one_page(c, 0), 0);
+    }
+    CHECK_EQ(kget(c, "k07", NULL, 0, NULL), 0);
+    last_use[7] = ++tick;
+    CHECK_EQ(check_all_pages(c), 0);
+    /* the clock was renumbered: access values are small again */
+    {
+        uint64_t h = fmm_hash(c, "k07", 3);
+        fmm_item it;
+        CHECK_EQ(fmm_lock(c, 0, -1), 0);
+        CHECK_EQ(fmm_get(c, 0, h, "k07", 3, 0, &it), 0);
+        CHECK(it.access < 0x10000u);
+        fmm_unlock(c, 0);
+    }
+    /* now push new keys until the first k-key is evicted */
+    int evicted = 0;
+    for (int n = 0; n < 400 && !evicted; n++) {
+        snprintf(k, sizeof k, "n%03d", n);
+        CHECK_EQ(kset(c, k, v, 100), 0);
+        for (int i = 0; i < NK; i++) {
+            snprintf(k, sizeof k, "k%02d", i);
+            evicted |= !khas(c, k);
+        }
+    }
+    CHECK(evicted);
+    CHECK(khas(c, "k07"));
+    int order_bad = 0;
+    for (int i = 0; i < NK; i++) {
+        snprintf(k, sizeof k, "k%02d", i);
+        if (khas(c, k))
+            continue;
+        for (int j = 0; j < NK; j++) {
+            snprintf(k, sizeof k, "k%02d", j);
+            if (khas(c, k) && last_use[j] < last_use[i])
+                order_bad++;
+        }
+    }
+    CHECK_EQ(order_bad, 0);
+    CHECK_EQ(check_all_pages(c), 0);
+    fmm_close(c);
+}
+
+/* A child process that holds page `page` of c until told to let go.
+ * Returns the pid; *release is the fd to write to. */
+static pid_t hold_page_in_child(fmm_cache *c, uint32_t page, int *release)
+{
+    int up[2], down[2];
+    if (pipe(up) != 0 || pipe(down) != 0)
+        return -1;
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(up[0]);
+        close(down[1]);
+        if (fmm_lock(c, page, -1) != 0)
+            _exit(2);
+        write_byte(up[1], 'L');
+        read_byte(down[0]); /* wait for the parent (or its death) */
+        fmm_unlock(c, page);
+        _exit(0);
+    }
+    close(up[1]);
+    close(down[0]);
+    int ok = pid > 0 && read_byte(up[0]) == 'L';
+    close(up[0]);
+    *release = down[1];
+    if (!ok && pid > 0) {
+        close(down[1]);
+        wait_child(pid);
+        return -1;
+    }
+    return pid;
+}
+
+static void test_locking_rules(void)
+{
+    char pa[PATH_MAX], pb[PATH_MAX];
+    tpath(pa, "lock-a.fmm");
+    tpath(pb, "lock-b.fmm");
+    fmm_cache *a = open_geom(pa, 4096, 4), *b = open_geom(pb, 4096, 4);
+    CHECK(a && b);
+    if (!a || !b) {
+        fmm_close(a);
+        fmm_close(b);
+        return;
+    }
+    /* the same page twice, or a second page: FMM_ELOCKED, no deadlock */
+    CHECK_EQ(fmm_lock(a, 1, -1), 0);
+    CHECK_RC(fmm_lock(a, 1, -1), FMM_ELOCKED);
+    CHECK_RC(fmm_lock(a, 1, 0), FMM_ELOCKED);
+    CHECK_RC(fmm_lock(a, 2, -1), FMM_ELOCKED);
+    CHECK(fmm_errdetail(a)[0] != 0);
+    /* another cache is independent */
+    CHECK_EQ(fmm_lock(b, 1, -1), 0);
+    CHECK_RC(ksets(a, "x", "y"), FMM_ELOCKED); /* whatever page "x" is on */
+    fmm_unlock(b, 1);
+    fmm_unlock(a, 1);
+    /* after unlocking, both pages can be taken in turn */
+    CHECK_EQ(fmm_lock(a, 2, -1), 0);
+    fmm_unlock(a, 2);
+    CHECK_EQ(fmm_lock(a, 1, 0), 0);
+    fmm_unlock(a, 1);
+    /* a page out of range */
+    CHECK_RC(fmm_lock(a, 4, -1), FMM_EBADARG);
+    CHECK_RC(fmm_lock(a, UINT32_MAX, 0), FMM_EBADARG);
+    /* two handles on one file, different pages, one thread: fine */
+    fmm_config zero = {0};
+    fmm_cache *a2 = open_cfg(pa, &zero, NULL);
+    CHECK(a2 != NULL);
+    if (a2) {
+        CHECK_EQ(fmm_lock(a, 0, -1), 0);
+        CHECK_EQ(fmm_lock(a2, 3, -1), 0);
+        /* the same page through the other handle: refused, not a deadlock */
+        int rc = fmm_lock(a2, 0, 0);
+        CHECK(rc == FMM_ELOCKED || rc == FMM_EBUSY);
+        fmm_unlock(a2, 3);
+        fmm_unlock(a, 0);
+        fmm_close(a2);
+    }
+
+    /* a thread holding pages of too many caches: FMM_ETOOMANY */
+    enum { NC = 12 };
+    fmm_cache *many[NC];
+    int locked[NC] = {0}, ok = 0, toomany = 0;
+    for (int i = 0; i < NC; i++) {
+        many[i] = open_anon(4096, 1);
+        CHECK(many[i] != NULL);
+        if (!many[i])
+            continue;
+        int rc = fmm_lock(many[i], 0, -1);
+        if (rc == 0) {
+            locked[i] = 1;
+            ok++;
+        } else if (rc == FMM_ETOOMANY) {
+            toomany++;
+        } else {
+            CHECK_RC(rc, 0);
+        }
+    }
+    CHECK(ok >= 2);
+    CHECK_EQ(ok + toomany, NC);
+    for (int i = 0; i < NC; i++) {
+        if (locked[i])
+            fmm_unlock(many[i], 0);
+        fmm_close(many[i]);
+    }
+
+    /* held by another process: timeout 0 -> EBUSY; 50 ms -> ETIMEDOUT */
+    int release = -1;
+    pid_t pid = hold_page_in_child(a, 2, &release);
+    CHECK(pid > 0);
+    if (pid > 0) {
+        uint64_t rep = fmm_repairs(a);
+        CHECK_RC(fmm_lock(a, 2, 0), FMM_EBUSY);
+        double t0 = now_s();
+        CHECK_RC(fmm_lock(a, 2, 50 * 1000000LL), FMM_ETIMEDOUT);
+        double waited = now_s() - t0;
+        CHECK(waited >= 0.045);
+        CHECK(waited < 5.0);
+        /* other pages are free meanwhile */
+        CHECK_EQ(fmm_lock(a, 3, 0), 0);
+        fmm_unlock(a, 3);
+        /* a long timeout succeeds once the holder lets go */
+        write_byte(release, 'U');
+        CHECK_EQ(fmm_lock(a, 2, 5000 * 1000000LL), 0);
+        fmm_unlock(a, 2);
+        close(release);
+        CHECK_EQ(wait_child(pid), 0);
+        CHECK_EQ(fmm_repairs(a), rep);
+    }
+    CHECK_EQ(check_all_pages(a), 0);
+    fmm_close(a);
+    fmm_close(b);
+}
+
+/* Locked read-increment-write of one 8-byte counter. */
+static int incr(fmm_cache *c, const char *k)
+{
+    uint32_t klen = (uint32_t)strlen(k);
+    uint64_t h = fmm_hash(c, k, klen);
+    uint32_t p = fmm_page_of(c, h);
+    int rc = fmm_lock(c, p, -1);
+    if (rc)
+        return rc;
+    fmm_item it;
+    uint64_t n = 0;
+    rc = fmm_get(c, p, h, k, klen, 1, &it);
+    if (rc == 0 && it.vlen == sizeof n)
+        memcpy(&n, it.val, sizeof n);
+    else if (rc == 0)
+        rc = -1;
+    else if (rc == FMM_ENOTFOUND)
+        rc = 0;
+    if (rc == 0) {
+        n++;
+        rc = fmm_set(c, p, h, k, klen, &n, sizeof n, 0, 0, NULL, NULL);
+    }
+    fmm_unlock(c, p);
+    return rc;
+}
+static uint64_t counter_value(fmm_cache *c, const char *k)
+{
+    uint64_t n = 0;
+    uint32_t vl = 0;
+    char buf[16];
+    if (kget_full(c, k, 0, buf, sizeof buf, &vl, NULL) == 0 && vl == sizeof n)
+        memcpy(&n, buf, sizeof n);
+    return n;
+}
+
+typedef struct thr_arg {
+    fmm_cache *c;
+    int n, errors;
+} thr_arg;
+static void *incr_thread(void *p)
+{
+    thr_arg *t = p;
+    for (int i = 0; i < t->n; i++)
+        if (incr(t->c, "counter") != 0)
+            t->errors++;
+    return NULL;
+}
+
+static void test_threads_counter(void)
+{
+    fmm_cache *c = open_anon(4096, 2);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    enum { NT = 4, PER = 10000 };
+    pthread_t th[NT];
+    thr_arg args[NT];
+    int started[NT] = {0};
+    for (int i = 0; i < NT; i++) {
+        args[i].c = c;
+        args[i].n = PER;
+        args[i].errors = 0;
+        started[i] = pthread_create(&th[i], NULL, incr_thread, &args[i]) == 0;
+        CHECK(started[i]);
+    }
+    int errors = 0;
+    for (int i = 0; i < NT; i++) {
+        if (started[i])
+            pthread_join(th[i], NULL);
+        errors += args[i].errors;
+    }
+    CHECK_EQ(errors, 0);
+    CHECK_EQ(counter_value(c, "counter"), NT * PER);
+    CHECK_EQ(check_all_pages(c), 0);
+    fmm_close(c);
+}
+
+static void test_cross_process_counter(void)
+{
+    char path[PATH_MAX];
+    tpath(path, "xproc.fmm");
+    fmm_cache *c = open_geom(path, 4096, 2);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    enum { PER = 5000 };
+    pid_t pids[2];
+    fflush(NULL);
+    for (int i = 0; i < 2; i++) {
+        pids[i] = fork();
+        if (pids[i] == 0) {
+            /* child 0 uses the inherited mapping, child 1 opens the path */
+            fmm_cache *cc = c;
+            if (i == 1) {
+                fmm_config zero = {0};
+                if (fmm_open(path, &zero, &cc, NULL, NULL, 0) != 0)
+                    _exit(2);
+            }
+            for (int j = 0; j < PER; j++)
+                if (incr(cc, "counter") != 0)
+                    _exit(3);
+            _exit(0);
+        }
+        CHECK(pids[i] > 0);
+    }
+    for (int i = 0; i < 2; i++)
+        if (pids[i] > 0)
+            CHECK_EQ(wait_child(pids[i]), 0);
+    CHECK_EQ(counter_value(c, "counter"), 2 * PER);
+    CHECK_EQ(check_all_pages(c), 0);
+    CHECK_EQ(fmm_repairs(c), 0);
+    fmm_close(c);
+
+    /* an anonymous cache is shared with forked children too */
+    c = open_anon(4096, 2);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    fflush(NULL);
+    for (int i = 0; i < 2; i++) {
+        pids[i] = fork();
+        if (pids[i] == 0) {
+            for (int j = 0; j < PER / 5; j++)
+                if (incr(c, "counter") != 0)
+                    _exit(3);
+            char key[32];
+            snprintf(key, sizeof key, "from-%d", i);
+            _exit(ksets(c, key, "child") == 0 ? 0 : 4);
+        }
+        CHECK(pids[i] > 0);
+    }
+    for (int i = 0; i < 2; i++)
+        if (pids[i] > 0)
+            CHECK_EQ(wait_child(pids[i]), 0);
+    CHECK_EQ(counter_value(c, "counter"), 2 * (PER / 5));
+    CHECK(kiss(c, "from-0", "child"));
+    CHECK(kiss(c, "from-1", "child"));
+    fmm_close(c);
+}
+
+/* Fork a child that locks `page`, optionally marks it dirty through the
+ * documented header layout (uint32 dirty at offset 68), and exits without
+ * unlocking. */
+static int die_holding(fmm_cache *c, uint32_t page, int dirty)
+{
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        if (fmm_lock(c, page, -1) != 0)
+            _exit(2);
+        if (dirty) {
+            uint32_t one = 1;
+            memcpy(fmm_page_ptr(c, page) + 68, &one, sizeof one);
+        }
+        _exit(0);
+    }
+    return pid > 0 ? wait_child(pid) : -1;
+}
+
+static void test_crash_repair(void)
+{
+    char path[PATH_MAX];
+    tpath(path, "crash.fmm");
+    fmm_cache *c = open_geom(path, 8192, 4);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    char k[16];
+    enum { N = 60 };
+    for (int i = 0; i < N; i++) {
+        snprintf(k, sizeof k, "c%d", i);
+        CHECK_EQ(ksets(c, k, k), 0);
+    }
+    const uint32_t victim = fmm_page_of(c, fmm_hash(c, "c0", 2));
+    int in_victim = 0;
+    for (int i = 0; i < N; i++) {
+        snprintf(k, sizeof k, "c%d", i);
+        in_victim += fmm_page_of(c, fmm_hash(c, k, strlen(k))) == victim;
+    }
+    CHECK(in_victim > 0 && in_victim < N);
+
+    /* a holder that dies with the page clean: nothing lost, no repair */
+    uint64_t rep0 = fmm_repairs(c);
+    CHECK_EQ(die_holding(c, victim, 0), 0);
+    CHECK_EQ(fmm_lock(c, victim, -1), 0);
+    fmm_unlock(c, victim);
+    CHECK_EQ(fmm_repairs(c), rep0);
+    for (int i = 0; i < N; i++) {
+        snprintf(k, sizeof k, "c%d", i);
+        CHECK(kiss(c, k, k));
+    }
+    CHECK_EQ(check_all_pages(c), 0);
+
+    /* a holder that dies mid-write (dirty): the page is re-initialised */
+    CHECK_EQ(die_holding(c, victim, 1), 0);
+    CHECK_EQ(fmm_lock(c, victim, -1), 0);
+    char msg[256];
+    CHECK_EQ(fmm_check_page(c, victim, msg, sizeof msg), 0);
+    fmm_unlock(c, victim);
+    CHECK_EQ(fmm_repairs(c), rep0 + 1);
+    for (int i = 0; i < N; i++) {
+        snprintf(k, sizeof k, "c%d", i);
+        int in = fmm_page_of(c, fmm_hash(c, k, strlen(k))) == victim;
+        CHECK_EQ(khas(c, k), !in);
+    }
+    CHECK_EQ(check_all_pages(c), 0);
+    CHECK_EQ(fmm_repairs(c), rep0 + 1); /* once only */
+    /* the repaired page works, and the repair count is file-wide */
+    CHECK_EQ(ksets(c, "c0", "again"), 0);
+    CHECK(kiss(c, "c0", "again"));
+    fmm_config zero = {0};
+    fmm_cache *c2 = open_cfg(path, &zero, NULL);
+    CHECK(c2 != NULL);
+    if (c2) {
+        CHECK_EQ(fmm_repairs(c2), rep0 + 1);
+        CHECK(kiss(c2, "c0", "again"));
+        fmm_close(c2);
+    }
+    /* a dead holder seen through a timed lock and a try-lock too */
+    CHECK_EQ(die_holding(c, victim, 1), 0);
+    CHECK_EQ(fmm_lock(c, victim, 0), 0);
+    fmm_unlock(c, victim);
+    CHECK_EQ(fmm_repairs(c), rep0 + 2);
+    CHECK(!khas(c, "c0"));
+    CHECK_EQ(ksets(c, "c0", "third"), 0);
+    CHECK_EQ(die_holding(c, victim, 1), 0);
+    CHECK_EQ(fmm_lock(c, victim, 1000 * 1000000LL), 0);
+    fmm_unlock(c, victim);
+    CHECK_EQ(fmm_repairs(c), rep0 + 3);
+    CHECK(!khas(c, "c0"));
+    CHECK_EQ(check_all_pages(c), 0);
+    fmm_close(c);
+}
+
+static void test_check_file(void)
+{
+    char path[PATH_MAX], other[PATH_MAX];
+    tpath(path, "cf.fmm");
+    tpath(other, "cf-other.fmm");
+    fmm_cache *c = open_geom(path, 4096, 2);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    CHECK_EQ(fmm_check_file(c), 0);
+    /* another file renamed over the path */
+    fmm_cache *o = open_geom(other, 4096, 2);
+    CHECK(o != NULL);
+    fmm_close(o);
+    CHECK(rename(other, path) == 0);
+    CHECK_RC(fmm_check_file(c), FMM_EREPLACED);
+    fmm_close(c);
+    /* the path unlinked */
+    c = open_geom(path, 4096, 2);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    CHECK_EQ(fmm_check_file(c), 0);
+    CHECK(unlink(path) == 0);
+    CHECK_RC(fmm_check_file(c), FMM_EREPLACED);
+    /* the handle keeps working on its (now unlinked) file */
+    CHECK_EQ(ksets(c, "still", "works"), 0);
+    CHECK(kiss(c, "still", "works"));
+    fmm_close(c);
+    /* anonymous caches have no path to lose */
+    c = open_anon(4096, 1);
+    CHECK(c != NULL);
+    CHECK_EQ(fmm_check_file(c), 0);
+    fmm_close(c);
+}
+
+/* ---- corruption fuzz ---- */
+
+typedef struct fuzz_ctx {
+    const unsigned char *lo, *hi; /* items must lie in [lo, hi) */
+    long visits, bad;
+    unsigned sum;
+} fuzz_ctx;
+
+static int in_page(const fuzz_ctx *f, const void *p, uint32_t n)
+{
+    const unsigned char *q = p;
+    return q >= f->lo && q <= f->hi && n <= (size_t)(f->hi - q);
+}
+
+static int fuzz_visit(void *ctx, const fmm_item *it)
+{
+    fuzz_ctx *f = ctx;
+    f->visits++;
+    if (!in_page(f, it->key, it->klen) || !in_page(f, it->val, it->vlen)) {
+        f->bad++;
+        return 0;
+    }
+    /* read every byte handed out, so that a sanitizer sees a bad range */
+    for (uint32_t i = 0; i < it->klen; i++)
+        f->sum += (unsigned char)it->key[i];
+    for (uint32_t i = 0; i < it->vlen; i++)
+        f->sum += (unsigned char)it->val[i];
+    return 0;
+}
+
+static void put32(unsigned char *pg, uint32_t off, uint32_t v) { memcpy(pg + off, &v, 4); }
+static uint32_t get32(const unsigned char *pg, uint32_t off)
+{
+    uint32_t v;
+    memcpy(&v, pg + off, 4);
+    return v;
+}
+
+/* One random act of corruption somewhere in [64, ps). */
+static void scribble(unsigned char *pg, uint32_t ps, uint64_t *s)
+{
+    uint32_t ns = get32(pg, 72);
+    uint32_t max_slots = (ps - FMM_PAGE_HEADER_SIZE) / 4;
+    if (ns == 0 || ns > max_slots)
+        ns = max_slots;
+    uint32_t ds = FMM_PAGE_HEADER_SIZE + 4 * ns;
+    switch (rng_below(s, 7)) {
+    case 0: { /* random bytes over a random range */
+        uint32_t off = 64 + rng_below(s, ps - 64);
+        uint32_t lim = (uint32_t[]){4, 32, 512, ps}[rng_below(s, 4)];
+        uint32_t len = 1 + rng_below(s, lim);
+        if (len > ps - off)
+            len = ps - off;
+        for (uint32_t i = 0; i < len; i++)
+            pg[off + i] = (unsigned char)rng_next(s);
+        break;
+    }
+    case 1: { /* a page-header field, with a plausible or a wild value */
+        uint32_t off = 64 + 4 * rng_below(s, 16);
+        uint32_t cur = get32(pg, off), v;
+        switch (rng_below(s, 6)) {
+        case 0: v = (uint32_t)rng_next(s); break;
+        case 1: v = rng_below(s, 64); break;
+        case 2: v = 1u << rng_below(s, 32); break;
+        case 3: v = cur + rng_below(s, 9) - 4; break;
+        case 4: v = 4 * rng_below(s, ps / 4 + 2); break;
+        default: v = cur ^ (1u << rng_below(s, 32)); break;
+        }
+        put32(pg, off, v);
+        break;
+    }
+    case 2: { /* a slot */
+        uint32_t idx = rng_below(s, ns);
+        uint32_t off = FMM_PAGE_HEADER_SIZE + 4 * idx, cur = get32(pg, off), v;
+        uint32_t offmask = ps / 4 - 1;
+        switch (rng_below(s, 6)) {
+        case 0: v = (uint32_t)rng_next(s); break;
+        case 1: v = 0; break;
+        case 2: v = 1; break;
+        case 3: v = (cur & ~offmask) | rng_below(s, offmask + 1); break;
+        case 4: v = get32(pg, FMM_PAGE_HEADER_SIZE + 4 * rng_below(s, ns)); break; /* duplicate */
+        default: v = (cur & ~offmask) | (((cur & offmask) + rng_below(s, 9) - 4) & offmask); break;
+        }
+        put32(pg, off, v);
+        break;
+    }
+    case 3: { /* an entry-header word: lengths, expiry, access */
+        if (ds + 24 >= ps)
+            break;
+        uint32_t off = (ds + rng_below(s, ps - ds - 24)) & ~3u;
+        uint32_t v;
+        switch (rng_below(s, 5)) {
+        case 0: v = (uint32_t)rng_next(s); break;
+        case 1: v = 0xFFFFFFFFu; break;
+        case 2: v = 0x00FFFFFFu | ((uint32_t)rng_below(s, 256) << 24); break;
+        case 3: v = ps - rng_below(s, 64); break;
+        default: v = rng_below(s, 300); break;
+        }
+        put32(pg, off, v);
+        break;
+    }
+    case 6: /* num_slots: any power of two, however large */
+        put32(pg, 72, 1u << rng_below(s, 32));
+        break;
+    case 4: { /* one flipped bit */
+        uint32_t off = 64 + rng_below(s, ps - 64);
+        pg[off] ^= (unsigned char)(1u << rng_below(s, 8));
+        break;
+    }
+    default: { /* zeroed range */
+        uint32_t off = 64 + rng_below(s, ps - 64);
+        uint32_t len = 1 + rng_below(s, 64);
+        if (len > ps - off)
+            len = ps - off;
+        memset(pg + off, 0, len);
+        break;
+    }
+    }
+}
+
+static int pset(fmm_cache *c, uint32_t p, const char *k, const void *v, uint32_t vl, uint32_t exp)
+{
+    uint32_t kl = (uint32_t)strlen(k);
+    return fmm_set(c, p, fmm_hash(c, k, kl), k, kl, v, vl, 0, exp, NULL, NULL);
+}
+
+/* What the fuzzing child reports through shared memory. */
+typedef struct fuzz_shared {
+    int current;   /* the seed being run */
+    int done;      /* the child finished its range */
+    int lock_fail, set_fail, info_bad, bad_after_set, lost_fresh, corrupt_seen;
+    long bad_items, visits;
+    uint64_t repairs;
+} fuzz_shared;
+
+/* Run seeds first..last on a fresh cache; called in a child process so
+ * that a crash is reported as a failed seed instead of ending the driver. */
+static void fuzz_range(fuzz_shared *sh, int first, int last)
+{
+    enum { PS = 8192, MAXK = 140 };
+    /* Two pages; the fuzzed page is the last one of the mapping and the
+     * page before it is made inaccessible, so that a read or write beyond
+     * either end of the fuzzed page faults at once. */
+    fmm_cache *c = open_anon(PS, 2);
+    if (!c)
+        _exit(2);
+    const uint32_t P = 1;
+    unsigned char *pg = fmm_page_ptr(c, P);
+    unsigned char *guard = fmm_page_ptr(c, 0);
+    if (pg != guard + PS || mprotect(guard, PS, PROT_NONE) != 0)
+        _exit(3);
+    const uint32_t T = 1700000000u;
+    fmm_set_time(c, T);
+    fuzz_ctx f = {pg + FMM_PAGE_HEADER_SIZE, pg + PS, 0, 0, 0};
+    uint64_t rep0 = fmm_repairs(c);
+    char key[32], val[160], msg[256];
+    for (int seed = first; seed <= last; seed++) {
+        sh->current = seed;
+        uint64_t s = (uint64_t)seed * 0x2545F4914F6CDD1DULL;
+        /* a fresh page with live, expired and deleted entries and garbage */
+        if (fmm_lock(c, P, -1) != 0) {
+            sh->lock_fail++;
+            continue;
+        }
+        fmm_init_page(c, P);
+        int nk = 5 + (int)rng_below(&s, MAXK - 5);
+        for (int i = 0; i < nk; i++) {
+            snprintf(key, sizeof key, "z%d-%d", seed, i);
+            uint32_t vl = rng_below(&s, 120);
+            memset(val, 'a' + i % 26, vl);
+            uint32_t exp = rng_below(&s, 4) == 0 ? T + rng_below(&s, 3) : 0;
+            pset(c, P, key, val, vl, exp);
+            if (rng_below(&s, 5) == 0) {
+                snprintf(key, sizeof key, "z%d-%d", seed, (int)rng_below(&s, (uint32_t)i + 1));
+                fmm_delete(c, P, fmm_hash(c, key, strlen(key)), key, (uint32_t)strlen(key), NULL);
+            }
+        }
+        fmm_unlock(c, P);
+
+        int acts = 1 + (int)rng_below(&s, 4);
+        for (int a = 0; a < acts; a++)
+            scribble(pg, PS, &s);
+
+        /* every operation on the damaged page: no crash, no bad pointer */
+        if (fmm_lock(c, P, -1) != 0) {
+            sh->lock_fail++;
+            continue;
+        }
+        for (int i = 0; i < nk; i++) {
+            snprintf(key, sizeof key, "z%d-%d", seed, i);
+            uint32_t kl = (uint32_t)strlen(key);
+            fmm_item it;
+            if (fmm_get(c, P, fmm_hash(c, key, kl), key, kl, i & 1, &it) == 0) {
+                fuzz_visit(&f, &it);
+                if (it.klen != kl || memcmp(it.key, key, kl) != 0)
+                    f.bad++;
+            }
+        }
+        snprintf(key, sizeof key, "z%d-%d", seed, (int)rng_below(&s, (uint32_t)nk));
+        memset(val, 'Q', 50);
+        if (pset(c, P, key, val, 50, 0) != 0)
+            sh->set_fail++;
+        snprintf(key, sizeof key, "z%d-%d", seed, (int)rng_below(&s, (uint32_t)nk));
+        int rc = fmm_delete(c, P, fmm_hash(c, key, strlen(key)), key, (uint32_t)strlen(key), NULL);
+        if (rc != 0 && rc != FMM_ENOTFOUND)
+            sh->set_fail++;
+        fmm_page_foreach(c, P, fuzz_visit, &f);
+        fmm_page_info info;
+        fmm_page_info_get(c, P, &info);
+        if (info.free_data > PS || info.data_start != FMM_PAGE_HEADER_SIZE + 4 * info.num_slots ||
+            info.expired > info.live)
+            sh->info_bad++;
+        if (fmm_check_page(c, P, msg, sizeof msg) != 0)
+            sh->corrupt_seen++;
+        if (seed % 3 == 0)
+            fmm_expunge(c, P, seed % 6 == 0 ? FMM_EXPUNGE_EXPIRED : FMM_EXPUNGE_ALL, NULL, NULL);
+        fmm_page_foreach(c, P, fuzz_visit, &f);
+
+        /* Damage inside the page (a wrong tag or count) is only found by a
+         * compaction, which rehashes every key: compact, then one set of a
+         * fresh key leaves a valid page. */
+        fmm_expunge(c, P, FMM_EXPUNGE_EXPIRED, NULL, NULL);
+        snprintf(key, sizeof key, "fresh-%d", seed);
+        snprintf(val, sizeof val, "value-%d", seed);
+        if (pset(c, P, key, val, (uint32_t)strlen(val), 0) != 0)
+            sh->set_fail++;
+        if (fmm_check_page(c, P, msg, sizeof msg) != 0) {
+            if (sh->bad_after_set < 5)
+                fprintf(stderr, "    seed %d: after a fresh set the page is still invalid: %s\n", seed, msg);
+            sh->bad_after_set++;
+        }
+        fmm_item it;
+        uint32_t kl = (uint32_t)strlen(key);
+        if (fmm_get(c, P, fmm_hash(c, key, kl), key, kl, 1, &it) != 0 || it.vlen != strlen(val) ||
+            memcmp(it.val, val, it.vlen) != 0)
+            sh->lost_fresh++;
+        fmm_unlock(c, P);
+        sh->bad_items = f.bad;
+        sh->visits = f.visits;
+        sh->repairs = fmm_repairs(c) - rep0;
+    }
+    sh->done = 1;
+    fflush(NULL);
+    _exit(0);
+}
+
+static void test_corruption_fuzz(void)
+{
+    /* FMM_FUZZ_SEEDS=n runs a longer fuzz by hand */
+    int seeds = 500;
+    const char *env = getenv("FMM_FUZZ_SEEDS");
+    if (env && atoi(env) > 0)
+        seeds = atoi(env);
+    fuzz_shared *sh = mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    CHECK(sh != MAP_FAILED);
+    if (sh == MAP_FAILED)
+        return;
+    memset(sh, 0, sizeof *sh);
+    /* The seeds run in a child; if it dies, the seed is a failure and a
+     * new child carries on with the next one (up to a limit). */
+    int next = 1, crashes = 0, crash_seeds[5];
+    long bad_items = 0, visits = 0;
+    uint64_t repairs = 0;
+    while (next <= seeds && crashes < 5) {
+        sh->done = 0;
+        sh->current = next;
+        fflush(NULL);
+        pid_t pid = fork();
+        if (pid == 0)
+            fuzz_range(sh, next, seeds);
+        CHECK(pid > 0);
+        if (pid <= 0)
+            break;
+        int st = wait_child(pid);
+        bad_items += sh->bad_items;
+        visits += sh->visits;
+        repairs += sh->repairs;
+        sh->bad_items = sh->visits = 0;
+        sh->repairs = 0;
+        if (st == 0 && sh->done)
+            break;
+        crash_seeds[crashes++] = sh->current;
+        fprintf(stderr, "    seed %d: the fuzzing process died (status %d)\n", sh->current, st);
+        next = sh->current + 1;
+    }
+    CHECK_EQ(crashes, 0);
+    if (crashes) {
+        fprintf(stderr, "    crashing seeds:");
+        for (int i = 0; i < crashes; i++)
+            fprintf(stderr, " %d", crash_seeds[i]);
+        fprintf(stderr, "%s\n", crashes == 5 ? " (gave up)" : "");
+    }
+    CHECK_EQ(sh->lock_fail, 0);
+    CHECK_EQ(bad_items, 0);
+    CHECK_EQ(sh->set_fail, 0);
+    CHECK_EQ(sh->info_bad, 0);
+    CHECK_EQ(sh->bad_after_set, 0);
+    CHECK_EQ(sh->lost_fresh, 0);
+    CHECK(visits > 0);
+    CHECK(repairs > 0); /* some damage was seen and repaired */
+    if (sh->bad_after_set)
+        fprintf(stderr, "    %d of %d seeds: page invalid after a fresh set (%llu repairs, %d seen corrupt)\n",
+                sh->bad_after_set, seeds, (unsigned long long)repairs, sh->corrupt_seen);
+    munmap(sh, sizeof *sh);
+}
+
+static void test_stats(void)
+{
+    fmm_config cfg = {0};
+    cfg.anonymous = 1;
+    cfg.page_size = 8192;
+    cfg.num_pages = 1;
+    cfg.enable_stats = 1;
+    fmm_cache *c = open_cfg(NULL, &cfg, NULL);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    CHECK_EQ(ksets(c, "a", "1"), 0);
+    CHECK_EQ(ksets(c, "b", "2"), 0);
+    CHECK(kget(c, "a", NULL, 0, NULL) == 0);
+    CHECK(kget(c, "b", NULL, 0, NULL) == 0);
+    CHECK(kget(c, "b", NULL, 0, NULL) == 0);
+    CHECK(kget(c, "zz", NULL, 0, NULL) == FMM_ENOTFOUND);
+    CHECK(khas(c, "a")); /* a peek (touch 0) is not counted */
+    fmm_page_info info;
+    page_info(c, 0, &info);
+    CHECK_EQ(info.nreads, 4);
+    CHECK_EQ(info.nhits, 3);
+    CHECK_EQ(info.live, 2);
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    fmm_page_clear_stats(c, 0);
+    fmm_page_info_get(c, 0, &info);
+    fmm_unlock(c, 0);
+    CHECK_EQ(info.nreads, 0);
+    CHECK_EQ(info.nhits, 0);
+    fmm_close(c);
+    /* without enable_stats nothing is counted */
+    c = open_anon(8192, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    CHECK_EQ(ksets(c, "a", "1"), 0);
+    CHECK(kget(c, "a", NULL, 0, NULL) == 0);
+    page_info(c, 0, &info);
+    CHECK_EQ(info.nreads, 0);
+    CHECK_EQ(info.nhits, 0);
+    fmm_close(c);
+}
+
+/* The smallest page, and a page so big that slot tags are too narrow to
+ * hold the home index once the table passes 1024 slots (compaction must
+ * then rehash the keys). */
+static void test_page_size_extremes(void)
+{
+    fmm_cache *c = open_anon(FMM_MIN_PAGE_SIZE, 2);
+    CHECK(c != NULL);
+    if (c) {
+        char k[16], v[64];
+        memset(v, 'm', sizeof v);
+        for (int i = 0; i < 200; i++) {
+            snprintf(k, sizeof k, "m%d", i);
+            CHECK_EQ(kset(c, k, v, 20), 0);
+            CHECK(kis(c, k, v, 20));
+        }
+        CHECK_EQ(check_all_pages(c), 0);
+        CHECK(count_entries(c) > 4);
+        uint32_t mi = fmm_max_item(c);
+        char *big = malloc(mi);
+        memset(big, 'B', mi);
+        CHECK_EQ(kset(c, "B", big, mi - FMM_ENTRY_HEADER_SIZE - 1), 0);
+        CHECK(kis(c, "B", big, mi - FMM_ENTRY_HEADER_SIZE - 1));
+        CHECK_RC(kset(c, "B", big, mi - FMM_ENTRY_HEADER_SIZE), FMM_ETOOBIG);
+        free(big);
+        CHECK_EQ(check_all_pages(c), 0);
+        fmm_close(c);
+    }
+
+    c = open_anon(1u << 24, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    enum { N = 3000 };
+    char k[16];
+    for (int i = 0; i < N; i++) {
+        snprintf(k, sizeof k, "b%d", i);
+        CHECK_EQ(kset(c, k, k, (uint32_t)strlen(k)), 0);
+    }
+    fmm_page_info info;
+    page_info(c, 0, &info);
+    CHECK(info.num_slots > 2048);
+    CHECK_EQ(info.live, N);
+    for (int i = 0; i < N; i++) {
+        snprintf(k, sizeof k, "b%d", i);
+        CHECK(kiss(c, k, k));
+    }
+    CHECK_EQ(check_all_pages(c), 0);
+    for (int i = 0; i < N - 5; i++) {
+        snprintf(k, sizeof k, "b%d", i);
+        CHECK_EQ(kdel(c, k), 0);
+    }
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    CHECK_EQ(fmm_expunge(c, 0, FMM_EXPUNGE_EXPIRED, NULL, NULL), 0);
+    fmm_page_info_get(c, 0, &info);
+    fmm_unlock(c, 0);
+    CHECK(info.num_slots <= 128);
+    for (int i = N - 5; i < N; i++) {
+        snprintf(k, sizeof k, "b%d", i);
+        CHECK(kiss(c, k, k));
+    }
+    CHECK_EQ(check_all_pages(c), 0);
+    fmm_close(c);
+}
+
+/* ------------------------------------------------------------------ main */
+
+typedef struct test {
+    const char *name;
+    void (*fn)(void);
+} test;
+
+#define T(f) {#f, f}
+static const test TESTS[] = {
+    T(test_xxh64_vectors),
+    T(test_open_create),
+    T(test_open_reopen_geometry),
+    T(test_open_init_file),
+    T(test_open_bad_paths),
+    T(test_open_anonymous_and_args),
+    T(test_race_free_creation),
+    T(test_get_set_delete),
+    T(test_expiry),
+    T(test_lru_eviction),
+    T(test_compaction_overwrites),
+    T(test_slot_growth_shrink),
+    T(test_perl_t16),
+    T(test_perl_t17),
+    T(test_expunge_dirty_foreach),
+    T(test_evict_callback),
+    T(test_lru_clock_renumbering),
+    T(test_locking_rules),
+    T(test_threads_counter),
+    T(test_cross_process_counter),
+    T(test_crash_repair),
+    T(test_check_file),
+    T(test_corruption_fuzz),
+    T(test_stats),
+    T(test_page_size_extremes),
+};
+
+int main(void)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    signal(SIGPIPE, SIG_IGN);
+    const char *tmp = getenv("TMPDIR");
+    if (!tmp || !*tmp)
+        tmp = "/tmp";
+    snprintf(g_dir, sizeof g_dir, "%s/test_fmm-XXXXXX", tmp);
+    if (!mkdtemp(g_dir)) {
+        perror("mkdtemp");
+        return 2;
+    }
+    int passed = 0, failed = 0;
+    double t0 = now_s();
+    for (size_t i = 0; i < sizeof TESTS / sizeof TESTS[0]; i++) {
+        g_test_failures = 0;
+        double t = now_s();
+        TESTS[i].fn();
+        t = now_s() - t;
+        if (g_test_failures) {
+            failed++;
+            printf("FAIL %-30s %d check(s) failed (%.2fs)\n", TESTS[i].name, g_test_failures, t);
+        } else {
+            passed++;
+            printf("ok   %-30s (%.2fs)\n", TESTS[i].name, t);
+        }
+    }
+    rm_rf(g_dir);
+    fprintf(stderr, "total time %.2fs\n", now_s() - t0);
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
