@@ -271,8 +271,10 @@ static Py_NO_INLINE int lock_slow(CacheObject *self, uint32_t page, int rc)
         if (waited >= 2000000000LL)
             fmm_lock_stale(self->c, page);
         if (self->lock_timeout_ns >= 0 && waited >= self->lock_timeout_ns) {
-            PyErr_Format(st->LockTimeout, "timed out after %.3f s waiting for the lock of page %u",
-                         (double)waited / 1e9, page);
+            char msg[128];
+            snprintf(msg, sizeof msg, "timed out after %.3f s waiting for the lock of page %u", (double)waited / 1e9,
+                     page);
+            PyErr_SetString(st->LockTimeout, msg);
             return -1;
         }
     }
@@ -457,8 +459,17 @@ static PyObject *decode_value(CacheObject *self, uint32_t flags, const char *buf
     case FMM_T_JSON:
     case FMM_T_CUSTOM: {
         PyObject *fn;
-        if (type == FMM_T_PICKLE)
+        if (type == FMM_T_PICKLE) {
+            /* Unpickling runs code from the file: only a cache configured
+             * with serializer="pickle" does it. */
+            if (self->ser_type != FMM_T_PICKLE) {
+                PyErr_Format(st->Error, "this value was stored with pickle, which this cache does not unpickle "
+                                        "(it was opened with another serializer); open it with "
+                                        "serializer='pickle' if you trust every writer of the file");
+                goto done;
+            }
             fn = st->pickle_loads;
+        }
         else if (type == FMM_T_JSON) {
             if (!st->json_loads && !(st->json_loads = import_attr("json", "loads")))
                 goto done;
@@ -1338,6 +1349,7 @@ static PyObject *cache_touch(PyObject *op, PyObject *const *args, Py_ssize_t nar
         goto out;
     fmm_item it;
     int found = 0, rc = 0;
+    evict_ctx ec = {0};
     if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, FMM_GET_TOUCH, &it) == 0) {
         found = 1;
         /* copy first: storing may compact the page under the old pointer */
@@ -1346,13 +1358,15 @@ static PyObject *cache_touch(PyObject *op, PyObject *const *args, Py_ssize_t nar
             rc = -1;
         else
             rc = fmm_set(self->c, page, h, k.buf, (uint32_t)k.len, PyBytes_AS_STRING(copy), it.vlen, it.flags, exp,
-                         NULL, NULL);
+                         EVICT_FN(self), &ec);
     }
     UNLOCK(self, page);
     if (rc > 0 || rc < -1)
         set_error(self->state, "touch", rc, NULL, NULL);
     else if (rc == 0)
         res = Py_NewRef(found ? Py_True : Py_False);
+    if (flush_evicted(self, &ec) < 0)
+        Py_CLEAR(res);
 out:
     Py_XDECREF(copy);
     LEAVE(self);

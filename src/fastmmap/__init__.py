@@ -20,6 +20,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import threading
 import weakref
 import zlib
 from collections.abc import MutableMapping
@@ -213,6 +214,10 @@ class Cache(CacheBase):
         self._delete_cb = delete_cb
         self._write_back = write_action == "write_back"
         self._share_file = path
+        self._file_id = None
+        if path is not None:
+            st = os.stat(path)
+            self._file_id = (st.st_dev, st.st_ino)
         self._private_dir = private_dir
         self._expire_time = default_expire
         self._creator_pid = os.getpid()
@@ -259,7 +264,10 @@ class Cache(CacheBase):
         _exit_registry.discard(self)
         if unlink and self._share_file:
             try:
-                os.unlink(self._share_file)
+                st = os.stat(self._share_file)
+                # only our own file: another cache may have replaced it
+                if (st.st_dev, st.st_ino) == self._file_id:
+                    os.unlink(self._share_file)
             except FileNotFoundError:
                 pass
             if self._private_dir:
@@ -507,54 +515,68 @@ class Share:
     """One picklable object in anonymous shared memory (IPC::Mmap::Share).
 
     Visible to this process and every child it forks afterwards.  No file
-    is created.  ``size`` bounds the pickled size of the object.
+    is created.  ``size`` bounds the pickled size of the object.  lock() is
+    re-entrant within a thread; other threads and processes wait.
     """
 
     _KEY = b"\x00share"
 
-    def __init__(self, size, *, serializer="pickle"):
+    def __init__(self, size):
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise ValueError(f"size must be a positive int, got {size!r}")
         page = 1 << max(10, (size + 512).bit_length())
         self._size = size
-        self._cache = Cache(anonymous=True, num_pages=1, page_size=page, start_slots=4,
-                            serializer=serializer)
+        self._cache = Cache(anonymous=True, num_pages=1, page_size=page, start_slots=4)
         self._page = None
+        self._owner = None  # thread ident holding the lock
         self._depth = 0
 
     @property
     def size(self):
         return self._size
 
+    def _held(self):
+        return self._owner == threading.get_ident()
+
     def set(self, obj):
-        """Store obj; ValueError (old value kept) if it pickles to more than size bytes."""
-        data = obj if isinstance(obj, (bytes, str)) else pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
-        n = len(data.encode() if isinstance(data, str) else data)
+        """Store obj; ValueError (old value kept) if it needs more than size bytes.
+
+        bytes and str are stored as they are (str as UTF-8); other objects
+        are pickled.
+        """
+        if isinstance(obj, bytes):
+            n = len(obj)
+        elif isinstance(obj, str):
+            n = len(obj.encode("utf-8", "surrogatepass"))
+        else:
+            n = len(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
         if n > self._size:
             raise ValueError(f"object needs {n} bytes, more than this Share's size of {self._size}")
-        if self._page is not None:
+        if self._held():
             self._cache._held_set(self._page, self._KEY, None, obj, None)
         else:
             self._cache.set(self._KEY, obj)
 
     def get(self):
         """Return the stored object (None if nothing was stored)."""
-        if self._page is not None:
+        if self._held():
             return self._cache._held_get(self._page, self._KEY, None, None)
         return self._cache.get(self._KEY)
 
     def lock(self):
         """Lock the shared object (re-entrant within one thread)."""
-        if self._depth == 0:
-            self._page = self._cache._lock_for(self._KEY)
-        self._depth += 1
+        if self._held():
+            self._depth += 1
+            return
+        page = self._cache._lock_for(self._KEY)  # waits for other holders
+        self._page, self._owner, self._depth = page, threading.get_ident(), 1
 
     def unlock(self):
-        if self._depth == 0:
-            raise Error("Share.unlock() without lock()")
+        if not self._held():
+            raise Error("Share.unlock() without lock() in this thread")
         self._depth -= 1
         if self._depth == 0:
-            page, self._page = self._page, None
+            page, self._page, self._owner = self._page, None, None
             self._cache._unlock(page)
 
     def __enter__(self):
