@@ -5,6 +5,10 @@ from __future__ import annotations
 import datetime
 import decimal
 import fractions
+import gc
+import sys
+import threading
+import tracemalloc
 
 import pytest
 
@@ -316,3 +320,85 @@ def test_module_exports():
     assert issubclass(fastmmap.Error, Exception)
     assert issubclass(fastmmap.LockTimeout, fastmmap.Error)
     assert issubclass(fastmmap.LockTimeout, TimeoutError)
+
+
+# ---------------------------------------------------------------- references and leaks
+
+
+def test_no_reference_leaks_on_success_paths(cache):
+    c = cache(num_pages=3)
+    key = "".join(["ref", "key"])  # a fresh, non-interned object
+    bkey = bytes(bytearray(b"bytes-key"))
+    value = [1, 2, 3]
+    default = object()
+    fn = lambda k, v: value  # noqa: E731
+    counts = [sys.getrefcount(o) for o in (key, bkey, value, default, fn)]
+    for _ in range(100):
+        c.set(key, value)
+        c.get(key)
+        c[bkey] = value
+        c[bkey]
+        key in c
+        c.exists(key)
+        c.get("missing", default)
+        c.get_and_set(key, fn)
+        c.multi_set(key, {bkey: value})
+        c.multi_get(key, [bkey])
+        c.get_keys(2)
+        c.get_and_remove(bkey)
+        c.remove(key)
+    assert [sys.getrefcount(o) for o in (key, bkey, value, default, fn)] == counts
+
+
+def test_no_reference_leaks_on_error_paths(cache):
+    c = cache(num_pages=1, page_size=4096)
+    key = "".join(["ref", "key"])
+    big = b"x" * 10_000
+    fn_raises = lambda k, v: 1 / 0  # noqa: E731
+    counts = [sys.getrefcount(o) for o in (key, big, fn_raises)]
+    for _ in range(100):
+        assert c.set(key, big) is False
+        with pytest.raises(ValueError):
+            c[key] = big
+        with pytest.raises(KeyError):
+            c[key]
+        with pytest.raises(ZeroDivisionError):
+            c.get_and_set(key, fn_raises)
+        with pytest.raises(TypeError):
+            c.set(key, threading.Lock())
+    assert [sys.getrefcount(o) for o in (key, big, fn_raises)] == counts
+
+
+def test_no_memory_growth_under_churn(cache):
+    c = cache(num_pages=3)
+
+    def churn():
+        for i in range(300):
+            k = f"k{i % 40}"
+            c.set(k, {"i": i, "pad": "x" * (i % 50)})
+            c.get(k)
+            c[f"b{i % 40}"] = b"v" * (i % 100)
+            c.get(f"b{i % 40}")
+            c.get_and_set("n", lambda key, v: (v or 0) + 1)
+            c.get("missing")
+            try:
+                c["missing"]
+            except KeyError:
+                pass
+        c.get_keys(2)
+        list(c.items())
+
+    churn()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        churn()
+        gc.collect()
+        base, _ = tracemalloc.get_traced_memory()
+        for _ in range(5):
+            churn()
+        gc.collect()
+        now, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert now - base < 64 * 1024, f"memory grew by {now - base} bytes over 5 churn rounds"

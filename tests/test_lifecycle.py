@@ -6,6 +6,8 @@ import multiprocessing
 import operator
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -302,3 +304,26 @@ def test_spawn_pool_worker_reads_the_parents_key(cache):
     assert c["from-worker"] == worker_pid
     assert os.path.exists(c.share_file), "a worker must not unlink the parent's file"
     assert c["shared"] == {"answer": 42}
+
+
+def test_interpreter_exit_without_close_unlinks_and_empties(cache, tmp_path):
+    """unlink_on_exit and empty_on_exit also act when the creating process
+    exits without calling close()."""
+    created = tmp_path / "created.fmm"
+    kept = tmp_path / "kept.fmm"
+    script = f"""
+import fastmmap
+t = fastmmap.Cache(None, num_pages=1)
+print(t.share_file)
+c = fastmmap.Cache({str(created)!r}, num_pages=1)
+k = fastmmap.Cache({str(kept)!r}, num_pages=1, unlink_on_exit=False, empty_on_exit=True)
+t["k"] = c["k"] = k["k"] = 1
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    temp_path = proc.stdout.strip()
+    assert temp_path and not os.path.exists(temp_path)
+    assert not created.exists()
+    assert kept.exists()
+    assert len(cache(str(kept))) == 0

@@ -174,9 +174,12 @@ def test_t3_working_set_fits_all_hits(cache, rand, ratio):
 
 def test_t3_working_set_too_big_hit_rate_shows_eviction(cache, rand):
     c = cache(num_pages=4, page_size=8192, enable_stats=True)
-    reads, hits = _mix(c, rand, 400, 0.5, 10000)
+    # 300 keys of ~105 bytes against ~30 KB of data area: a little over
+    # capacity.  Measured: the hit rate is about 0.80 whatever the seed
+    # (Perl's own bounds for its setup were 0.8 .. 0.95).
+    reads, hits = _mix(c, rand, 300, 0.5, 10000)
     rate = hits / reads
-    assert 0.3 < rate < 0.95, f"hit rate {rate:.3f} ({rand!r})"
+    assert 0.65 < rate < 0.95, f"hit rate {rate:.3f} ({rand!r})"
     assert tuple(c.get_statistics()) == (reads, hits)
 
 
