@@ -271,6 +271,14 @@ static Py_NO_INLINE int lock_slow(CacheObject *self, uint32_t page, int rc)
         if (waited >= 2000000000LL)
             fmm_lock_stale(self->c, page);
         if (self->lock_timeout_ns >= 0 && waited >= self->lock_timeout_ns) {
+            /* before giving up, make sure the holder is not a lost owner */
+            if (waited < 2000000000LL && fmm_lock_stale(self->c, page)) {
+                Py_BEGIN_ALLOW_THREADS
+                rc = fmm_lock(self->c, page, LOCK_SLICE_NS);
+                Py_END_ALLOW_THREADS
+                if (rc == 0)
+                    return 0;
+            }
             char msg[128];
             snprintf(msg, sizeof msg, "timed out after %.3f s waiting for the lock of page %u", (double)waited / 1e9,
                      page);
