@@ -26,7 +26,7 @@ import zlib
 from collections.abc import MutableMapping
 
 from . import _fastmmap as _C
-from . import _options
+from . import _memoize, _options
 from ._fastmmap import (
     BadFileError,
     CacheBase,
@@ -36,6 +36,34 @@ from ._fastmmap import (
     LockTimeout,
     RecursiveLockError,
 )
+
+# Names for type checkers only (mypy treats TYPE_CHECKING as true); at run
+# time nothing below is imported, not even the typing module.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Mapping
+    from os import PathLike
+    from typing import Any, Literal, Self, TypeAlias
+
+    from ._fastmmap import (
+        _Codec,
+        _DeleteCallback,
+        _Dumps,
+        _ExpireTime,
+        _Key,
+        _KeyT,
+        _Loads,
+        _ReadCallback,
+        _WriteCallback,
+    )
+
+    #: serializer=: a built-in name, None (= "raw") or a (dumps, loads) pair.
+    _Serializer: TypeAlias = Literal["pickle", "json", "raw"] | tuple[_Dumps, _Loads] | None
+    #: compressor=: a built-in name, None or a (compress, decompress) pair.
+    _Compressor: TypeAlias = Literal["zlib", "lz4"] | tuple[_Codec, _Codec] | None
+    #: A (type code, dumps, loads) or (type code, compress, decompress) triple.
+    _SerializerSpec: TypeAlias = tuple[int, _Dumps | None, _Loads | None]
+    _CompressorSpec: TypeAlias = tuple[int, _Codec | None, _Codec | None]
 
 __all__ = [
     "Cache",
@@ -68,11 +96,11 @@ def _close_all_at_exit() -> None:
             pass
 
 
-def _json_dumps(obj):
+def _json_dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def _resolve_serializer(serializer):
+def _resolve_serializer(serializer: _Serializer) -> _SerializerSpec:
     """Return (type code, dumps, loads) for the serializer option."""
     if serializer == "pickle":
         return _C.T_PICKLE, None, None
@@ -90,7 +118,7 @@ def _resolve_serializer(serializer):
     )
 
 
-def _resolve_compressor(compressor):
+def _resolve_compressor(compressor: _Compressor) -> _CompressorSpec:
     """Return (type code, compress, decompress) for the compressor option."""
     if compressor is None:
         return _C.C_NONE, None, None
@@ -98,7 +126,7 @@ def _resolve_compressor(compressor):
         return _C.C_ZLIB, zlib.compress, None
     if compressor == "lz4":
         try:
-            import lz4.frame
+            import lz4.frame  # type: ignore[import-untyped]  # lz4 ships no type hints
         except ImportError:
             raise ImportError(
                 "compressor='lz4' needs the lz4 package: pip install fastmmap[lz4]"
@@ -120,7 +148,7 @@ def _default_dir() -> str:
     return tempfile.mkdtemp(prefix="fastmmap-", dir=base)
 
 
-def _reopen(share_file, options):
+def _reopen(share_file: str, options: dict[str, Any]) -> Cache:
     return Cache(share_file, **options)
 
 
@@ -135,31 +163,31 @@ class Cache(CacheBase):
 
     def __init__(
         self,
-        share_file=None,
+        share_file: str | bytes | PathLike[str] | PathLike[bytes] | None = None,
         *,
-        init_file=False,
-        cache_size=None,
-        page_size=None,
-        num_pages=None,
-        start_slots=None,
-        expire_time=0,
-        enable_stats=False,
-        permissions=0o600,
-        unlink_on_exit=None,
-        empty_on_exit=False,
-        lock_timeout=None,
-        serializer="pickle",
-        compressor=None,
-        compress_threshold=DEFAULT_COMPRESS_THRESHOLD,
-        anonymous=False,
-        context=None,
-        read_cb=None,
-        write_cb=None,
-        delete_cb=None,
-        write_action="write_through",
-        cache_not_found=False,
-        allow_recursive=False,
-    ):
+        init_file: bool = False,
+        cache_size: int | str | None = None,
+        page_size: int | str | None = None,
+        num_pages: int | None = None,
+        start_slots: int | None = None,
+        expire_time: _ExpireTime = 0,
+        enable_stats: bool = False,
+        permissions: int = 0o600,
+        unlink_on_exit: bool | None = None,
+        empty_on_exit: bool = False,
+        lock_timeout: float | None = None,
+        serializer: _Serializer = "pickle",
+        compressor: _Compressor = None,
+        compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
+        anonymous: bool = False,
+        context: Any = None,
+        read_cb: _ReadCallback | None = None,
+        write_cb: _WriteCallback | None = None,
+        delete_cb: _DeleteCallback | None = None,
+        write_action: Literal["write_through", "write_back"] = "write_through",
+        cache_not_found: bool = False,
+        allow_recursive: bool = False,
+    ) -> None:
         geometry = _options.compute_geometry(cache_size, page_size, num_pages)
         slots = _options.parse_start_slots(start_slots)
         perms = _options.parse_permissions(permissions)
@@ -177,6 +205,7 @@ class Cache(CacheBase):
         if anonymous and share_file is not None:
             raise ValueError("anonymous=True keeps the cache in memory: do not pass share_file")
 
+        path: str | bytes | None  # str or None from here on, once decoded
         private_dir = None
         if anonymous:
             path = None
@@ -224,7 +253,7 @@ class Cache(CacheBase):
         self._created = bool(created)
         self._unlink_on_exit = (bool(created) if unlink_on_exit is None else bool(unlink_on_exit)) and not anonymous
         self._empty_on_exit = bool(empty_on_exit)
-        self._reopen_options = dict(
+        self._reopen_options: dict[str, Any] = dict(
             expire_time=expire_time, enable_stats=enable_stats, lock_timeout=lock_timeout,
             serializer=serializer, compressor=compressor, compress_threshold=compress_threshold,
             context=context, read_cb=read_cb, write_cb=write_cb, delete_cb=delete_cb,
@@ -236,18 +265,18 @@ class Cache(CacheBase):
     # ----- properties -----
 
     @property
-    def share_file(self):
+    def share_file(self) -> str | None:
         """Path of the cache file (None for an anonymous cache)."""
         return self._share_file
 
     @property
-    def expire_time(self):
+    def expire_time(self) -> int:
         """Default time to live in seconds (0 = never, -1 = expire at once)."""
         return self._expire_time
 
     # ----- lifecycle -----
 
-    def close(self):
+    def close(self) -> None:
         """Close the cache.  Idempotent; later operations raise ValueError.
 
         In the process that created the file, unlink_on_exit removes it.
@@ -273,30 +302,30 @@ class Cache(CacheBase):
             if self._private_dir:
                 shutil.rmtree(self._private_dir, ignore_errors=True)
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             self.close()
         except Exception:
             pass
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[[str, dict[str, Any]], Cache], tuple[str, dict[str, Any]]]:
         if self._share_file is None:
             raise TypeError("an anonymous cache cannot be pickled: create it before forking instead")
         return (_reopen, (self._share_file, self._reopen_options))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.num_pages} pages of {self.page_size} bytes"
         return f"<fastmmap.Cache {self._share_file!r} {state}>"
 
     # ----- Cache::FastMmap methods written in Python (not on the hot path) -----
 
-    def lock(self, key):
+    def lock(self, key: _Key) -> LockedEntry:
         """Hold the page lock of key for a with block; yields a LockedEntry.
 
         ``with cache.lock("hits") as e: e.value = (e.value or 0) + 1`` is an
@@ -306,14 +335,14 @@ class Cache(CacheBase):
         """
         return LockedEntry(self, key)
 
-    def page(self, page_key):
+    def page(self, page_key: _Key) -> LockedPage:
         """Hold the lock of the page chosen by page_key; yields a LockedPage.
 
         The page maps keys the way multi_get/multi_set do for page_key.
         """
         return LockedPage(self, page_key)
 
-    def get_keys(self, mode=0):
+    def get_keys(self, mode: int = 0) -> list[Any]:
         """List live entries.
 
         mode 0: the keys; 1: dicts with key, last_access, expire_on and flags;
@@ -328,22 +357,22 @@ class Cache(CacheBase):
 
     # ----- mapping protocol -----
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[_Key]:
         return iter(self._entries(0))
 
-    def keys(self):
+    def keys(self) -> list[_Key]:
         """A list of the live keys (a snapshot)."""
         return self._entries(0)
 
-    def values(self):
+    def values(self) -> list[Any]:
         """A list of the live values (a snapshot)."""
         return [e[4] for e in self._entries(2)]
 
-    def items(self):
+    def items(self) -> list[tuple[_Key, Any]]:
         """A list of (key, value) pairs (a snapshot)."""
         return [(e[0], e[4]) for e in self._entries(2)]
 
-    def pop(self, key, default=_MISSING):
+    def pop(self, key: _Key, default: Any = _MISSING) -> Any:
         """Remove key and return its value; default (or KeyError) if absent."""
         value = self.get_and_remove(key, _MISSING)
         if value is _MISSING:
@@ -352,7 +381,7 @@ class Cache(CacheBase):
             return default
         return value
 
-    def popitem(self):
+    def popitem(self) -> tuple[_Key, Any]:
         """Remove and return some (key, value) pair; KeyError if empty."""
         for key in self._entries(0):
             value = self.get_and_remove(key, _MISSING)
@@ -360,7 +389,7 @@ class Cache(CacheBase):
                 return key, value
         raise KeyError("popitem(): cache is empty")
 
-    def setdefault(self, key, default=None):
+    def setdefault(self, key: _Key, default: Any = None) -> Any:
         """Return the value of key, storing default first if it is absent (atomically)."""
         while True:
             value = self.get(key, _MISSING)
@@ -369,13 +398,35 @@ class Cache(CacheBase):
             if self.add(key, default):
                 return default
 
-    def update(self, other=(), /, **kwargs):
+    def update(
+        self, other: Mapping[_KeyT, Any] | Iterable[tuple[_Key, Any]] = (), /, **kwargs: Any
+    ) -> None:
         """Store every item of other (a mapping or pairs) and of kwargs."""
-        pairs = [(k, other[k]) for k in other.keys()] if hasattr(other, "keys") else other
+        # (the ignore: mypy cannot tell that hasattr() leaves only the mapping)
+        pairs = [(k, other[k]) for k in other.keys()] if hasattr(other, "keys") else other  # type: ignore[index]
         for key, value in pairs:
             self[key] = value
         for key, value in kwargs.items():
             self[key] = value
+
+    def memoize(
+        self, expire_time: _ExpireTime | None = None, key: Callable[..., str] | None = None, **kw: Any
+    ) -> Any:
+        """Decorator: cache a function's results in this cache, for every process.
+
+        ``@cache.memoize(expire_time="10m")`` works on functions, ``async``
+        functions and methods (above or below ``@staticmethod`` and
+        ``@classmethod``).  Calls are keyed by the function's
+        ``module.qualname`` and a hash of its normalised arguments, or by
+        ``key(*args, **kwargs)`` (a str).  ``None`` results are cached too.
+        On a miss one caller computes while the others wait for its result
+        (``stampede_timeout=60`` seconds at most; 0 turns this off).  The
+        wrapper keeps ``__wrapped__`` and the signature, and has
+        ``cache_clear()`` (forgets this function's results, O(1)) and
+        ``cache_key(*args, **kwargs)``.  ``namespace=`` replaces
+        ``module.qualname`` in the keys.
+        """
+        return _memoize.memoize(self, expire_time=expire_time, key=key, **kw)
 
 
 MutableMapping.register(Cache)
@@ -384,52 +435,55 @@ MutableMapping.register(Cache)
 class _Held:
     """A page lock held for a with block; callbacks deferred to the exit."""
 
-    def __init__(self, cache, lock_key, page_key):
+    def __init__(self, cache: Cache, lock_key: _Key, page_key: _Key | None) -> None:
         self._cache = cache
         self._lock_key = lock_key
         self._page_key = page_key
-        self._page = None
-        self._pending = []  # ("write", key, value, expire_on) / ("delete", key) / ("evicted", list)
+        self._page: Any = None  # the held page's number (an int), else None
+        # ("write", key, value, expire_on) / ("delete", key) / ("evicted", list)
+        self._pending: list[tuple[Any, ...]] = []
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         if self._page is not None:
             raise Error("this lock block is already active")
         self._page = self._cache._lock_for(self._lock_key)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         page, self._page = self._page, None
         self._cache._unlock(page)
         pending, self._pending = self._pending, []
         self._run_callbacks(pending)
         return False
 
-    def _run_callbacks(self, pending):
+    def _run_callbacks(self, pending: list[tuple[Any, ...]]) -> None:
         cache = self._cache
-        first_error = None
+        first_error: BaseException | None = None
         for action in pending:
             try:
                 if action[0] == "evicted":
                     cache._flush_evicted(action[1])
-                elif action[0] == "write":
-                    cache._write_cb(cache._context, action[1], action[2], action[3])
-                else:
-                    cache._delete_cb(cache._context, action[1])
+                elif action[0] == "write":  # queued only when _write_cb is set
+                    cache._write_cb(cache._context, action[1], action[2], action[3])  # type: ignore[misc]
+                else:  # queued only when _delete_cb is set
+                    cache._delete_cb(cache._context, action[1])  # type: ignore[misc]
             except BaseException as e:  # run them all, report the first
                 if first_error is None:
                     first_error = e
         if first_error is not None:
             raise first_error
 
-    def _check(self):
+    def _check(self) -> None:
         if self._page is None:
             raise Error("use this object inside its with block")
 
-    def _get(self, key, page_key, default):
+    def _get(self, key: _Key, page_key: _Key | None, default: Any) -> Any:
         self._check()
         return self._cache._held_get(self._page, key, page_key, default)
 
-    def _set(self, key, page_key, value, expire_time=None):
+    def _set(
+        self, key: _Key, page_key: _Key | None, value: Any, expire_time: _ExpireTime | None = None
+    ) -> None:
         self._check()
         stored, expire_on, evicted = self._cache._held_set(self._page, key, page_key, value, expire_time)
         c = self._cache
@@ -440,7 +494,7 @@ class _Held:
         if not stored:
             raise ValueError(f"item for key {key!r} does not fit in a page")
 
-    def _delete(self, key, page_key):
+    def _delete(self, key: _Key, page_key: _Key | None) -> bool:
         self._check()
         existed = self._cache._held_delete(self._page, key, page_key)
         if page_key is None and self._cache._delete_cb is not None:
@@ -451,33 +505,33 @@ class _Held:
 class LockedEntry(_Held):
     """One key with its page locked: see Cache.lock()."""
 
-    def __init__(self, cache, key):
+    def __init__(self, cache: Cache, key: _Key) -> None:
         super().__init__(cache, key, None)
         self.key = key
 
     @property
-    def value(self):
+    def value(self) -> Any:
         """The current value (None if absent); assign to store, del to remove."""
         return self._get(self.key, None, None)
 
     @value.setter
-    def value(self, value):
+    def value(self, value: Any) -> None:
         self._set(self.key, None, value)
 
     @value.deleter
-    def value(self):
+    def value(self) -> None:
         self._delete(self.key, None)
 
     @property
-    def exists(self):
+    def exists(self) -> bool:
         """True if the key is present and not expired."""
         return self._get(self.key, None, _MISSING) is not _MISSING
 
-    def set(self, value, expire_time=None):
+    def set(self, value: Any, expire_time: _ExpireTime | None = None) -> None:
         """Store value with an optional expire_time."""
         self._set(self.key, None, value, expire_time)
 
-    def remove(self):
+    def remove(self) -> bool:
         """Delete the key; return True if it was present."""
         return self._delete(self.key, None)
 
@@ -485,29 +539,29 @@ class LockedEntry(_Held):
 class LockedPage(_Held):
     """One page locked for a batch: see Cache.page()."""
 
-    def __init__(self, cache, page_key):
+    def __init__(self, cache: Cache, page_key: _Key) -> None:
         super().__init__(cache, page_key, page_key)
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: _Key) -> Any:
         value = self._get(key, self._page_key, _MISSING)
         if value is _MISSING:
             raise KeyError(key)
         return value
 
-    def get(self, key, default=None):
+    def get(self, key: _Key, default: Any = None) -> Any:
         return self._get(key, self._page_key, default)
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: _Key, value: Any) -> None:
         self._set(key, self._page_key, value)
 
-    def set(self, key, value, expire_time=None):
+    def set(self, key: _Key, value: Any, expire_time: _ExpireTime | None = None) -> None:
         self._set(key, self._page_key, value, expire_time)
 
-    def __delitem__(self, key):
+    def __delitem__(self, key: _Key) -> None:
         if not self._delete(key, self._page_key):
             raise KeyError(key)
 
-    def __contains__(self, key):
+    def __contains__(self, key: _Key) -> bool:
         return self._get(key, self._page_key, _MISSING) is not _MISSING
 
 
@@ -521,24 +575,24 @@ class Share:
 
     _KEY = b"\x00share"
 
-    def __init__(self, size):
+    def __init__(self, size: int) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise ValueError(f"size must be a positive int, got {size!r}")
         page = 1 << max(10, (size + 512).bit_length())
         self._size = size
         self._cache = Cache(anonymous=True, num_pages=1, page_size=page, start_slots=4)
-        self._page = None
-        self._owner = None  # thread ident holding the lock
+        self._page: Any = None  # the locked page's number (an int), else None
+        self._owner: int | None = None  # thread ident holding the lock
         self._depth = 0
 
     @property
-    def size(self):
+    def size(self) -> int:
         return self._size
 
-    def _held(self):
+    def _held(self) -> bool:
         return self._owner == threading.get_ident()
 
-    def set(self, obj):
+    def set(self, obj: Any) -> None:
         """Store obj; ValueError (old value kept) if it needs more than size bytes.
 
         bytes and str are stored as they are (str as UTF-8); other objects
@@ -557,13 +611,13 @@ class Share:
         else:
             self._cache.set(self._KEY, obj)
 
-    def get(self):
+    def get(self) -> Any:
         """Return the stored object (None if nothing was stored)."""
         if self._held():
             return self._cache._held_get(self._page, self._KEY, None, None)
         return self._cache.get(self._KEY)
 
-    def lock(self):
+    def lock(self) -> None:
         """Lock the shared object (re-entrant within one thread)."""
         if self._held():
             self._depth += 1
@@ -571,7 +625,7 @@ class Share:
         page = self._cache._lock_for(self._KEY)  # waits for other holders
         self._page, self._owner, self._depth = page, threading.get_ident(), 1
 
-    def unlock(self):
+    def unlock(self) -> None:
         if not self._held():
             raise Error("Share.unlock() without lock() in this thread")
         self._depth -= 1
@@ -579,13 +633,13 @@ class Share:
             page, self._page, self._owner = self._page, None, None
             self._cache._unlock(page)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         self.lock()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.unlock()
         return False
 
-    def close(self):
+    def close(self) -> None:
         self._cache.close()
