@@ -1,9 +1,16 @@
 # fastmmap developer tasks (GNU make).
 #
 #   make demo    build, install into .venv and run the multi-process demo
-#   make test    C engine tests under ASan+UBSan, then the pytest suite
-#   make ctest   only the C engine tests
-#   make stress  only the tests marked "stress"
+#   make test    C engine tests under ASan+UBSan (and the fuzz corpus replayed),
+#                the pytest suite, the pytest suite again against an
+#                ASan+UBSan build of the extension (test-asan), and the C
+#                engine tests under valgrind (ctest-valgrind)
+#   make ctest   only the C engine tests and the fuzz corpus replay
+#   make test-asan       only the pytest suite against the sanitizer build
+#   make ctest-valgrind  only the C engine tests under valgrind
+#   make fuzz    libFuzzer (clang) on csrc/fuzz_fmm.c for FUZZ_SECONDS
+#   make fuzz-merge      fold new fuzz finds into a minimal tests/fuzz_corpus
+#   make stress  the tests marked "stress", then `make fuzz`
 #   make bench / bench-smoke   benchmarks/run.py (full / quick)
 #   make clean / distclean     remove build outputs / also .venv
 #
@@ -26,15 +33,45 @@ SHELL := bash
 # pip rebuilds and reinstalls a local directory on every `pip install .`, but
 # setuptools reuses object files in build/ when the sources are older, even
 # if FASTMMAP_* flags changed: drop them so that each install rebuilds.
-SETUPTOOLS_BUILD_DIRS := build/lib.* build/temp.* build/bdist.* src/*.egg-info
+SETUPTOOLS_BUILD_DIRS := build/setuptools-* build/lib.* build/temp.* build/bdist.* src/*.egg-info
 
 CTEST_CFLAGS := -std=gnu11 -g -O1 -fsanitize=address,undefined \
 	-fno-sanitize-recover=all -fno-omit-frame-pointer -Wall -Wextra -Werror
 CTEST_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
-.PHONY: all venv install install-test demo ctest test stress bench-deps bench bench-smoke \
-	clean distclean
+# The fuzz target: libFuzzer needs clang; the corpus replay (in ctest) is
+# the same file built with $(CC) and -DFMM_FUZZ_REPLAY.
+CLANG ?= clang
+FUZZ_SECONDS ?= 300
+FUZZ_CORPUS := tests/fuzz_corpus
+FUZZ_CFLAGS := -std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined \
+	-fno-sanitize-recover=all -fno-omit-frame-pointer -Wall -Wextra -Werror
+# New finds go to build/fuzz-new (first corpus directory), crashes to
+# build/fuzz-artifacts; `make fuzz-merge` folds the finds into FUZZ_CORPUS.
+FUZZ_RUN_FLAGS ?= -timeout=10 -print_final_stats=1 -artifact_prefix=build/fuzz-artifacts/
+
+# The extension built with FASTMMAP_SANITIZE=1 into its own venv.  gcc
+# links the UBSan runtime into the .so; the ASan runtime must come first
+# in the process, hence LD_PRELOAD.  Python's own allocator would hide heap
+# errors from ASan (PYTHONMALLOC=malloc), and CPython "leaks" by design
+# (detect_leaks=0).  FASTMMAP_ASAN=1 lets tests skip what can't run there.
+ASAN_CC ?= gcc
+ASAN_VENV := .venv-asan
+ASAN_VPY := $(ASAN_VENV)/bin/python
+ASAN_ENV = LD_PRELOAD="$$($(ASAN_CC) -print-file-name=libasan.so)" PYTHONMALLOC=malloc \
+	ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 FASTMMAP_ASAN=1
+
+# valgrind's leak check runs at every process exit, forked children's too,
+# and --error-exitcode turns a child's status to 1.  At -O1 a child that
+# _exit()s while its parent's handles live only in registers reports them
+# "definitely lost"; at -O0 every local stays on the stack (reachable).
+VALGRIND_CFLAGS := -std=gnu11 -g -O0 -Wall -Wextra -Werror
+VALGRIND := valgrind --error-exitcode=1 -q --leak-check=full
+
+.PHONY: all venv install install-test demo ctest ctest-valgrind test test-asan stress fuzz \
+	fuzz-merge bench-deps bench bench-smoke clean distclean
 
 all: test
 
@@ -57,16 +94,52 @@ ctest:
 	mkdir -p build
 	$(CC) $(CTEST_CFLAGS) -Icsrc csrc/fmm.c csrc/test_fmm.c -o build/test_fmm -lpthread
 	$(CTEST_ENV) build/test_fmm
+	$(CC) $(CTEST_CFLAGS) -DFMM_FUZZ_REPLAY -Icsrc csrc/fmm.c csrc/fuzz_fmm.c \
+		-o build/fuzz_replay -lpthread
+	$(CTEST_ENV) build/fuzz_replay $(FUZZ_CORPUS)
+
+# The C tests without sanitizers, under memcheck.
+ctest-valgrind:
+	mkdir -p build
+	$(CC) $(VALGRIND_CFLAGS) -Icsrc csrc/fmm.c csrc/test_fmm.c -o build/test_fmm_plain -lpthread
+	$(VALGRIND) build/test_fmm_plain
 
 test: install-test
 	$(MAKE) --no-print-directory ctest
 	$(VPY) -m pytest -q -m "not stress"
+	$(MAKE) --no-print-directory test-asan
+	$(MAKE) --no-print-directory ctest-valgrind
+
+test-asan:
+	@if [ ! -x $(ASAN_VPY) ]; then echo "creating $(ASAN_VENV)"; $(PYTHON) -m venv $(ASAN_VENV); fi
+	$(ASAN_VPY) -m pip install -q --upgrade pip
+	rm -rf $(SETUPTOOLS_BUILD_DIRS)
+	CC=$(ASAN_CC) FASTMMAP_SANITIZE=1 $(ASAN_VPY) -m pip install -q '.[test]'
+	rm -rf $(SETUPTOOLS_BUILD_DIRS)
+	$(ASAN_ENV) $(ASAN_VPY) -m pytest -q -m "not stress"
+
+fuzz:
+	mkdir -p build/fuzz-new build/fuzz-artifacts
+	$(CLANG) $(FUZZ_CFLAGS) -Icsrc csrc/fmm.c csrc/fuzz_fmm.c -o build/fuzz_fmm -lpthread
+	build/fuzz_fmm $(FUZZ_RUN_FLAGS) -max_total_time=$(FUZZ_SECONDS) build/fuzz-new $(FUZZ_CORPUS)
+
+# Minimise FUZZ_CORPUS plus build/fuzz-new into FUZZ_CORPUS.  Bug
+# reproducers (repro-*) are kept whether or not they add coverage.
+fuzz-merge:
+	mkdir -p build/fuzz-new
+	$(CLANG) $(FUZZ_CFLAGS) -Icsrc csrc/fmm.c csrc/fuzz_fmm.c -o build/fuzz_fmm -lpthread
+	rm -rf build/fuzz-merged && mkdir -p build/fuzz-merged
+	build/fuzz_fmm -merge=1 build/fuzz-merged $(FUZZ_CORPUS) build/fuzz-new
+	cp $(FUZZ_CORPUS)/repro-* build/fuzz-merged/ 2>/dev/null || true
+	rm -rf $(FUZZ_CORPUS) && mv build/fuzz-merged $(FUZZ_CORPUS)
+	echo "$(FUZZ_CORPUS): $$(ls $(FUZZ_CORPUS) | wc -l) files, $$(du -sh $(FUZZ_CORPUS) | cut -f1)"
 
 # pytest exits 5 when it collects no test: not a failure for a placeholder.
 stress: install-test
 	rc=0; $(VPY) -m pytest -q -m stress || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "stress: no stress tests collected"; rc=0; fi; \
 	exit $$rc
+	$(MAKE) --no-print-directory fuzz
 
 # The benchmarks' Python peers (diskcache, lmdb, redis, ...) and charting.
 bench-deps: install
@@ -82,7 +155,8 @@ bench-smoke: bench-deps
 clean:
 	rm -rf build dist src/*.egg-info *.egg-info .pytest_cache .hypothesis .benchmarks
 	rm -f src/fastmmap/*.so
-	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . \( -path ./$(VENV) -o -path ./$(ASAN_VENV) \) -prune -o -name __pycache__ -type d -prune \
+		-exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(ASAN_VENV)

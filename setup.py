@@ -41,7 +41,17 @@ if _flag("FASTMMAP_COVERAGE"):
 if _flag("FASTMMAP_WERROR"):
     extra_compile_args += ["-Werror"]
 
+# Each combination of toggles builds in its own directory: setuptools reuses
+# object files it finds in build/, so a sanitizer build must never meet the
+# objects of a plain one (or the reverse).
+variant = "-".join(
+    name.split("_", 1)[1].lower()
+    for name in ("FASTMMAP_DEBUG", "FASTMMAP_SANITIZE", "FASTMMAP_COVERAGE")
+    if _flag(name)
+) or "plain"
+
 setup(
+    options={"build": {"build_base": os.path.join("build", "setuptools-" + variant)}},
     ext_modules=[
         Extension(
             "fastmmap._fastmmap",
