@@ -444,9 +444,11 @@ def memoize(
     the same value before computing it itself (0: no stampede protection).
     ``namespace``: replaces ``module.qualname`` in the keys (no ":").
     """
-    if expire_time is not None and not isinstance(expire_time, (int, float, str, datetime.timedelta)):
-        if callable(expire_time) and key is None:  # bare @cache.memoize
-            return _decorate(cache, expire_time, None, None, DEFAULT_STAMPEDE_TIMEOUT, None)
+    func: Any = None
+    if isinstance(expire_time, (staticmethod, classmethod)) or (
+        callable(expire_time) and not isinstance(expire_time, (int, float, str, datetime.timedelta))
+    ):
+        func, expire_time = expire_time, None  # bare @cache.memoize, no parentheses
     if expire_time is not None:
         _options.parse_expire_time(expire_time)  # fail now, not at the first call
     if key is not None and not callable(key):
@@ -457,6 +459,8 @@ def memoize(
         raise ValueError(f"stampede_timeout must be >= 0 seconds, got {stampede_timeout!r}")
     if namespace is not None and (not isinstance(namespace, str) or ":" in namespace or not namespace):
         raise ValueError(f"namespace must be a non-empty str without ':', got {namespace!r}")
+    if func is not None:
+        return _decorate(cache, func, None, key, float(stampede_timeout), namespace)
 
     def decorator(func: Any) -> Any:
         return _decorate(cache, func, expire_time, key, float(stampede_timeout), namespace)

@@ -1,0 +1,1 @@
+"""Integrations of fastmmap with web frameworks and other libraries."""
