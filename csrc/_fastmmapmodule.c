@@ -69,6 +69,7 @@ typedef struct {
     PyObject *BadFileError;
     PyObject *RecursiveLockError;
     PyObject *FileReplacedError;
+    PyObject *ItemTooLargeError;
     PyObject *pickle_dumps;
     PyObject *pickle_loads;
     PyObject *pickle_protocol;
@@ -144,7 +145,7 @@ static Py_NO_INLINE PyObject *set_error(fastmmap_state *st, const char *what, in
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     if (rc == FMM_ETOOBIG)
-        return PyErr_Format(PyExc_ValueError, "%s: %s", what, detail && *detail ? detail : fmm_strerror(rc));
+        return PyErr_Format(st->ItemTooLargeError, "%s: %s", what, detail && *detail ? detail : fmm_strerror(rc));
     PyObject *exc = st->Error;
     for (size_t i = 0; i < sizeof error_table / sizeof error_table[0]; i++)
         if (error_table[i].code == rc)
@@ -832,7 +833,7 @@ done:
 
 static PyObject *too_big_error(CacheObject *self, PyObject *key)
 {
-    return PyErr_Format(PyExc_ValueError,
+    return PyErr_Format(self->state->ItemTooLargeError,
                         "item for key %R does not fit in a page (at most %u bytes of key, value and %u bytes of "
                         "overhead per item; raise page_size)",
                         key, fmm_max_item(self->c), FMM_ENTRY_HEADER_SIZE);
@@ -2356,6 +2357,8 @@ static int fastmmap_exec(PyObject *mod)
         {&st->RecursiveLockError, "RecursiveLockError", NULL,
          "This thread already holds a page lock of this cache (a callback used the cache?)."},
         {&st->FileReplacedError, "FileReplacedError", NULL, "The cache file was deleted or replaced."},
+        {&st->ItemTooLargeError, "ItemTooLargeError", PyExc_ValueError,
+         "An item (key, stored value and entry header) can never fit in one page."},
     };
     for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
         PyObject *bases = subs[i].builtin ? PyTuple_Pack(2, st->Error, subs[i].builtin) : PyTuple_Pack(1, st->Error);
@@ -2406,6 +2409,7 @@ static int fastmmap_traverse(PyObject *mod, visitproc visit, void *arg)
     Py_VISIT(st->BadFileError);
     Py_VISIT(st->RecursiveLockError);
     Py_VISIT(st->FileReplacedError);
+    Py_VISIT(st->ItemTooLargeError);
     Py_VISIT(st->pickle_dumps);
     Py_VISIT(st->pickle_loads);
     Py_VISIT(st->pickle_protocol);
@@ -2425,6 +2429,7 @@ static int fastmmap_clear(PyObject *mod)
     Py_CLEAR(st->BadFileError);
     Py_CLEAR(st->RecursiveLockError);
     Py_CLEAR(st->FileReplacedError);
+    Py_CLEAR(st->ItemTooLargeError);
     Py_CLEAR(st->pickle_dumps);
     Py_CLEAR(st->pickle_loads);
     Py_CLEAR(st->pickle_protocol);

@@ -33,6 +33,7 @@ from ._fastmmap import (
     Error,
     FileReplacedError,
     GeometryError,
+    ItemTooLargeError,
     LockTimeout,
     RecursiveLockError,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "BadFileError",
     "RecursiveLockError",
     "FileReplacedError",
+    "ItemTooLargeError",
     "Share",
     "LockedEntry",
     "LockedPage",
@@ -492,7 +494,7 @@ class _Held:
         if page_key is None and c._write_cb is not None and (not c._write_back or not stored):
             self._pending.append(("write", key, value, expire_on))
         if not stored:
-            raise ValueError(f"item for key {key!r} does not fit in a page")
+            raise ItemTooLargeError(f"item for key {key!r} does not fit in a page")
 
     def _delete(self, key: _Key, page_key: _Key | None) -> bool:
         self._check()

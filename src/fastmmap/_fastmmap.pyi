@@ -96,6 +96,9 @@ class RecursiveLockError(Error):
 class FileReplacedError(Error):
     """The cache file was deleted or replaced."""
 
+class ItemTooLargeError(Error, ValueError):
+    """An item (key, stored value and entry header) can never fit in one page."""
+
 # ---------------------------------------------------------------- functions
 
 def xxh64(data: ReadableBuffer, seed: int = 0, /) -> int:
