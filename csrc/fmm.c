@@ -124,6 +124,7 @@ _Static_assert(sizeof(file_header) <= FMM_HEADER_SIZE, "file header size");
 static const char FILE_MAGIC[8] = {'F', 'A', 'S', 'T', 'M', 'M', 'A', 'P'};
 
 struct fmm_cache {
+    uint64_t id;               /* unique per handle in this process: thread-local records use it */
     unsigned char *base;
     size_t map_len;
     int fd;
@@ -391,15 +392,17 @@ static int page_ok(const fmm_cache *c, const page_hdr *ph)
 
 #define TL_MAX 8
 static _Thread_local struct {
-    const fmm_cache *c;
+    uint64_t id; /* the handle's id, not its address: a freed handle's
+                    address can be reused by a new one */
     uint32_t page;
 } tl_held[TL_MAX];
 static _Thread_local int tl_n;
+static uint64_t next_handle_id = 1;
 
 static int tl_find(const fmm_cache *c)
 {
     for (int i = 0; i < tl_n; i++)
-        if (tl_held[i].c == c)
+        if (tl_held[i].id == c->id)
             return i;
     return -1;
 }
@@ -469,7 +472,7 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
         repair_page(c, ph, "page header failed validation");
     else if (UNLIKELY(ph->clock >= RENUMBER_AT))
         rebuild(c, ph, RB_RENUMBER, -1, 0, NULL, NULL); /* on ENOMEM: retried at the next lock */
-    tl_held[tl_n].c = c;
+    tl_held[tl_n].id = c->id;
     tl_held[tl_n].page = page;
     tl_n++;
     return 0;
@@ -1324,6 +1327,7 @@ int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out, int *crea
     fmm_cache *c = calloc(1, sizeof *c);
     if (!c)
         return ENOMEM;
+    c->id = __atomic_fetch_add(&next_handle_id, 1, __ATOMIC_RELAXED);
     c->fd = -1;
     c->stats = cfg->enable_stats;
     uint32_t ps = cfg->page_size ? cfg->page_size : 65536;
@@ -1484,6 +1488,11 @@ void fmm_close(fmm_cache *c)
 {
     if (!c)
         return;
+    /* A page this thread still holds (an abandoned lock block) is released
+     * rather than left locked in the file for ever. */
+    int i = tl_find(c);
+    if (i >= 0 && c->base)
+        fmm_unlock(c, tl_held[i].page);
     reset_handle(c);
     free(c->path);
     free(c);

@@ -620,3 +620,29 @@ def test_a_held_page_times_out_with_a_readable_message(one_page):
     assert "%" not in message, message  # the format string was filled in
     assert "page 0" in message, message
     assert_unlocked(c, "k")
+
+
+def test_an_abandoned_lock_block_is_released_when_its_cache_is_collected(tmp_path, forked):
+    """A lock block entered and never exited, on a cache that is then
+    garbage-collected, must not leave the page locked in the file, nor a
+    stale record that makes a later cache in this thread refuse to lock."""
+    import gc
+
+    path = str(tmp_path / "abandoned.cache")
+    c = fastmmap.Cache(path, num_pages=1, page_size="4k", unlink_on_exit=False)
+    block = c.lock("k")
+    block.__enter__()
+    c.close()  # deferred: the page is still held
+    del block, c
+    gc.collect()
+    # same thread, new handle (possibly at the freed handle's address)
+    with fastmmap.Cache(path, lock_timeout=1) as c2:
+        c2["k"] = 1
+        assert c2["k"] == 1
+    # another process: the mutex in the file is free
+    def child():
+        with fastmmap.Cache(path, lock_timeout=1) as c3:
+            c3["k"] = 2
+            return c3["k"]
+
+    assert forked(child, timeout=30) == 2
