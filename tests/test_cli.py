@@ -90,3 +90,13 @@ def test_not_a_cache_file(tmp_path):
     path.write_bytes(b"x" * 10000)
     r = run("check", str(path))
     assert r.returncode == 2 and "junk" in r.stderr
+
+
+def test_bench_prints_a_table_with_fastmmap_and_the_ceiling():
+    r = run("bench", "--ops", "2000")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("fastmmap ") for line in lines)
+    assert any(line.startswith("dict (in-process") for line in lines)
+    row = next(line for line in lines if line.startswith("fastmmap "))
+    assert len(row.split()) == 3  # name, get hit/s, set/s

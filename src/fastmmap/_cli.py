@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import hashlib
+import importlib
 import os
 import random
 import sys
@@ -397,6 +398,91 @@ def _cmd_clear(args: argparse.Namespace) -> int:
 _MISSING = object()
 
 
+# ----- bench: a quick table against the peers that are installed -----
+
+
+class _LmdbStore:
+    """py-lmdb with one transaction per operation, for ``fastmmap bench``."""
+
+    def __init__(self, path: str) -> None:
+        self.env = importlib.import_module("lmdb").open(path, map_size=1 << 28, sync=False)
+
+    def get(self, k: bytes) -> Any:
+        with self.env.begin() as t:
+            return t.get(k)
+
+    def __setitem__(self, k: bytes, v: bytes) -> None:
+        with self.env.begin(write=True) as t:
+            t.put(k, v)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _bench_peers(tmpdir: str) -> list[tuple[str, Any]]:
+    """(name, factory) for fastmmap, a dict, and the peers importable here."""
+    import fastmmap
+
+    peers: list[tuple[str, Any]] = [
+        ("fastmmap", lambda: fastmmap.Cache(os.path.join(tmpdir, "f.cache"), cache_size="16m")),
+        ("dict (in-process, not shared)", dict),
+    ]
+    try:
+        diskcache = importlib.import_module("diskcache")  # optional peer
+
+        peers.append(("diskcache.Cache", lambda: diskcache.Cache(os.path.join(tmpdir, "dc"))))
+    except ImportError:
+        pass
+    try:
+        importlib.import_module("lmdb")  # optional peer
+        peers.append(("py-lmdb (sync off)", lambda: _LmdbStore(os.path.join(tmpdir, "lmdb"))))
+    except ImportError:
+        pass
+    return peers
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    keys = [b"%016d" % i for i in range(1000)]
+    value = os.urandom(100)
+    n = args.ops
+    print(f"one process, 16-byte keys, 100-byte values, {n} operations each (best of 3)")
+    print(f"{'peer':32} {'get hit/s':>12} {'set/s':>12}")
+    with tempfile.TemporaryDirectory(prefix="fastmmap-bench-") as tmpdir:
+        for name, factory in _bench_peers(tmpdir):
+            store = factory()
+            for k in keys:
+                store[k] = value
+            get = store.get
+            ks = (keys * (n // len(keys) + 1))[:n]
+
+            def run_get() -> None:
+                for k in ks:
+                    get(k)
+
+            def run_set() -> None:
+                for k in ks:
+                    store[k] = value
+
+            rates = []
+            for fn in (run_get, run_set):
+                best = float("inf")
+                for _ in range(3):
+                    t = time.perf_counter()
+                    fn()
+                    best = min(best, time.perf_counter() - t)
+                rates.append(n / best)
+            print(f"{name:32} {_fmt_rate(rates[0]):>12} {_fmt_rate(rates[1]):>12}", flush=True)
+            close = getattr(store, "close", None)
+            if close:
+                close()
+    print("full comparison (Redis, memcached, Perl, several processes): make bench")
+    return 0
+
+
+def _fmt_rate(r: float) -> str:
+    return f"{r / 1e6:.2f}M" if r >= 1e6 else f"{r / 1e3:.0f}k"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmmap",
@@ -425,6 +511,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "--keys", type=_positive_int, default=10000, help="distinct keys (default 10000)"
     )
     demo.set_defaults(func=_cmd_demo)
+
+    be = sub.add_parser("bench", help="quick get/set table against the peers installed here")
+    be.add_argument("--ops", type=_positive_int, default=200000, help="operations per measurement")
+    be.set_defaults(func=_cmd_bench)
 
     st = sub.add_parser("stats", help="geometry, fill, entries, hit rate and repairs of a cache file")
     st.add_argument("file")
