@@ -16,6 +16,7 @@ import time
 import pytest
 
 import fastmmap
+from _helpers import run_threads as _run_threads
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,26 +29,7 @@ class Boom(Exception):
 
 
 def run_threads(target, n, *, timeout=THREAD_TIMEOUT):
-    """Run target(i) in n threads; re-raise the first exception; fail on a hang."""
-    errors = []
-
-    def wrapper(i):
-        try:
-            target(i)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=wrapper, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    alive = [t.name for t in threads if t.is_alive()]
-    if alive:
-        pytest.fail(f"threads {alive} still running after {timeout}s: possible deadlock")
-    if errors:
-        raise errors[0]
+    _run_threads(target, n, timeout=timeout)
 
 
 def assert_unlocked(c, key):

@@ -16,6 +16,7 @@ import time
 import pytest
 
 import fastmmap
+from _helpers import run_threads as _run_threads
 
 N_PROCS = 32
 ROUNDS = 5
@@ -74,29 +75,8 @@ def run_together(forked, fn, n: int, *, timeout: float = CHILD_TIMEOUT) -> list:
         barrier.close()
 
 
-def run_threads(target, n: int, *, timeout: float = THREAD_TIMEOUT) -> None:
-    """Run target(i) in n threads started together; re-raise the first error; fail on a hang."""
-    errors: list[BaseException] = []
-    start = threading.Barrier(n)
-
-    def wrapper(i):
-        try:
-            start.wait(timeout)
-            target(i)
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            errors.append(e)
-
-    threads = [threading.Thread(target=wrapper, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    alive = [t.name for t in threads if t.is_alive()]
-    if alive:
-        raise AssertionError(f"threads {alive} still running after {timeout}s: possible deadlock")
-    if errors:
-        raise errors[0]
+def run_threads(target, n, *, timeout=THREAD_TIMEOUT):
+    _run_threads(target, n, timeout=timeout)
 
 
 def incr(key, old):
