@@ -175,10 +175,8 @@ class FastMmapCache(BaseCache):
             return not cache.exists(key)
         try:
             return cache.add(key, value, expire_on=expire_on)
-        except ValueError as e:
-            if "does not fit" in str(e):
-                return False
-            raise
+        except fastmmap.ItemTooLargeError:
+            return False
 
     def set_many(self, mapping: dict[str, Any], timeout: Any = None) -> list[Any]:
         cache, prefix = self.fastmmap_cache, self.key_prefix
@@ -217,10 +215,8 @@ class FastMmapCache(BaseCache):
             return self.fastmmap_cache.get_and_set(
                 self.key_prefix + key, lambda _k, old: (old or 0) + delta, expire_on=expire_on
             )
-        except ValueError as e:
-            if "does not fit" in str(e):
-                return None
-            raise
+        except fastmmap.ItemTooLargeError:
+            return None
 
     def dec(self, key: str, delta: int = 1) -> Any:
         return self.inc(key, -delta)

@@ -163,10 +163,8 @@ class FastMmapCache(BaseCache):  # type: ignore[misc,unused-ignore]
             return not cache.exists(key)
         try:
             return cache.add(key, value, expire_on=expire_on)
-        except ValueError as e:
-            if "does not fit" in str(e):
-                return False
-            raise
+        except fastmmap.ItemTooLargeError:
+            return False
 
     def get(self, key: Any, default: Any = None, version: Any = None) -> Any:
         key = self.make_and_validate_key(key, version=version)
