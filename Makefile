@@ -130,13 +130,15 @@ fuzz:
 	$(CLANG) $(FUZZ_CFLAGS) -Icsrc csrc/fmm.c csrc/fuzz_fmm.c -o build/fuzz_fmm -lpthread
 	build/fuzz_fmm $(FUZZ_RUN_FLAGS) -max_total_time=$(FUZZ_SECONDS) build/fuzz-new $(FUZZ_CORPUS)
 
-# Minimise FUZZ_CORPUS plus build/fuzz-new into FUZZ_CORPUS.  Bug
-# reproducers (repro-*) are kept whether or not they add coverage.
+# Minimise FUZZ_CORPUS plus build/fuzz-new into FUZZ_CORPUS: the smallest
+# inputs that keep every covered edge (-use_counters=0: edges, not hit
+# counts, which would keep ~7x more files).  Bug reproducers (repro-*) are
+# kept whether or not they add coverage.
 fuzz-merge:
 	mkdir -p build/fuzz-new
 	$(CLANG) $(FUZZ_CFLAGS) -Icsrc csrc/fmm.c csrc/fuzz_fmm.c -o build/fuzz_fmm -lpthread
 	rm -rf build/fuzz-merged && mkdir -p build/fuzz-merged
-	build/fuzz_fmm -merge=1 build/fuzz-merged $(FUZZ_CORPUS) build/fuzz-new
+	build/fuzz_fmm -merge=1 -use_counters=0 build/fuzz-merged $(FUZZ_CORPUS) build/fuzz-new
 	cp $(FUZZ_CORPUS)/repro-* build/fuzz-merged/ 2>/dev/null || true
 	rm -rf $(FUZZ_CORPUS) && mv build/fuzz-merged $(FUZZ_CORPUS)
 	echo "$(FUZZ_CORPUS): $$(ls $(FUZZ_CORPUS) | wc -l) files, $$(du -sh $(FUZZ_CORPUS) | cut -f1)"
