@@ -417,6 +417,52 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
                    void *ctx);
 enum { RB_INSERT, RB_EXPIRED, RB_ALL, RB_RENUMBER };
 
+/* ---------- Damaged mutex words ----------
+ * glibc trusts the mutex's kind word: a damaged one (say, with the
+ * priority-protect bit but not the robust bit) makes pthread_mutex_lock
+ * abort the process on an internal assertion instead of returning an
+ * error.  So before locking we compare the kind word with that of a mutex
+ * initialised exactly as ours are, and put it back (a compare-and-swap: every
+ * process restores the same value) if it differs; the page is then treated as
+ * damaged and re-initialised once locked. */
+static int init_mutex(pthread_mutex_t *m);
+
+#ifdef __GLIBC__
+static int ref_kind_value(void)
+{
+    static int ref = -1;
+    int r = __atomic_load_n(&ref, __ATOMIC_RELAXED);
+    if (r == -1) {
+        pthread_mutex_t m;
+        memset(&m, 0, sizeof m);
+        if (init_mutex(&m) != 0)
+            return -1;
+        r = m.__data.__kind;
+        pthread_mutex_destroy(&m);
+        __atomic_store_n(&ref, r, __ATOMIC_RELAXED);
+    }
+    return r;
+}
+
+/* 1 if the kind word was damaged (and has now been restored). */
+static int restore_mutex_kind(page_hdr *ph)
+{
+    int ref = ref_kind_value();
+    int *kind = &ph->lock.m.__data.__kind;
+    int k = __atomic_load_n(kind, __ATOMIC_ACQUIRE);
+    if (LIKELY(k == ref) || ref == -1)
+        return 0;
+    __atomic_compare_exchange_n(kind, &k, ref, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    return 1;
+}
+#else
+static int restore_mutex_kind(page_hdr *ph)
+{
+    (void)ph;
+    return 0;
+}
+#endif
+
 int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
 {
     if (UNLIKELY(page >= c->num_pages))
@@ -432,6 +478,7 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
 
     page_hdr *ph = PH(c, page);
     int rc;
+    int kind_damaged = restore_mutex_kind(ph);
     if (timeout_ns == 0) {
         rc = pthread_mutex_trylock(&ph->lock.m);
     } else if (timeout_ns < 0) {
@@ -473,7 +520,9 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
         snprintf(c->err, sizeof c->err, "locking page %u: %s", page, strerror(rc));
         return rc;
     }
-    if (UNLIKELY(!page_ok(c, ph)))
+    if (UNLIKELY(kind_damaged))
+        repair_page(c, ph, "page lock was damaged");
+    else if (UNLIKELY(!page_ok(c, ph)))
         repair_page(c, ph, "page header failed validation");
     else if (UNLIKELY(ph->clock >= RENUMBER_AT))
         rebuild(c, ph, RB_RENUMBER, -1, 0, NULL, NULL); /* on ENOMEM: retried at the next lock */
@@ -514,6 +563,7 @@ int fmm_held(const fmm_cache *c, uint32_t page)
 
 void fmm_unlock(fmm_cache *c, uint32_t page)
 {
+    restore_mutex_kind(PH(c, page)); /* damaged while we held it: unlock must not abort */
     int i = tl_find(c);
     if (i >= 0) {
         tl_held[i] = tl_held[tl_n - 1];

@@ -602,3 +602,28 @@ def test_ctrl_c_interrupts_a_process_waiting_for_a_page_lock(cache, tmp_path, op
         proc.stderr.close()
         proc.stdin.close()
     assert c[key] == ("holder" if op == "get" else "waiter")
+
+
+def test_a_damaged_mutex_kind_word_is_restored_not_an_abort(cache, forked):
+    """glibc aborts (an internal assertion) when a mutex's kind word claims
+    priority-protect without robustness; the engine restores the word and
+    re-initialises the page instead.  Page offset 16 is glibc's __kind."""
+    path = cache.path()
+    c = cache(path, num_pages=2, page_size=8192)
+    for i in range(50):
+        c[f"k{i}"] = i
+    before = c.repaired_pages()
+    with open(path, "r+b") as f:
+        for page in range(2):
+            f.seek(4096 + page * 8192 + 16)
+            f.write((0x40).to_bytes(4, "little"))  # PTHREAD_MUTEX_PP_NORMAL_NP
+
+    def child():
+        with fastmmap.Cache(path, lock_timeout=5) as c2:
+            c2["fresh"] = 1
+            return c2["fresh"], len(c2), c2.check()
+
+    fresh, _, problems = forked(child, timeout=30)
+    assert fresh == 1 and problems == []
+    assert c.repaired_pages() >= before + 1
+    assert c["fresh"] == 1
