@@ -114,11 +114,16 @@
 #define BASE_TIME 1000000000u
 #define DEAD_TID 0x3FFFFF00u /* above any pid_max: no such thread */
 
+/* Removes the scratch file and directory: at exit, before an oracle's
+ * abort, and (with ASan) before a sanitizer report ends the process. */
+static void cleanup(void);
+
 #define FAIL(...)                                                                                  \
     do {                                                                                           \
         fprintf(stderr, "fuzz_fmm: oracle violated at %s:%d: ", __FILE__, __LINE__);               \
         fprintf(stderr, __VA_ARGS__);                                                              \
         fputc('\n', stderr);                                                                       \
+        cleanup();                                                                                 \
         abort();                                                                                   \
     } while (0)
 #define EXPECT(cond, ...)                                                                          \
@@ -224,6 +229,9 @@ static void init_once(void)
     const char *tr = getenv("FUZZ_FMM_TRACE");
     g_trace = tr && *tr && *tr != '0';
     atexit(cleanup);
+#ifdef FZ_ASAN
+    __sanitizer_set_death_callback(cleanup);
+#endif
     /* The engine's page mutex: robust, process-shared, error-checking. */
     pthread_mutexattr_t a;
     pthread_mutexattr_init(&a);
