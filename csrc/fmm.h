@@ -108,6 +108,9 @@ extern "C" {
 #define FMM_ECORRUPT    (-30009) /* a page failed validation */
 #define FMM_EREPLACED   (-30010) /* the file at the path was deleted or replaced */
 #define FMM_ETOOMANY    (-30011) /* a thread holds locks in too many caches at once */
+#define FMM_EREFUSED    (-30012) /* fmm_set_ms: the modseq rules refused the store */
+#define FMM_ENOCHANGE   (-30013) /* fmm_set_ms: accepted, but an equal or newer
+                                    modseq entry already there was kept */
 
 /* ---------- Entry flags (8 bits, stored with the key length) ----------
  * Engine-level flags are opaque to the engine except FMM_F_DIRTY, which
@@ -127,6 +130,28 @@ extern "C" {
 #define FMM_C_CUSTOM      0x18u
 #define FMM_F_DIRTY       0x20u  /* write-back: not yet written to the store */
 #define FMM_F_KEYSTR      0x40u  /* the key was given as str (UTF-8) */
+#define FMM_F_MODSEQ      0x80u  /* the entry carries a 64-bit modseq (fmm_item.modseq) */
+#define FMM_T_TOMBSTONE   0x06u  /* type: a deletion marker carrying a modseq;
+                                    reads as absent, needs FMM_F_MODSEQ, no value */
+
+/* ---------- Modseq and tombstones (Cache::FastMmap 1.63 rules) ----------
+ * An entry may carry a 64-bit modification sequence number.  A tombstone is
+ * an entry of type FMM_T_TOMBSTONE with a modseq and no value: the key reads
+ * as absent, but the modseq is remembered (until the tombstone expires) so a
+ * late store of an older version is refused.  fmm_set_ms applies the rules
+ * against an existing, unexpired entry that carries a modseq (an entry
+ * without one, or an expired one, never blocks a store):
+ *   existing tombstone, store without modseq        -> FMM_EREFUSED
+ *   existing tombstone, store with modseq <  old    -> FMM_EREFUSED
+ *   existing tombstone, store with modseq >= old    -> stored
+ *   existing tombstone, tombstone with modseq <= old -> FMM_ENOCHANGE
+ *   existing value,     tombstone with modseq <= old -> FMM_ENOCHANGE
+ *   existing value,     store with modseq <  old    -> FMM_EREFUSED
+ *   existing value,     store without modseq        -> stored (modseq dropped)
+ *   anything else                                   -> stored
+ * Native format: the modseq is the first 8 bytes of the value area (the
+ * stored vlen includes them); Perl format: likewise, as 1.63 stores it
+ * (FC_HASMODSEQ, FC_TOMBSTONE).  fmm_item.val/vlen never include it. */
 
 typedef struct fmm_cache fmm_cache;
 
@@ -141,7 +166,14 @@ typedef struct fmm_config {
     int permissions;       /* mode of a created file, exact (no umask); 0 -> 0600 */
     int anonymous;         /* no file: MAP_SHARED|MAP_ANONYMOUS, path ignored */
     int enable_stats;      /* count reads and hits in the page headers */
+    int format;            /* FMM_FORMAT_NATIVE (0) or FMM_FORMAT_PERL */
+    uint32_t perl_value_flags; /* Perl format: the FMM type|compression flags
+                              reported for values stored without Perl's
+                              UTF8/UNDEF flags (e.g. FMM_T_JSON|FMM_C_ZLIB) */
 } fmm_config;
+
+#define FMM_FORMAT_NATIVE 0
+#define FMM_FORMAT_PERL   1 /* Cache::FastMmap's file format; see fmm_perl.c */
 
 #define FMM_GEOM_PAGE_SIZE 1 /* page_size was given */
 #define FMM_GEOM_NUM_PAGES 2 /* num_pages was given */
@@ -157,6 +189,7 @@ typedef struct fmm_item {
     uint32_t expire_on;
     uint32_t access;       /* logical LRU clock value */
     uint32_t last_access;  /* unix seconds */
+    uint64_t modseq;       /* when flags & FMM_F_MODSEQ, else 0 */
 } fmm_item;
 
 /* Page-level counters for statistics and the CLI. */
@@ -283,6 +316,8 @@ int fmm_held(const fmm_cache *c, uint32_t page);
 
 #define FMM_GET_TOUCH   1 /* a hit updates LRU position and statistics */
 #define FMM_GET_EXPIRED 2 /* also return an expired entry (write-back flushes) */
+#define FMM_GET_TOMBSTONE 4 /* also return a tombstone (to read its modseq);
+                               without it a tombstone is FMM_ENOTFOUND */
 
 /**
  * @brief Look up a key in a locked page.
@@ -305,11 +340,29 @@ int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash,
  * @param[in] flags      entry flags (FMM_F_*), 8 bits.
  * @param[in] expire_on  absolute unix seconds, 0 = never.
  * @param[in] evict      called for dirty entries removed to make room (may be NULL).
- * @return 0 or FMM_ETOOBIG.
+ * @return 0 or FMM_ETOOBIG; FMM_EREFUSED if an unexpired tombstone holds
+ *         the key (fmm_set is fmm_set_ms without FMM_F_MODSEQ).
  */
 int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash,
             const void *key, uint32_t klen, const void *val, uint32_t vlen,
             uint32_t flags, uint32_t expire_on, fmm_evict_fn evict, void *ctx);
+
+/**
+ * @brief fmm_set with a modseq: as fmm_set, applying the modseq rules above.
+ *
+ * @param[in] flags   as fmm_set; FMM_F_MODSEQ stores @p modseq with the
+ *                    entry; type FMM_T_TOMBSTONE (with FMM_F_MODSEQ, vlen 0)
+ *                    stores a tombstone.  Without FMM_F_MODSEQ this is
+ *                    fmm_set, except that an existing unexpired tombstone
+ *                    refuses the store.
+ * @return 0 (stored), FMM_ENOCHANGE (accepted, existing entry kept),
+ *         FMM_EREFUSED (refused, nothing changed), FMM_ETOOBIG or
+ *         FMM_EBADARG.
+ */
+int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash,
+               const void *key, uint32_t klen, const void *val, uint32_t vlen,
+               uint32_t flags, uint32_t expire_on, uint64_t modseq,
+               fmm_evict_fn evict, void *ctx);
 
 /**
  * @brief Delete a key from a locked page.
@@ -333,7 +386,8 @@ int fmm_expunge(fmm_cache *c, uint32_t page, int mode,
                 fmm_evict_fn evict, void *ctx);
 
 /**
- * @brief Visit each live, unexpired entry of a locked page.
+ * @brief Visit each live, unexpired entry of a locked page (tombstones are
+ * skipped; so are they in fmm_expunge's evict reports).
  * @return 0, or the first non-zero value returned by @p fn.
  */
 int fmm_page_foreach(fmm_cache *c, uint32_t page, fmm_visit_fn fn, void *ctx);
