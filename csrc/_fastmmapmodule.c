@@ -103,8 +103,15 @@ typedef struct {
     int write_back;           /* entries marked dirty, written when they leave */
     int cache_not_found;      /* store None results of read_cb */
     int allow_recursive;      /* unlock the page around read_cb */
+    int perl;                 /* a Cache::FastMmap-format file (format="perl") */
     PyObject *weakreflist;
 } CacheObject;
+
+/* Perl format, serializer="raw": the type the engine reports for values
+ * Perl stored without its UTF-8/undef flags (plain byte strings).  Never
+ * written to a file; decode_value checks these bytes for Perl's Storable
+ * and Sereal formats before returning them. */
+#define T_PERL_RAW 0x07u
 
 #define CacheObject_CAST(op) ((CacheObject *)(op))
 
@@ -310,9 +317,13 @@ typedef struct {
 
 /* Serialize and compress a value (no page lock held, except inside
  * get_and_set and lock blocks, by design). */
+static int encode_perl(CacheObject *self, PyObject *v, encoded *e);
+
 static int encode_value(CacheObject *self, PyObject *v, encoded *e)
 {
     e->owner = NULL;
+    if (UNLIKELY(self->perl))
+        return encode_perl(self, v, e);
     if (PyBytes_CheckExact(v) || (self->ser_type == SER_RAW && PyBytes_Check(v))) {
         e->buf = PyBytes_AS_STRING(v);
         e->len = PyBytes_GET_SIZE(v);
@@ -390,6 +401,99 @@ static int encode_value(CacheObject *self, PyObject *v, encoded *e)
     return 0;
 }
 
+/* Perl format: values as Cache::FastMmap stores them.  Perl passes every
+ * value through its serializer and compressor (no threshold), so a
+ * serialized cache serializes str too, and a compressed one compresses
+ * everything; undef (None) is an empty value with the UNDEF flag. */
+static int encode_perl(CacheObject *self, PyObject *v, encoded *e)
+{
+    if (v == Py_None) {
+        e->buf = "";
+        e->len = 0;
+        e->flags = FMM_T_NONE;
+        return 0;
+    }
+    if (self->ser_type == SER_RAW) {
+        if (PyBytes_Check(v)) {
+            e->buf = PyBytes_AS_STRING(v);
+            e->len = PyBytes_GET_SIZE(v);
+            e->flags = FMM_T_BYTES;
+        } else if (PyUnicode_Check(v)) {
+            e->buf = PyUnicode_AsUTF8AndSize(v, &e->len);
+            if (!e->buf)
+                return -1;
+            e->flags = FMM_T_STR;
+        } else {
+            PyErr_Format(PyExc_TypeError,
+                         "a format='perl' cache with serializer='raw' stores only bytes, str and None values, "
+                         "not %.100s",
+                         Py_TYPE(v)->tp_name);
+            return -1;
+        }
+    } else {
+        PyObject *out = PyObject_CallOneArg(self->dumps, v);
+        if (!out)
+            return -1;
+        if (PyUnicode_Check(out)) {
+            PyObject *b = PyUnicode_AsUTF8String(out);
+            Py_DECREF(out);
+            if (!b)
+                return -1;
+            out = b;
+        }
+        if (!PyBytes_Check(out)) {
+            PyErr_Format(PyExc_TypeError, "the serializer returned %.100s, expected bytes", Py_TYPE(out)->tp_name);
+            Py_DECREF(out);
+            return -1;
+        }
+        e->owner = out;
+        e->buf = PyBytes_AS_STRING(out);
+        e->len = PyBytes_GET_SIZE(out);
+        e->flags = self->ser_type;
+    }
+    if (self->comp_type != FMM_C_NONE) {
+        PyObject *src = e->owner ? Py_NewRef(e->owner) : PyBytes_FromStringAndSize(e->buf, e->len);
+        if (!src)
+            return -1;
+        PyObject *z = PyObject_CallOneArg(self->compress, src);
+        Py_DECREF(src);
+        if (!z || !PyBytes_Check(z)) {
+            if (z) {
+                PyErr_Format(PyExc_TypeError, "the compressor returned %.100s, expected bytes", Py_TYPE(z)->tp_name);
+                Py_DECREF(z);
+            }
+            Py_CLEAR(e->owner);
+            return -1;
+        }
+        Py_XSETREF(e->owner, z);
+        e->buf = PyBytes_AS_STRING(z);
+        e->len = PyBytes_GET_SIZE(z);
+        /* compressed bytes carry no UTF-8 flag, as in Perl */
+        e->flags = (e->flags == FMM_T_STR ? FMM_T_BYTES : e->flags) | self->comp_type;
+    }
+    return 0;
+}
+
+/* Which Perl serializer wrote these bytes, if one fastmmap cannot read:
+ * Storable (freeze: major 2 native order, byte-order string "1234..." ;
+ * nfreeze: network order) or Sereal (magic "=srl" or "=\xF3rl"). */
+static const char *perl_serializer_of(const char *buf, Py_ssize_t len)
+{
+    const unsigned char *b = (const unsigned char *)buf;
+    if (len >= 5 && b[0] == '=' && (b[1] == 's' || b[1] == 0xF3) && b[2] == 'r' && b[3] == 'l' &&
+        (b[4] & 0x0F) >= 1 && (b[4] & 0x0F) <= 5)
+        return "Sereal";
+    if (len >= 3 && b[0] == 0x04 && b[1] <= 0x0F && (b[2] == 4 || b[2] == 8) && len >= 3 + b[2]) {
+        for (int i = 0; i < b[2]; i++)
+            if (b[3 + i] < '1' || b[3 + i] > '8')
+                return NULL;
+        return "Storable";
+    }
+    if (len >= 3 && b[0] == 0x05 && b[1] <= 0x0F && b[2] < 0x40)
+        return "Storable";
+    return NULL;
+}
+
 static PyObject *import_attr(const char *mod, const char *attr)
 {
     PyObject *m = PyImport_ImportModule(mod);
@@ -453,6 +557,18 @@ static PyObject *decode_value(CacheObject *self, uint32_t flags, const char *buf
         raw = plain;
         buf = PyBytes_AS_STRING(plain);
         len = PyBytes_GET_SIZE(plain);
+    }
+    if (self->perl && (type == T_PERL_RAW || type == FMM_T_JSON)) {
+        const char *which = perl_serializer_of(buf, len);
+        if (which) {
+            PyErr_Format(st->Error,
+                         "this value was written by Perl with Cache::FastMmap's %s serializer, which fastmmap "
+                         "cannot read; have the Perl side use serializer => 'json' or '' (raw), as this cache does",
+                         which);
+            goto done;
+        }
+        if (type == T_PERL_RAW)
+            type = FMM_T_BYTES;
     }
     switch (type) {
     case FMM_T_BYTES:
@@ -2015,8 +2131,8 @@ PyDoc_STRVAR(cache__open_doc,
 static PyObject *cache__open(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
     CacheObject *self = CacheObject_CAST(op);
-    if (nargs != 9)
-        return PyErr_Format(PyExc_TypeError, "_open expected 9 arguments");
+    if (nargs != 9 && nargs != 11)
+        return PyErr_Format(PyExc_TypeError, "_open expected 9 or 11 arguments");
     if (self->c || self->closed)
         return PyErr_Format(PyExc_ValueError, "cache is already open");
     PyObject *path = args[0];
@@ -2037,6 +2153,15 @@ static PyObject *cache__open(PyObject *op, PyObject *const *args, Py_ssize_t nar
     cfg.permissions = (int)v[5];
     cfg.anonymous = (int)v[6];
     cfg.enable_stats = (int)v[7];
+    if (nargs == 11) {
+        /* format (0 native, 1 perl) and the Perl format's plain-value flags */
+        unsigned long fmt = PyLong_AsUnsignedLong(args[9]);
+        unsigned long pvf = PyLong_AsUnsignedLong(args[10]);
+        if (PyErr_Occurred())
+            return NULL;
+        cfg.format = (int)fmt;
+        cfg.perl_value_flags = (uint32_t)pvf;
+    }
     const char *cpath = NULL;
     if (!cfg.anonymous) {
         if (!PyUnicode_FSConverter(path, &path_bytes))
@@ -2062,6 +2187,7 @@ static PyObject *cache__open(PyObject *op, PyObject *const *args, Py_ssize_t nar
         return set_error(self->state, "open", rc, err, NULL);
     }
     self->c = c;
+    self->perl = cfg.format == FMM_FORMAT_PERL;
     return Py_NewRef(created ? Py_True : Py_False);
 }
 

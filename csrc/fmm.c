@@ -19,6 +19,7 @@
  */
 #define _GNU_SOURCE
 #include "fmm.h"
+#include "fmm_perl.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -141,6 +142,7 @@ struct fmm_cache {
     uint32_t time_override;
     dev_t dev;
     ino_t ino;
+    pfm_cache *perl;           /* non-NULL: a Perl-format file, every call goes to fmm_perl.c */
     char err[256];
 };
 
@@ -216,11 +218,15 @@ uint64_t fmm_xxh64(const void *data, size_t len, uint64_t seed)
 
 uint64_t fmm_hash(const fmm_cache *c, const void *key, size_t klen)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_hash32(key, klen);
     return fmm_xxh64(key, klen, c->seed);
 }
 
 uint32_t fmm_page_of(const fmm_cache *c, uint64_t hash)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_page_of(c->perl, hash);
     return (uint32_t)(((hash >> 32) * (uint64_t)c->num_pages) >> 32);
 }
 
@@ -257,23 +263,39 @@ static inline uint32_t data_start(uint32_t num_slots) { return FMM_PAGE_HEADER_S
 
 uint32_t fmm_now(const fmm_cache *c)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_now(c->perl);
     if (c->time_override)
         return c->time_override;
     return (uint32_t)time(NULL);
 }
 
-void fmm_set_time(fmm_cache *c, uint32_t now) { c->time_override = now; }
+void fmm_set_time(fmm_cache *c, uint32_t now)
+{
+    c->time_override = now;
+    if (c->perl)
+        pfm_set_time(c->perl, now);
+}
 uint32_t fmm_page_size(const fmm_cache *c) { return c->page_size; }
 uint32_t fmm_num_pages(const fmm_cache *c) { return c->num_pages; }
 uint32_t fmm_start_slots(const fmm_cache *c) { return c->start_slots; }
-uint32_t fmm_max_item(const fmm_cache *c) { return c->page_size - data_start(MIN_SLOTS); }
+uint32_t fmm_max_item(const fmm_cache *c)
+{
+    if (UNLIKELY(c->perl))
+        return pfm_max_item(c->perl);
+    return c->page_size - data_start(MIN_SLOTS);
+}
 uint64_t fmm_repairs(const fmm_cache *c)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_repairs(c->perl);
     return c->fh ? __atomic_load_n(&c->fh->repairs, __ATOMIC_RELAXED) : 0;
 }
-const char *fmm_errdetail(const fmm_cache *c) { return c->err; }
+const char *fmm_errdetail(const fmm_cache *c) { return c->perl ? pfm_errdetail(c->perl) : c->err; }
 unsigned char *fmm_page_ptr(fmm_cache *c, uint32_t page)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_page_ptr(c->perl, page);
     return page < c->num_pages ? (unsigned char *)PH(c, page) : NULL;
 }
 
@@ -357,7 +379,13 @@ static void init_page_fields(fmm_cache *c, page_hdr *ph)
     ph->dirty = 0;
 }
 
-void fmm_init_page(fmm_cache *c, uint32_t page) { init_page_fields(c, PH(c, page)); }
+void fmm_init_page(fmm_cache *c, uint32_t page)
+{
+    if (UNLIKELY(c->perl))
+        pfm_init_page(c->perl, page);
+    else
+        init_page_fields(c, PH(c, page));
+}
 
 static void repair_page(fmm_cache *c, page_hdr *ph, const char *why)
 {
@@ -465,6 +493,8 @@ static int restore_mutex_kind(page_hdr *ph)
 
 int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_lock(c->perl, page, timeout_ns);
     if (UNLIKELY(page >= c->num_pages))
         return FMM_EBADARG;
     int held = tl_find(c);
@@ -534,6 +564,8 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
 
 int fmm_lock_stale(fmm_cache *c, uint32_t page)
 {
+    if (UNLIKELY(c->perl))
+        return 0; /* fcntl locks die with their owner */
     if (page >= c->num_pages)
         return 0;
     uint32_t *word = (uint32_t *)&PH(c, page)->lock.m;
@@ -557,12 +589,18 @@ int fmm_lock_stale(fmm_cache *c, uint32_t page)
 
 int fmm_held(const fmm_cache *c, uint32_t page)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_held(c->perl, page);
     int i = tl_find(c);
     return i >= 0 && tl_held[i].page == page;
 }
 
 void fmm_unlock(fmm_cache *c, uint32_t page)
 {
+    if (UNLIKELY(c->perl)) {
+        pfm_unlock(c->perl, page);
+        return;
+    }
     restore_mutex_kind(PH(c, page)); /* damaged while we held it: unlock must not abort */
     int i = tl_find(c);
     if (i >= 0) {
@@ -620,6 +658,8 @@ static inline long find_slot(const fmm_cache *c, page_hdr *ph, uint32_t lo, cons
 int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, int touch,
             fmm_item *out)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_get(c->perl, page, hash, key, klen, touch, out);
     page_hdr *ph = PH(c, page);
     entry *e = NULL;
     long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &e);
@@ -855,6 +895,8 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
 int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
             uint32_t vlen, uint32_t flags, uint32_t expire_on, fmm_evict_fn evict, void *ctx)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_set(c->perl, page, hash, key, klen, val, vlen, flags, expire_on, 0, evict, ctx);
     if (klen > FMM_MAX_KEY_LEN)
         return FMM_ETOOBIG;
     uint64_t need = ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + vlen);
@@ -941,6 +983,8 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
 
 int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, uint32_t *old_flags)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_delete(c->perl, page, hash, key, klen, old_flags);
     page_hdr *ph = PH(c, page);
     entry *e = NULL;
     long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &e);
@@ -969,6 +1013,8 @@ int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint
 
 int fmm_expunge(fmm_cache *c, uint32_t page, int mode, fmm_evict_fn evict, void *ctx)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_expunge(c->perl, page, mode, evict, ctx);
     page_hdr *ph = PH(c, page);
     int rc = rebuild(c, ph, mode == FMM_EXPUNGE_ALL ? RB_ALL : RB_EXPIRED, -1, 0, evict, ctx);
     if (rc == FMM_ECORRUPT)
@@ -978,6 +1024,8 @@ int fmm_expunge(fmm_cache *c, uint32_t page, int mode, fmm_evict_fn evict, void 
 
 int fmm_page_foreach(fmm_cache *c, uint32_t page, fmm_visit_fn fn, void *ctx)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_page_foreach(c->perl, page, fn, ctx);
     page_hdr *ph = PH(c, page);
     uint32_t ns = ph->num_slots;
     uint32_t *slots = SLOTS(ph);
@@ -1005,6 +1053,10 @@ int fmm_page_foreach(fmm_cache *c, uint32_t page, fmm_visit_fn fn, void *ctx)
 
 void fmm_page_info_get(fmm_cache *c, uint32_t page, fmm_page_info *info)
 {
+    if (UNLIKELY(c->perl)) {
+        pfm_page_info_get(c->perl, page, info);
+        return;
+    }
     page_hdr *ph = PH(c, page);
     memset(info, 0, sizeof *info);
     uint32_t ns = ph->num_slots;
@@ -1034,12 +1086,20 @@ void fmm_page_info_get(fmm_cache *c, uint32_t page, fmm_page_info *info)
 
 void fmm_page_clear_stats(fmm_cache *c, uint32_t page)
 {
+    if (UNLIKELY(c->perl)) {
+        pfm_page_clear_stats(c->perl, page);
+        return;
+    }
     page_hdr *ph = PH(c, page);
     ph->nreads = 0;
     ph->nhits = 0;
 }
 
-void fmm_set_page_clock(fmm_cache *c, uint32_t page, uint32_t clock) { PH(c, page)->clock = clock; }
+void fmm_set_page_clock(fmm_cache *c, uint32_t page, uint32_t clock)
+{
+    if (!c->perl)
+        PH(c, page)->clock = clock;
+}
 
 /* ---------- Validation ---------- */
 
@@ -1131,6 +1191,8 @@ static int deep_check(fmm_cache *c, uint32_t page, char *msg, size_t msglen)
 
 int fmm_check_page(fmm_cache *c, uint32_t page, char *msg, size_t msglen)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_check_page(c->perl, page, msg, msglen);
     if (msg && msglen)
         msg[0] = 0;
     return deep_check(c, page, msg, msglen);
@@ -1396,6 +1458,27 @@ int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out, int *crea
     *out = NULL;
     if (created)
         *created = 0;
+    if (cfg->format == FMM_FORMAT_PERL) {
+        fmm_cache *c = calloc(1, sizeof *c);
+        if (!c)
+            return ENOMEM;
+        int rc = pfm_open(path, cfg, &c->perl, created, err, errlen);
+        if (rc) {
+            free(c);
+            return rc;
+        }
+        c->id = __atomic_fetch_add(&next_handle_id, 1, __ATOMIC_RELAXED);
+        c->fd = -1;
+        c->page_size = pfm_page_size(c->perl);
+        c->num_pages = pfm_num_pages(c->perl);
+        c->start_slots = pfm_start_slots(c->perl);
+        *out = c;
+        return 0;
+    }
+    if (cfg->format != FMM_FORMAT_NATIVE) {
+        set_detail(err, errlen, "unknown file format %d", cfg->format);
+        return FMM_EBADARG;
+    }
     int rc = validate_config(cfg, err, errlen);
     if (rc)
         return rc;
@@ -1563,6 +1646,11 @@ void fmm_close(fmm_cache *c)
 {
     if (!c)
         return;
+    if (c->perl) {
+        pfm_close(c->perl);
+        free(c);
+        return;
+    }
     /* A page this thread still holds (an abandoned lock block) is released
      * rather than left locked in the file for ever. */
     int i = tl_find(c);
@@ -1575,6 +1663,8 @@ void fmm_close(fmm_cache *c)
 
 int fmm_check_file(const fmm_cache *c)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_check_file(c->perl);
     if (c->anonymous)
         return 0;
     struct stat st;
