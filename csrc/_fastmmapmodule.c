@@ -2446,7 +2446,20 @@ static PyObject *mod_xxh64(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_s
     return PyLong_FromUnsignedLongLong(h);
 }
 
+static PyObject *mod_perl_hash(PyObject *Py_UNUSED(mod), PyObject *arg)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    uint32_t h = fmm_perl_hash(b.buf, (size_t)b.len);
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLong(h);
+}
+
 static PyMethodDef module_methods[] = {
+    {"perl_hash", mod_perl_hash, METH_O,
+     "perl_hash($module, data, /)\n--\n\nCache::FastMmap's 32-bit hash of a bytes-like object (format='perl'): "
+     "the page is hash % num_pages, the slot hash // num_pages."},
     {"xxh64", (PyCFunction)(void (*)(void))mod_xxh64, METH_FASTCALL,
      "xxh64($module, data, seed=0, /)\n--\n\nXXH64 of a bytes-like object (the engine's hash)."},
     {NULL},

@@ -216,6 +216,8 @@ uint64_t fmm_xxh64(const void *data, size_t len, uint64_t seed)
     return h;
 }
 
+uint32_t fmm_perl_hash(const void *key, size_t klen) { return pfm_hash32(key, klen); }
+
 uint64_t fmm_hash(const fmm_cache *c, const void *key, size_t klen)
 {
     if (UNLIKELY(c->perl))

@@ -262,7 +262,11 @@ uint64_t fmm_repairs(const fmm_cache *c);
 
 /** @brief XXH64 with an explicit seed (exposed for tests). */
 uint64_t fmm_xxh64(const void *data, size_t len, uint64_t seed);
-/** @brief The key's 64-bit hash, seeded with the file's seed. */
+/** @brief Cache::FastMmap's 32-bit hash of the key bytes (format PERL;
+ * exposed for tests): h = 0x92f7e3b1, then h = rotl32(h, 4) + byte. */
+uint32_t fmm_perl_hash(const void *key, size_t klen);
+/** @brief The key's 64-bit hash, seeded with the file's seed (format PERL:
+ * fmm_perl_hash). */
 uint64_t fmm_hash(const fmm_cache *c, const void *key, size_t klen);
 /** @brief The page that holds keys with this hash. */
 uint32_t fmm_page_of(const fmm_cache *c, uint64_t hash);

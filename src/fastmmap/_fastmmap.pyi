@@ -104,6 +104,9 @@ class ItemTooLargeError(Error, ValueError):
 def xxh64(data: ReadableBuffer, seed: int = 0, /) -> int:
     """XXH64 of a bytes-like object (the engine's hash)."""
 
+def perl_hash(data: ReadableBuffer, /) -> int:
+    """Cache::FastMmap's 32-bit hash of a bytes-like object (format='perl'): the page is hash % num_pages, the slot hash // num_pages."""
+
 # ---------------------------------------------------------------- CacheBase
 
 # A C type with its own instance layout: it cannot share a subclass with
