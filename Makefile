@@ -97,6 +97,8 @@ ctest:
 	mkdir -p build
 	$(CC) $(CTEST_CFLAGS) -Icsrc $(ENGINE_SRC) csrc/test_fmm.c -o build/test_fmm -lpthread
 	$(CTEST_ENV) build/test_fmm
+	$(CC) $(CTEST_CFLAGS) -Icsrc $(ENGINE_SRC) csrc/test_fmm_perl.c -o build/test_fmm_perl -lpthread
+	$(CTEST_ENV) build/test_fmm_perl
 	$(CC) $(CTEST_CFLAGS) -DFMM_FUZZ_REPLAY -Icsrc $(ENGINE_SRC) csrc/fuzz_fmm.c \
 		-o build/fuzz_replay -lpthread
 	$(CTEST_ENV) build/fuzz_replay $(FUZZ_CORPUS)
@@ -106,6 +108,8 @@ ctest-valgrind:
 	mkdir -p build
 	$(CC) $(VALGRIND_CFLAGS) -Icsrc $(ENGINE_SRC) csrc/test_fmm.c -o build/test_fmm_plain -lpthread
 	$(VALGRIND) build/test_fmm_plain
+	$(CC) $(VALGRIND_CFLAGS) -Icsrc $(ENGINE_SRC) csrc/test_fmm_perl.c -o build/test_fmm_perl_plain -lpthread
+	$(VALGRIND) build/test_fmm_perl_plain
 
 test: install-test
 	$(MAKE) --no-print-directory ctest
