@@ -2124,9 +2124,9 @@ static PyObject *cache__set_time_override(PyObject *op, PyObject *arg)
 
 PyDoc_STRVAR(cache__open_doc,
              "_open($self, path, page_size, num_pages, start_slots, explicit_geometry, init_file,\n"
-             "      permissions, anonymous, enable_stats, /)\n--\n\n"
+             "      permissions, anonymous, enable_stats, format=0, perl_value_flags=0, /)\n--\n\n"
              "Open or create the cache file (options already validated by fastmmap.Cache).  Return True if\n"
-             "this call created the file.");
+             "this call created the file.  format 1 is Cache::FastMmap's file format.");
 
 static PyObject *cache__open(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {

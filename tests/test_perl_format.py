@@ -627,3 +627,24 @@ def test_damaged_page_is_repaired_not_trusted(share: str) -> None:
     assert c.check() == []
     assert c.repaired_pages() >= 1
     c.close()
+
+
+def test_cli_on_a_perl_file(share: str) -> None:
+    perl("my $c = opened(share_file => $ARGV[0], num_pages => 7, page_size => 8192);"
+         "$c->set(\"a$_\", \"v$_\") for 1 .. 20;", share)
+    geo = ["--format", "perl", "--num-pages", "7", "--page-size", "8k"]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fastmmap", *args], capture_output=True, text=True,
+                              timeout=60)
+
+    r = cli("check", *geo, share)
+    assert r.returncode == 0 and "all pages valid" in r.stdout
+    r = cli("keys", *geo, share)
+    assert r.returncode == 0 and len(r.stdout.split()) == 20
+    r = cli("get", *geo, "--raw", share, "a7")
+    assert r.returncode == 0 and r.stdout == "v7"
+    # the wrong geometry is an error that says so, and the file is left alone
+    r = cli("keys", "--format", "perl", share)
+    assert r.returncode == 2 and "init_file" in r.stderr
+    assert os.path.getsize(share) == 7 * 8192

@@ -202,6 +202,8 @@ class CacheBase:
         permissions: int,
         anonymous: bool,
         enable_stats: bool,
+        format: int = 0,
+        perl_value_flags: int = 0,
         /,
     ) -> bool: ...
     def _configure(
