@@ -648,3 +648,75 @@ def test_cli_on_a_perl_file(share: str) -> None:
     r = cli("keys", "--format", "perl", share)
     assert r.returncode == 2 and "init_file" in r.stderr
     assert os.path.getsize(share) == 7 * 8192
+
+
+# ---------------------------------------------------------------- the rest of the API on a Perl file
+
+
+def test_write_back_and_read_through(share: str) -> None:
+    store: dict[object, object] = {}
+    written: list[object] = []
+    c = open_perl_format(
+        share, num_pages=1, page_size=4096, write_action="write_back",
+        read_cb=lambda ctx, k: store.get(k.decode() if isinstance(k, bytes) else k),
+        write_cb=lambda ctx, k, v, exp: written.append((k, v)),
+    )
+    for i in range(200):  # a 4 KiB page: most are evicted, dirty, to write_cb
+        c.set(f"k{i}", b"v" * 40)
+    c.empty()
+    assert {k for k, _ in written} == {f"k{i}" for i in range(200)}
+    store["db"] = "from the store"
+    assert c.get("db") == "from the store"  # read through, then cached
+    store.clear()
+    assert c.get("db") == "from the store"
+    c.close()
+
+
+def test_dirty_flag_is_perls(share: str) -> None:
+    """An entry Perl stored in write-back mode is dirty for Python too."""
+    perl(
+        """
+        my $c = opened(share_file => $ARGV[0], num_pages => 1, page_size => 4096,
+                       write_action => 'write_back', write_cb => sub {});
+        $c->set('pk', 'perl-dirty');
+        """,
+        share,
+    )
+    flushed: list[tuple[object, object]] = []
+    c = open_perl_format(share, num_pages=1, page_size=4096, write_action="write_back",
+                         write_cb=lambda ctx, k, v, exp: flushed.append((k, v)))
+    c.empty()
+    assert flushed == [(b"pk", b"perl-dirty")]
+    c.close()
+
+
+def test_stats_counters_are_perls(share: str) -> None:
+    c = open_perl_format(share, enable_stats=True)
+    c.set("a", b"1")
+    for _ in range(5):
+        c.get("a")
+    for _ in range(3):
+        c.get("missing")
+    assert c.get_statistics() == (8, 5)
+    assert perl_json("print $J->encode([opened(share_file => $ARGV[0])->get_statistics()]);", share) == [8, 5]
+    c.close()
+
+
+def test_lock_blocks_and_multi(share: str) -> None:
+    c = open_perl_format(share)
+    with c.lock("x") as held:
+        held.set(b"fresh")
+        assert held.value == b"fresh"
+    assert c.get("x") == b"fresh"
+    c.multi_set("user1", {"name": "ann", "mail": b"a@x"})
+    assert c.multi_get("user1", ["name", "mail", "nope"]) == {"name": "ann", "mail": b"a@x"}
+    out = perl_json(
+        "my $c = opened(share_file => $ARGV[0]);"
+        "my $r = $c->multi_get('user1', ['name', 'mail']); print $J->encode($r);",
+        share,
+    )
+    assert out == {"name": "ann", "mail": "a@x"}
+    c.purge()
+    c.clear()
+    assert len(c) == 0 and c.check() == []
+    c.close()
