@@ -983,6 +983,17 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
     }
 }
 
+int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
+               uint32_t vlen, uint32_t flags, uint32_t expire_on, uint64_t modseq, fmm_evict_fn evict, void *ctx)
+{
+    if (UNLIKELY(c->perl))
+        return pfm_set(c->perl, page, hash, key, klen, val, vlen, flags, expire_on, modseq, evict, ctx);
+    /* native modseq support is not built yet */
+    if ((flags & FMM_F_MODSEQ) || (flags & FMM_F_TYPE_MASK) == FMM_T_TOMBSTONE)
+        return FMM_EBADARG;
+    return fmm_set(c, page, hash, key, klen, val, vlen, flags, expire_on, evict, ctx);
+}
+
 int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, uint32_t *old_flags)
 {
     if (UNLIKELY(c->perl))
