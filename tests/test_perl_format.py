@@ -720,3 +720,51 @@ def test_lock_blocks_and_multi(share: str) -> None:
     c.clear()
     assert len(c) == 0 and c.check() == []
     c.close()
+
+
+def test_lock_covers_exactly_the_page_bytes(share: str) -> None:
+    """The lock is an exclusive fcntl lock on [page * page_size, +page_size),
+    the range Perl locks: another process sees exactly that range taken."""
+    c = open_perl_format(share, num_pages=4, page_size=8192)
+    key = "k"
+    page = _fastmmap.perl_hash(b"k") % 4
+    probe = textwrap.dedent(
+        """
+        import fcntl, os, struct, sys
+        fd = os.open(sys.argv[1], os.O_RDWR)
+        out = []
+        for start, length in [tuple(map(int, r.split(":"))) for r in sys.argv[2:]]:
+            lk = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, start, length, 0)
+            res = fcntl.fcntl(fd, fcntl.F_GETLK, lk)
+            out.append(struct.unpack("hhqqi4x", res)[0] != fcntl.F_UNLCK)
+        print(out)
+        """
+    )
+    lo, hi = page * 8192, (page + 1) * 8192
+    ranges = [(lo, 1), (hi - 1, 1), (lo, 8192), (0, 4 * 8192)]
+    if lo:
+        ranges.append((lo - 1, 1))
+    if hi < 4 * 8192:
+        ranges.append((hi, 1))
+    with c.lock(key):
+        r = subprocess.run([sys.executable, "-c", probe, share, *(f"{s}:{n}" for s, n in ranges)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert eval(r.stdout) == [True, True, True, True] + [False] * (len(ranges) - 4)
+    # and Perl, holding the page, blocks exactly that page for us
+    held = subprocess.Popen(
+        ["perl", "-e", PREAMBLE + textwrap.dedent(
+            """
+            my $c = opened(share_file => $ARGV[0], num_pages => 4, page_size => 8192);
+            $c->get_and_set('k', sub { print "held\\n"; STDOUT->flush; sleep 2; return 'perl' });
+            """
+        ), share], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert held.stdout is not None and held.stdout.readline() == "held\n"
+    t0 = time.monotonic()
+    other = next(f"o{i}" for i in range(100) if _fastmmap.perl_hash(f"o{i}".encode()) % 4 != page)
+    c.set(other, b"free")  # another page: no wait
+    assert time.monotonic() - t0 < 1.0
+    assert c.get("k") == b"perl"  # waited for Perl's store
+    out, err = held.communicate(timeout=60)
+    assert held.returncode == 0, err
+    c.close()
