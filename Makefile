@@ -92,16 +92,16 @@ demo: install
 
 ctest:
 	mkdir -p build
-	$(CC) $(CTEST_CFLAGS) -Icsrc csrc/fmm.c csrc/test_fmm.c -o build/test_fmm -lpthread
+	$(CC) $(CTEST_CFLAGS) -Icsrc csrc/fmm.c csrc/fmm_guard.c csrc/test_fmm.c -o build/test_fmm -lpthread
 	$(CTEST_ENV) build/test_fmm
-	$(CC) $(CTEST_CFLAGS) -DFMM_FUZZ_REPLAY -Icsrc csrc/fmm.c csrc/fuzz_fmm.c \
+	$(CC) $(CTEST_CFLAGS) -DFMM_FUZZ_REPLAY -Icsrc csrc/fmm.c csrc/fmm_guard.c csrc/fuzz_fmm.c \
 		-o build/fuzz_replay -lpthread
 	$(CTEST_ENV) build/fuzz_replay $(FUZZ_CORPUS)
 
 # The C tests without sanitizers, under memcheck.
 ctest-valgrind:
 	mkdir -p build
-	$(CC) $(VALGRIND_CFLAGS) -Icsrc csrc/fmm.c csrc/test_fmm.c -o build/test_fmm_plain -lpthread
+	$(CC) $(VALGRIND_CFLAGS) -Icsrc csrc/fmm.c csrc/fmm_guard.c csrc/test_fmm.c -o build/test_fmm_plain -lpthread
 	$(VALGRIND) build/test_fmm_plain
 
 test: install-test
@@ -127,7 +127,7 @@ test-asan:
 
 fuzz:
 	mkdir -p build/fuzz-new build/fuzz-artifacts
-	$(CLANG) $(FUZZ_CFLAGS) -Icsrc csrc/fmm.c csrc/fuzz_fmm.c -o build/fuzz_fmm -lpthread
+	$(CLANG) $(FUZZ_CFLAGS) -Icsrc csrc/fmm.c csrc/fmm_guard.c csrc/fuzz_fmm.c -o build/fuzz_fmm -lpthread
 	build/fuzz_fmm $(FUZZ_RUN_FLAGS) -max_total_time=$(FUZZ_SECONDS) build/fuzz-new $(FUZZ_CORPUS)
 
 # Minimise FUZZ_CORPUS plus build/fuzz-new into FUZZ_CORPUS: the smallest
@@ -136,7 +136,7 @@ fuzz:
 # kept whether or not they add coverage.
 fuzz-merge:
 	mkdir -p build/fuzz-new
-	$(CLANG) $(FUZZ_CFLAGS) -Icsrc csrc/fmm.c csrc/fuzz_fmm.c -o build/fuzz_fmm -lpthread
+	$(CLANG) $(FUZZ_CFLAGS) -Icsrc csrc/fmm.c csrc/fmm_guard.c csrc/fuzz_fmm.c -o build/fuzz_fmm -lpthread
 	rm -rf build/fuzz-merged && mkdir -p build/fuzz-merged
 	build/fuzz_fmm -merge=1 -use_counters=0 build/fuzz-merged $(FUZZ_CORPUS) build/fuzz-new
 	cp $(FUZZ_CORPUS)/repro-* build/fuzz-merged/ 2>/dev/null || true
