@@ -163,6 +163,31 @@ static PyObject *closed_error(void)
     return NULL;
 }
 
+/* The cache file shrank under the mapping (see fmm.h, "Truncation guard"):
+ * whatever the operation read may be zeros; replace its result or error. */
+static Py_NO_INLINE PyObject *replaced_error(CacheObject *self)
+{
+    PyErr_Clear();
+    PyErr_SetString(self->state->FileReplacedError,
+                    "the cache file was truncated or replaced while this process had it open; "
+                    "reopen the cache");
+    return NULL;
+}
+#define LOST_R(self, r)                               \
+    do {                                              \
+        if (UNLIKELY(fmm_lost((self)->c))) {          \
+            Py_XDECREF(r);                            \
+            r = replaced_error(self);                 \
+        }                                             \
+    } while (0)
+#define LOST_I(self, r)                               \
+    do {                                              \
+        if (UNLIKELY(fmm_lost((self)->c))) {          \
+            replaced_error(self);                     \
+            r = -1;                                   \
+        }                                             \
+    } while (0)
+
 /* ---------- Lifetime guards ---------- */
 
 static void really_close(CacheObject *self)
@@ -229,6 +254,10 @@ static PyObject *key_object(const fmm_item *it)
 static Py_NO_INLINE int lock_slow(CacheObject *self, uint32_t page, int rc)
 {
     fastmmap_state *st = self->state;
+    if (rc == FMM_EREPLACED) {
+        replaced_error(self);
+        return -1;
+    }
     if (rc != FMM_EBUSY) {
         if (rc == EINVAL || rc == ENOTRECOVERABLE)
             PyErr_Format(st->Error, "the lock of page %u is damaged (%s); reopen the cache with init_file=True",
@@ -253,7 +282,9 @@ static Py_NO_INLINE int lock_slow(CacheObject *self, uint32_t page, int rc)
         if (rc == 0)
             return 0;
         if (rc != FMM_ETIMEDOUT) {
-            if (rc == EINVAL || rc == ENOTRECOVERABLE)
+            if (rc == FMM_EREPLACED)
+                replaced_error(self);
+            else if (rc == EINVAL || rc == ENOTRECOVERABLE)
                 PyErr_Format(st->Error, "the lock of page %u is damaged (%s); reopen the cache with init_file=True",
                              page, strerror(rc));
             else
@@ -848,6 +879,7 @@ static PyObject *cache_subscript(PyObject *op, PyObject *key)
     PyObject *r = do_get(self, key);
     if (!r && !PyErr_Occurred())
         PyErr_SetObject(PyExc_KeyError, key);
+    LOST_R(self, r);
     LEAVE(self);
     return r;
 }
@@ -898,6 +930,7 @@ static int cache_ass_subscript(PyObject *op, PyObject *key, PyObject *value)
             r = 0;
         }
     }
+    LOST_I(self, r);
     LEAVE(self);
     return r;
 }
@@ -921,6 +954,7 @@ static int cache_contains(PyObject *op, PyObject *key)
             UNLOCK(self, page);
         }
     }
+    LOST_I(self, r);
     LEAVE(self);
     return r;
 }
@@ -945,6 +979,7 @@ static Py_ssize_t cache_length(PyObject *op)
         UNLOCK(self, p);
         n += info.live - info.expired;
     }
+    LOST_I(self, n);
     LEAVE(self);
     return n;
 }
@@ -964,6 +999,7 @@ static PyObject *cache_get(PyObject *op, PyObject *const *args, Py_ssize_t nargs
     PyObject *r = do_get(self, args[0]);
     if (!r && !PyErr_Occurred())
         r = Py_NewRef(nargs == 2 ? args[1] : Py_None);
+    LOST_R(self, r);
     LEAVE(self);
     return r;
 }
@@ -1032,6 +1068,7 @@ static PyObject *cache_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs
         if (r >= 0)
             res = Py_NewRef(r ? Py_True : Py_False);
     }
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1055,6 +1092,7 @@ static PyObject *cache_remove(PyObject *op, PyObject *key)
     CacheObject *self = CacheObject_CAST(op);
     ENTER(self);
     int r = do_delete(self, key);
+    LOST_I(self, r);
     LEAVE(self);
     if (r < 0)
         return NULL;
@@ -1135,6 +1173,7 @@ out:
     Py_XDECREF(raw);
     Py_XDECREF(old);
     Py_XDECREF(newv);
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1176,6 +1215,7 @@ static PyObject *cache_get_and_remove(PyObject *op, PyObject *const *args, Py_ss
     if (!found && !err)
         r = Py_NewRef(nargs == 2 ? args[1] : Py_None);
 out:
+    LOST_R(self, r);
     LEAVE(self);
     return r;
 }
@@ -1228,6 +1268,7 @@ static PyObject *cache_add(PyObject *op, PyObject *const *args, Py_ssize_t nargs
         Py_CLEAR(res);
 out:
     Py_XDECREF(e.owner);
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1256,6 +1297,8 @@ static PyObject *expunge_all(CacheObject *self, int mode, int flush)
             break;
         }
     }
+    if (UNLIKELY(fmm_lost(self->c)))
+        res = replaced_error(self);
     LEAVE(self);
     return res ? Py_NewRef(res) : NULL;
 }
@@ -1330,6 +1373,7 @@ static PyObject *cache_expire(PyObject *op, PyObject *key)
     res = Py_NewRef(Py_None);
 out:
     Py_XDECREF(raw);
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1378,6 +1422,7 @@ static PyObject *cache_touch(PyObject *op, PyObject *const *args, Py_ssize_t nar
         Py_CLEAR(res);
 out:
     Py_XDECREF(copy);
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1464,10 +1509,13 @@ static PyObject *cache__entries(PyObject *op, PyObject *const *args, Py_ssize_t 
             PyList_SetItem(ctx.list, i, nt);
         }
     }
+    LOST_R(self, ctx.list);
     LEAVE(self);
     return ctx.list;
 error:
     Py_XDECREF(ctx.list);
+    if (UNLIKELY(fmm_lost(self->c)))
+        replaced_error(self);
     LEAVE(self);
     return NULL;
 }
@@ -1504,6 +1552,7 @@ static PyObject *cache_get_statistics(PyObject *op, PyObject *const *args, Py_ss
     }
     res = Py_BuildValue("(KK)", reads, hits);
 out:
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1604,6 +1653,7 @@ out:
     Py_XDECREF(keys);
     Py_XDECREF(combined);
     Py_XDECREF(raws);
+    LOST_R(self, result);
     LEAVE(self);
     return result;
 }
@@ -1693,6 +1743,7 @@ static PyObject *cache_multi_set(PyObject *op, PyObject *const *args, Py_ssize_t
 out:
     Py_XDECREF(items);
     Py_XDECREF(prepared);
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1709,6 +1760,10 @@ static int held_key(CacheObject *self, PyObject *pageobj, PyObject *key, PyObjec
     unsigned long p = PyLong_AsUnsignedLong(pageobj);
     if (p == (unsigned long)-1 && PyErr_Occurred())
         return -1;
+    if (UNLIKELY(fmm_lost(self->c))) {
+        replaced_error(self);
+        return -1;
+    }
     if (p >= fmm_num_pages(self->c) || !fmm_held(self->c, (uint32_t)p)) {
         PyErr_Format(self->state->Error, "page %lu is not locked by this thread (lock block already exited?)", p);
         return -1;
@@ -1765,8 +1820,12 @@ static PyObject *cache__unlock(PyObject *op, PyObject *pageobj)
         return NULL;
     if (p >= fmm_num_pages(self->c) || !fmm_held(self->c, (uint32_t)p))
         return PyErr_Format(self->state->Error, "page %lu is not locked by this thread", p);
-    UNLOCK(self, (uint32_t)p);
+    int rc = UNLOCK(self, (uint32_t)p);
+    if (rc == FMM_EREPLACED)
+        replaced_error(self);
     LEAVE(self); /* pairs with the inflight++ of _lock_for */
+    if (rc == FMM_EREPLACED)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1795,6 +1854,7 @@ static PyObject *cache__held_get(PyObject *op, PyObject *const *args, Py_ssize_t
         r = Py_NewRef(args[3]);
     }
     Py_XDECREF(owner);
+    LOST_R(self, r);
     return r;
 }
 
@@ -1829,6 +1889,7 @@ static PyObject *cache__held_set(PyObject *op, PyObject *const *args, Py_ssize_t
         goto out;
     }
     res = Py_BuildValue("(OIO)", rc == 0 ? Py_True : Py_False, exp, ec.list ? ec.list : Py_None);
+    LOST_R(self, res);
 out:
     Py_XDECREF(ec.list);
     Py_XDECREF(e.owner);
@@ -1850,6 +1911,8 @@ static PyObject *cache__held_delete(PyObject *op, PyObject *const *args, Py_ssiz
         return NULL;
     int rc = fmm_delete(self->c, page, fmm_hash(self->c, k.buf, (size_t)k.len), k.buf, (uint32_t)k.len, NULL);
     Py_XDECREF(owner);
+    if (UNLIKELY(fmm_lost(self->c)))
+        return replaced_error(self);
     return Py_NewRef(rc == 0 ? Py_True : Py_False);
 }
 
@@ -1899,6 +1962,7 @@ static PyObject *cache_repaired_pages(PyObject *op, PyObject *Py_UNUSED(ignored)
     CacheObject *self = CacheObject_CAST(op);
     ENTER(self);
     PyObject *r = PyLong_FromUnsignedLongLong(fmm_repairs(self->c));
+    LOST_R(self, r);
     LEAVE(self);
     return r;
 }
@@ -1954,6 +2018,7 @@ static PyObject *cache_check(PyObject *op, PyObject *Py_UNUSED(ignored))
         }
     }
 out:
+    LOST_R(self, problems);
     LEAVE(self);
     return problems;
 }
@@ -1984,6 +2049,7 @@ static PyObject *cache__page_info(PyObject *op, PyObject *arg)
                       "deleted", i.deleted, "data_start", i.data_start, "free_data", i.free_data, "live_bytes",
                       i.live_bytes, "nreads", i.nreads, "nhits", i.nhits);
 out:
+    LOST_R(self, r);
     LEAVE(self);
     return r;
 }

@@ -2456,8 +2456,22 @@ static void test_page_size_extremes(void)
 
 /* Truncate the file under live handles: every touch of the lost range would
  * raise SIGBUS; the guard turns it into FMM_EREPLACED on that handle. */
+/* valgrind preloads its vgpreload_*.so into the program it runs. */
+static int under_valgrind(void)
+{
+    const char *p = getenv("LD_PRELOAD");
+    return p && strstr(p, "vgpreload") != NULL;
+}
+
 static void test_guard_truncate(void)
 {
+    if (under_valgrind()) {
+        /* valgrind does not resume a faulting access after a SIGBUS handler
+         * has replaced the mapping (it re-executes with a clobbered address
+         * and then dies of SIGSEGV): only the sanitizer build runs this. */
+        printf("skip test_guard_truncate: valgrind cannot resume an access after the SIGBUS guard remaps it\n");
+        return;
+    }
     char path[PATH_MAX], other[PATH_MAX];
     tpath(path, "guard.fmm");
     tpath(other, "guard-other.fmm");
