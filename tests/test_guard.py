@@ -333,3 +333,65 @@ def test_random_byte_damage_while_workers_run(tmp_path):
         for k in KEYS:
             got = c.get(k)
             assert got is None or good(k, got)
+
+
+def _threads_then_truncate(path: str) -> dict:
+    """Four threads of one process share a Cache; the file is truncated under them."""
+    import threading
+
+    cache = fastmmap.Cache(path, serializer="raw")
+    other = fastmmap.Cache(path + ".other", page_size=PAGE_SIZE, num_pages=NUM_PAGES, serializer="raw")
+    stop = threading.Event()
+    outcome: dict[int, str] = {}
+    ops = [0] * 4
+
+    def run(t: int) -> None:
+        rng = random.Random(t)
+        try:
+            while not stop.is_set():
+                key = rng.choice(KEYS)
+                r = rng.random()
+                if r < 0.4:
+                    got = cache.get(key)
+                    assert got is None or good(key, got), f"bad value {got!r:.100}"
+                elif r < 0.8:
+                    cache.set(key, make_value(key, rng))
+                else:
+                    with cache.lock(key) as held:
+                        old = held.value
+                        assert old is None or good(key, old), f"bad value {old!r:.100}"
+                        held.value = make_value(key, rng)
+                ops[t] += 1
+            outcome[t] = "stopped"
+        except fastmmap.FileReplacedError:
+            outcome[t] = "FileReplacedError"
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            outcome[t] = f"{type(e).__name__}: {e}"
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    os.truncate(path, 4096 + PAGE_SIZE + 100)
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    alive = sum(t.is_alive() for t in threads)
+    # the other cache of the process keeps working
+    other.set("x", b"y")
+    ok_other = other.get("x") == b"y"
+    cache.close()
+    other.close()
+    return {"outcome": outcome, "alive": alive, "ops": sum(ops), "other": ok_other}
+
+
+@pytest.mark.timeout(60)
+def test_truncate_under_threads_of_one_process(tmp_path, forked):
+    path = str(tmp_path / "cache.fmm")
+    fastmmap.Cache(path, page_size=PAGE_SIZE, num_pages=NUM_PAGES, init_file=True, unlink_on_exit=False).close()
+    r = forked(_threads_then_truncate, path, timeout=30)
+    assert r["alive"] == 0, r
+    assert r["other"], r
+    assert r["ops"] > 0, r
+    assert sorted(r["outcome"].values()) == ["FileReplacedError"] * 4, r
