@@ -70,7 +70,13 @@
  * then the mutex is marked consistent.  Every lock also checks the header
  * invariants, and every offset and length read from the page is bounds
  * checked before use: a corrupt page is repaired, it never causes an
- * out-of-page access.
+ * out-of-page access.  The page may also change under the lock (a writer
+ * that ignores the locks, random bytes written into the file): every field
+ * that sizes or places a memory access is read once and checked where it
+ * is used, and before unlocking, the lock words glibc trusts (owner TID,
+ * kind, robust-list links) are restored if they were damaged while held.
+ * Entries carry no checksum: bytes written into a value are returned as
+ * they are.  A file truncated under the mapping: see "Truncation guard".
  * ---------------------------------------------------------------------------
  */
 #ifndef FMM_H

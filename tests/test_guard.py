@@ -43,6 +43,7 @@ FILE_SIZE = 4096 + PAGE_SIZE * NUM_PAGES
 N_WORKERS = 4
 KEYS = [f"key-{i}" for i in range(40)]
 HANG_SECONDS = 10.0
+DAMAGE_INTERVAL = (0.001, 0.004)  # seconds between two random writes
 WORKER_LOCK_TIMEOUT = 3.0  # a lock word damaged into a live TID: LockTimeout, not a hang
 
 # exit codes of a worker
@@ -134,7 +135,7 @@ def _worker(path: str, w: int, seed: int, shared: Shared, faildir: str, damage: 
         except Exception as e:  # noqa: BLE001 - byte damage: any clear exception is fine
             if not damage and not isinstance(e, fastmmap.Error):
                 raise
-            name = type(e).__name__
+            name = f"{type(e).__name__}: {str(e)[:60]}"
             errors[name] = errors.get(name, 0) + 1
             shared.bump(w, F_ERRORS)
         shared.bump(w, F_OPS)
@@ -275,7 +276,7 @@ def _damage(path, rng, until, stats):
             n = rng.choice((1, 1, 2, 4))
             os.pwrite(fd, rng.randbytes(n), off)
             stats["writes"] += 1
-            time.sleep(rng.uniform(0.001, 0.004))
+            time.sleep(rng.uniform(*DAMAGE_INTERVAL))
     finally:
         os.close(fd)
 
