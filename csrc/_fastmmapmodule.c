@@ -759,7 +759,7 @@ static PyObject *do_get(CacheObject *self, PyObject *key)
         }
         return r;
     }
-    if (UNLIKELY(self->read_cb != NULL))
+    if (UNLIKELY(self->read_cb != NULL) && LIKELY(!fmm_lost(self->c)))
         return read_through(self, key, &k, h, page);
     UNLOCK(self, page);
     return NULL;
@@ -1143,6 +1143,11 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
         }
     } else {
         old = Py_NewRef(Py_None);
+    }
+    if (!err && UNLIKELY(fmm_lost(self->c))) {
+        /* the old value may have been read from zeros: fn must not see it */
+        replaced_error(self);
+        err = 1;
     }
     if (!err) {
         PyObject *cargs[2] = {key, old};
