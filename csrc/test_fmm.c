@@ -2587,6 +2587,8 @@ static void test_guard_chains_foreign(void)
         raise(SIGBUS); /* not a fault in a cache: reaches foreign_bus_handler */
         int ok = g_foreign_bus == 1;
         fmm_close(c);
+        if (under_valgrind())
+            _exit(ok ? 0 : 4); /* dying of SIGBUS makes valgrind print the child's leak report: noise */
         /* with the default action before us, a foreign SIGBUS still kills */
         signal(SIGBUS, SIG_DFL);
         c = open_geom(path, 4096, 2);
@@ -2597,7 +2599,10 @@ static void test_guard_chains_foreign(void)
     }
     int st = 0;
     CHECK(waitpid(pid, &st, 0) == pid);
-    CHECK(WIFSIGNALED(st) && WTERMSIG(st) == SIGBUS);
+    if (under_valgrind())
+        CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    else
+        CHECK(WIFSIGNALED(st) && WTERMSIG(st) == SIGBUS);
     if (WIFEXITED(st))
         fprintf(stderr, "child exited with %d\n", WEXITSTATUS(st));
 }
