@@ -21,7 +21,7 @@
 PYTHON ?= python3
 
 # The engine: every C file but the binding and the test drivers.
-ENGINE_SRC := csrc/fmm.c csrc/fmm_perl.c
+ENGINE_SRC := csrc/fmm.c csrc/fmm_perl.c csrc/fmm_guard.c
 CC ?= cc
 
 VENV := .venv

@@ -170,6 +170,31 @@ static PyObject *closed_error(void)
     return NULL;
 }
 
+/* The cache file shrank under the mapping (see fmm.h, "Truncation guard"):
+ * whatever the operation read may be zeros; replace its result or error. */
+static Py_NO_INLINE PyObject *replaced_error(CacheObject *self)
+{
+    PyErr_Clear();
+    PyErr_SetString(self->state->FileReplacedError,
+                    "the cache file was truncated or replaced while this process had it open; "
+                    "reopen the cache");
+    return NULL;
+}
+#define LOST_R(self, r)                               \
+    do {                                              \
+        if (UNLIKELY(fmm_lost((self)->c))) {          \
+            Py_XDECREF(r);                            \
+            r = replaced_error(self);                 \
+        }                                             \
+    } while (0)
+#define LOST_I(self, r)                               \
+    do {                                              \
+        if (UNLIKELY(fmm_lost((self)->c))) {          \
+            replaced_error(self);                     \
+            r = -1;                                   \
+        }                                             \
+    } while (0)
+
 /* ---------- Lifetime guards ---------- */
 
 static void really_close(CacheObject *self)
@@ -236,6 +261,10 @@ static PyObject *key_object(const fmm_item *it)
 static Py_NO_INLINE int lock_slow(CacheObject *self, uint32_t page, int rc)
 {
     fastmmap_state *st = self->state;
+    if (rc == FMM_EREPLACED) {
+        replaced_error(self);
+        return -1;
+    }
     if (rc != FMM_EBUSY) {
         if (rc == EINVAL || rc == ENOTRECOVERABLE)
             PyErr_Format(st->Error, "the lock of page %u is damaged (%s); reopen the cache with init_file=True",
@@ -260,7 +289,9 @@ static Py_NO_INLINE int lock_slow(CacheObject *self, uint32_t page, int rc)
         if (rc == 0)
             return 0;
         if (rc != FMM_ETIMEDOUT) {
-            if (rc == EINVAL || rc == ENOTRECOVERABLE)
+            if (rc == FMM_EREPLACED)
+                replaced_error(self);
+            else if (rc == EINVAL || rc == ENOTRECOVERABLE)
                 PyErr_Format(st->Error, "the lock of page %u is damaged (%s); reopen the cache with init_file=True",
                              page, strerror(rc));
             else
@@ -844,7 +875,7 @@ static PyObject *do_get(CacheObject *self, PyObject *key)
         }
         return r;
     }
-    if (UNLIKELY(self->read_cb != NULL))
+    if (UNLIKELY(self->read_cb != NULL) && LIKELY(!fmm_lost(self->c)))
         return read_through(self, key, &k, h, page);
     UNLOCK(self, page);
     return NULL;
@@ -964,6 +995,7 @@ static PyObject *cache_subscript(PyObject *op, PyObject *key)
     PyObject *r = do_get(self, key);
     if (!r && !PyErr_Occurred())
         PyErr_SetObject(PyExc_KeyError, key);
+    LOST_R(self, r);
     LEAVE(self);
     return r;
 }
@@ -1014,6 +1046,7 @@ static int cache_ass_subscript(PyObject *op, PyObject *key, PyObject *value)
             r = 0;
         }
     }
+    LOST_I(self, r);
     LEAVE(self);
     return r;
 }
@@ -1037,6 +1070,7 @@ static int cache_contains(PyObject *op, PyObject *key)
             UNLOCK(self, page);
         }
     }
+    LOST_I(self, r);
     LEAVE(self);
     return r;
 }
@@ -1061,6 +1095,7 @@ static Py_ssize_t cache_length(PyObject *op)
         UNLOCK(self, p);
         n += info.live - info.expired;
     }
+    LOST_I(self, n);
     LEAVE(self);
     return n;
 }
@@ -1080,6 +1115,7 @@ static PyObject *cache_get(PyObject *op, PyObject *const *args, Py_ssize_t nargs
     PyObject *r = do_get(self, args[0]);
     if (!r && !PyErr_Occurred())
         r = Py_NewRef(nargs == 2 ? args[1] : Py_None);
+    LOST_R(self, r);
     LEAVE(self);
     return r;
 }
@@ -1148,6 +1184,7 @@ static PyObject *cache_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs
         if (r >= 0)
             res = Py_NewRef(r ? Py_True : Py_False);
     }
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1171,6 +1208,7 @@ static PyObject *cache_remove(PyObject *op, PyObject *key)
     CacheObject *self = CacheObject_CAST(op);
     ENTER(self);
     int r = do_delete(self, key);
+    LOST_I(self, r);
     LEAVE(self);
     if (r < 0)
         return NULL;
@@ -1222,6 +1260,11 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
     } else {
         old = Py_NewRef(Py_None);
     }
+    if (!err && UNLIKELY(fmm_lost(self->c))) {
+        /* the old value may have been read from zeros: fn must not see it */
+        replaced_error(self);
+        err = 1;
+    }
     if (!err) {
         PyObject *cargs[2] = {key, old};
         newv = PyObject_Vectorcall(fn, cargs, 2, NULL);
@@ -1251,6 +1294,7 @@ out:
     Py_XDECREF(raw);
     Py_XDECREF(old);
     Py_XDECREF(newv);
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1292,6 +1336,7 @@ static PyObject *cache_get_and_remove(PyObject *op, PyObject *const *args, Py_ss
     if (!found && !err)
         r = Py_NewRef(nargs == 2 ? args[1] : Py_None);
 out:
+    LOST_R(self, r);
     LEAVE(self);
     return r;
 }
@@ -1344,6 +1389,7 @@ static PyObject *cache_add(PyObject *op, PyObject *const *args, Py_ssize_t nargs
         Py_CLEAR(res);
 out:
     Py_XDECREF(e.owner);
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1372,6 +1418,8 @@ static PyObject *expunge_all(CacheObject *self, int mode, int flush)
             break;
         }
     }
+    if (UNLIKELY(fmm_lost(self->c)))
+        res = replaced_error(self);
     LEAVE(self);
     return res ? Py_NewRef(res) : NULL;
 }
@@ -1446,6 +1494,7 @@ static PyObject *cache_expire(PyObject *op, PyObject *key)
     res = Py_NewRef(Py_None);
 out:
     Py_XDECREF(raw);
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1494,6 +1543,7 @@ static PyObject *cache_touch(PyObject *op, PyObject *const *args, Py_ssize_t nar
         Py_CLEAR(res);
 out:
     Py_XDECREF(copy);
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1580,10 +1630,13 @@ static PyObject *cache__entries(PyObject *op, PyObject *const *args, Py_ssize_t 
             PyList_SetItem(ctx.list, i, nt);
         }
     }
+    LOST_R(self, ctx.list);
     LEAVE(self);
     return ctx.list;
 error:
     Py_XDECREF(ctx.list);
+    if (UNLIKELY(fmm_lost(self->c)))
+        replaced_error(self);
     LEAVE(self);
     return NULL;
 }
@@ -1620,6 +1673,7 @@ static PyObject *cache_get_statistics(PyObject *op, PyObject *const *args, Py_ss
     }
     res = Py_BuildValue("(KK)", reads, hits);
 out:
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1720,6 +1774,7 @@ out:
     Py_XDECREF(keys);
     Py_XDECREF(combined);
     Py_XDECREF(raws);
+    LOST_R(self, result);
     LEAVE(self);
     return result;
 }
@@ -1809,6 +1864,7 @@ static PyObject *cache_multi_set(PyObject *op, PyObject *const *args, Py_ssize_t
 out:
     Py_XDECREF(items);
     Py_XDECREF(prepared);
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1825,6 +1881,10 @@ static int held_key(CacheObject *self, PyObject *pageobj, PyObject *key, PyObjec
     unsigned long p = PyLong_AsUnsignedLong(pageobj);
     if (p == (unsigned long)-1 && PyErr_Occurred())
         return -1;
+    if (UNLIKELY(fmm_lost(self->c))) {
+        replaced_error(self);
+        return -1;
+    }
     if (p >= fmm_num_pages(self->c) || !fmm_held(self->c, (uint32_t)p)) {
         PyErr_Format(self->state->Error, "page %lu is not locked by this thread (lock block already exited?)", p);
         return -1;
@@ -1881,8 +1941,12 @@ static PyObject *cache__unlock(PyObject *op, PyObject *pageobj)
         return NULL;
     if (p >= fmm_num_pages(self->c) || !fmm_held(self->c, (uint32_t)p))
         return PyErr_Format(self->state->Error, "page %lu is not locked by this thread", p);
-    UNLOCK(self, (uint32_t)p);
+    int rc = UNLOCK(self, (uint32_t)p);
+    if (rc == FMM_EREPLACED)
+        replaced_error(self);
     LEAVE(self); /* pairs with the inflight++ of _lock_for */
+    if (rc == FMM_EREPLACED)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1911,6 +1975,7 @@ static PyObject *cache__held_get(PyObject *op, PyObject *const *args, Py_ssize_t
         r = Py_NewRef(args[3]);
     }
     Py_XDECREF(owner);
+    LOST_R(self, r);
     return r;
 }
 
@@ -1945,6 +2010,7 @@ static PyObject *cache__held_set(PyObject *op, PyObject *const *args, Py_ssize_t
         goto out;
     }
     res = Py_BuildValue("(OIO)", rc == 0 ? Py_True : Py_False, exp, ec.list ? ec.list : Py_None);
+    LOST_R(self, res);
 out:
     Py_XDECREF(ec.list);
     Py_XDECREF(e.owner);
@@ -1966,6 +2032,8 @@ static PyObject *cache__held_delete(PyObject *op, PyObject *const *args, Py_ssiz
         return NULL;
     int rc = fmm_delete(self->c, page, fmm_hash(self->c, k.buf, (size_t)k.len), k.buf, (uint32_t)k.len, NULL);
     Py_XDECREF(owner);
+    if (UNLIKELY(fmm_lost(self->c)))
+        return replaced_error(self);
     return Py_NewRef(rc == 0 ? Py_True : Py_False);
 }
 
@@ -2015,6 +2083,7 @@ static PyObject *cache_repaired_pages(PyObject *op, PyObject *Py_UNUSED(ignored)
     CacheObject *self = CacheObject_CAST(op);
     ENTER(self);
     PyObject *r = PyLong_FromUnsignedLongLong(fmm_repairs(self->c));
+    LOST_R(self, r);
     LEAVE(self);
     return r;
 }
@@ -2070,6 +2139,7 @@ static PyObject *cache_check(PyObject *op, PyObject *Py_UNUSED(ignored))
         }
     }
 out:
+    LOST_R(self, problems);
     LEAVE(self);
     return problems;
 }
@@ -2100,6 +2170,7 @@ static PyObject *cache__page_info(PyObject *op, PyObject *arg)
                       "deleted", i.deleted, "data_start", i.data_start, "free_data", i.free_data, "live_bytes",
                       i.live_bytes, "nreads", i.nreads, "nhits", i.nhits);
 out:
+    LOST_R(self, r);
     LEAVE(self);
     return r;
 }

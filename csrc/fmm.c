@@ -70,6 +70,13 @@
 #define FILL_PCT 95u
 #endif
 
+/* One read of a field of the mapping.  The mapping is shared with other
+ * processes that may write it at any moment (or with a hostile writer that
+ * ignores the locks), and it may turn to zeros under us (the SIGBUS guard):
+ * a value that is bounds-checked must be the value that is then used, so
+ * such fields are read once, into a local, never re-read. */
+#define RD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+
 #define ROUND4(x) (((uint64_t)(x) + 3u) & ~(uint64_t)3u)
 #define KLEN(kf) ((kf)&0xFFFFFFu)
 #define KFLAGS(kf) ((kf) >> 24)
@@ -140,6 +147,9 @@ struct fmm_cache {
     uint32_t offmask;  /* (1 << offbits) - 1 */
     uint64_t seed;
     uint32_t time_override;
+    uint32_t max_slots; /* most slots a page can hold: (page_size - 128) / 4 */
+    int lost;           /* set by the SIGBUS guard: the file shrank under the mapping */
+    int guard_slot;     /* fmm_guard_register's slot, or -1 */
     dev_t dev;
     ino_t ino;
     pfm_cache *perl;           /* non-NULL: a Perl-format file, every call goes to fmm_perl.c */
@@ -294,6 +304,7 @@ uint64_t fmm_repairs(const fmm_cache *c)
     return c->fh ? __atomic_load_n(&c->fh->repairs, __ATOMIC_RELAXED) : 0;
 }
 const char *fmm_errdetail(const fmm_cache *c) { return c->perl ? pfm_errdetail(c->perl) : c->err; }
+int fmm_lost(const fmm_cache *c) { return UNLIKELY(__atomic_load_n(&c->lost, __ATOMIC_ACQUIRE) != 0); }
 unsigned char *fmm_page_ptr(fmm_cache *c, uint32_t page)
 {
     if (UNLIKELY(c->perl))
@@ -314,7 +325,8 @@ const char *fmm_strerror(int rc)
     case FMM_EBUSY: return "page is locked by another thread or process";
     case FMM_EBADARG: return "invalid argument";
     case FMM_ECORRUPT: return "page failed validation";
-    case FMM_EREPLACED: return "the cache file was deleted or replaced";
+    case FMM_EREPLACED:
+        return "the cache file was deleted, replaced or truncated under this handle; reopen the cache";
     case FMM_ETOOMANY: return "this thread holds page locks in too many caches";
     default: return rc > 0 ? strerror(rc) : "unknown fastmmap error";
     }
@@ -322,33 +334,58 @@ const char *fmm_strerror(int rc)
 
 /* ---------- Entry access, bounds-checked ---------- */
 
-/* Validate the entry a live slot points at; on success set *ep and *size
- * (its rounded length).  Never reads outside [data_start, free_data). */
-static inline int entry_ok(const fmm_cache *c, page_hdr *ph, uint32_t slot, entry **ep, uint32_t *size)
+/* An entry as validated: its fields read once (see RD). */
+typedef struct esnap {
+    entry *e;
+    uint32_t klen, vlen, flags, size; /* size: rounded total length */
+} esnap;
+
+/* A slot count that keeps the slot table inside the page. */
+static inline int ns_ok(const fmm_cache *c, uint32_t ns)
+{
+    return is_pow2(ns) && ns >= MIN_SLOTS && ns <= c->max_slots;
+}
+
+/* Validate the entry a live slot points at and snapshot its lengths.
+ * Never reads outside [data_start, free_data), and free_data is checked
+ * against the page size here too: the header may have changed since the
+ * lock validated it. */
+static inline int entry_ok(const fmm_cache *c, page_hdr *ph, uint32_t slot, esnap *sn)
 {
     uint32_t off = (slot & c->offmask) << 2;
-    uint32_t fd = ph->free_data;
-    if (UNLIKELY(off < data_start(ph->num_slots) || (uint64_t)off + FMM_ENTRY_HEADER_SIZE > fd))
+    uint32_t fd = RD(ph->free_data);
+    uint32_t ns = RD(ph->num_slots);
+    if (UNLIKELY(fd > c->page_size || ns > c->max_slots || off < data_start(ns) ||
+                 (uint64_t)off + FMM_ENTRY_HEADER_SIZE > fd))
         return 0;
     entry *e = (entry *)((char *)ph + off);
-    uint64_t total = ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + KLEN(e->klen_flags) + e->vlen);
+    uint32_t kf = RD(e->klen_flags), vlen = RD(e->vlen);
+    uint64_t total = ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + KLEN(kf) + vlen);
     if (UNLIKELY((uint64_t)off + total > fd))
         return 0;
-    *ep = e;
-    *size = (uint32_t)total;
+    sn->e = e;
+    sn->klen = KLEN(kf);
+    sn->vlen = vlen;
+    sn->flags = KFLAGS(kf);
+    sn->size = (uint32_t)total;
     return 1;
 }
 
-static inline int expired(const entry *e, uint32_t now) { return e->expire_on && now >= e->expire_on; }
-
-static inline void fill_item(fmm_item *it, const entry *e)
+static inline int expired(const entry *e, uint32_t now)
 {
+    uint32_t x = RD(e->expire_on);
+    return x && now >= x;
+}
+
+static inline void fill_item(fmm_item *it, const esnap *sn)
+{
+    const entry *e = sn->e;
     const char *k = (const char *)(e + 1);
     it->key = k;
-    it->klen = KLEN(e->klen_flags);
-    it->val = k + it->klen;
-    it->vlen = e->vlen;
-    it->flags = KFLAGS(e->klen_flags);
+    it->klen = sn->klen;
+    it->val = k + sn->klen;
+    it->vlen = sn->vlen;
+    it->flags = sn->flags;
     it->expire_on = e->expire_on;
     it->access = e->access;
     it->last_access = e->last_access;
@@ -429,9 +466,16 @@ static int page_ok(const fmm_cache *c, const page_hdr *ph)
 static TL_MODEL _Thread_local struct {
     uint64_t id; /* the handle's id, not its address: a freed handle's
                     address can be reused by a new one */
+    pthread_mutex_t *m; /* the page's mutex */
+    void *lnext;        /* its robust-list link as glibc set it at lock time */
     uint32_t page;
 } tl_held[TL_MAX];
 static TL_MODEL _Thread_local int tl_n;
+/* glibc puts a mutex it locks at the head of the thread's robust list: its
+ * __prev link is then the list head, the same for every lock of a thread,
+ * and the lock word holds the thread's TID. */
+static TL_MODEL _Thread_local void *tl_head;
+static TL_MODEL _Thread_local uint32_t tl_tid;
 static uint64_t next_handle_id = 1;
 
 static int tl_find(const fmm_cache *c)
@@ -485,20 +529,118 @@ static int restore_mutex_kind(page_hdr *ph)
     __atomic_compare_exchange_n(kind, &k, ref, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
     return 1;
 }
+
+/* Remember what glibc wrote into a mutex we just locked (record i). */
+static inline void note_locked(int i, pthread_mutex_t *m)
+{
+    tl_held[i].m = m;
+    tl_held[i].lnext = __atomic_load_n(&m->__data.__list.__next, __ATOMIC_RELAXED);
+    tl_head = __atomic_load_n(&m->__data.__list.__prev, __ATOMIC_RELAXED);
+    tl_tid = __atomic_load_n((uint32_t *)&m->__data.__lock, __ATOMIC_RELAXED) & FUTEX_TID_MASK;
+}
+
+/* 1 if p points into the robust-list head or a mutex that this thread holds
+ * (other than record `self`): where glibc's list links may legitimately
+ * point once the thread has locked or unlocked other robust mutexes. */
+static int link_ok(void *p, int self)
+{
+    uintptr_t a = (uintptr_t)p & ~(uintptr_t)1, h = (uintptr_t)tl_head;
+    if (a + 32 >= h && a <= h + 32)
+        return 1;
+    for (int j = 0; j < tl_n; j++) {
+        uintptr_t m = (uintptr_t)tl_held[j].m;
+        if (j != self && a >= m && a < m + sizeof(pthread_mutex_t))
+            return 1;
+    }
+    return 0;
+}
+
+/* Before unlocking a mutex we hold: undo damage to the words glibc's
+ * robust unlock trusts.  A foreign owner TID in the lock word makes it fail
+ * with EPERM and leave the mutex on our robust list (where a later lock of
+ * it corrupts the list); a damaged list link makes it write through a wild
+ * pointer. */
+static void scrub_held(int i)
+{
+    pthread_mutex_t *m = tl_held[i].m;
+    if (!tl_tid)
+        return;
+    uint32_t *w = (uint32_t *)&m->__data.__lock;
+    uint32_t lw = __atomic_load_n(w, __ATOMIC_RELAXED);
+    if (UNLIKELY((lw & FUTEX_TID_MASK) != tl_tid || (lw & FUTEX_OWNER_DIED)))
+        __atomic_compare_exchange_n(w, &lw, tl_tid | (lw & FUTEX_WAITERS), 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    if (UNLIKELY(__atomic_load_n(&m->__data.__owner, __ATOMIC_RELAXED) != (int)tl_tid))
+        __atomic_store_n(&m->__data.__owner, (int)tl_tid, __ATOMIC_RELAXED);
+    void *p = __atomic_load_n(&m->__data.__list.__prev, __ATOMIC_RELAXED);
+    if (UNLIKELY(p != tl_head) && !link_ok(p, i))
+        __atomic_store_n(&m->__data.__list.__prev, tl_head, __ATOMIC_RELAXED);
+    void *n = __atomic_load_n(&m->__data.__list.__next, __ATOMIC_RELAXED);
+    if (UNLIKELY(n != tl_held[i].lnext) && !link_ok(n, i))
+        __atomic_store_n(&m->__data.__list.__next, tl_held[i].lnext, __ATOMIC_RELAXED);
+}
+
+/* A mutex left "not recoverable" (glibc's state after an owner died and the
+ * next one did not mark it consistent, which the engine never does: so it
+ * is damage): make it lockable again.  1 if it was. */
+static int revive_mutex(page_hdr *ph)
+{
+    int *owner = &ph->lock.m.__data.__owner;
+    int o = __atomic_load_n(owner, __ATOMIC_RELAXED);
+    if (o != 0x7fffffff) /* PTHREAD_MUTEX_NOTRECOVERABLE */
+        return 0;
+    return __atomic_compare_exchange_n(owner, &o, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+}
 #else
 static int restore_mutex_kind(page_hdr *ph)
 {
     (void)ph;
     return 0;
 }
+static inline void note_locked(int i, pthread_mutex_t *m) { tl_held[i].m = m; }
+static void scrub_held(int i) { (void)i; }
+static int revive_mutex(page_hdr *ph)
+{
+    (void)ph;
+    return 0;
+}
 #endif
+
+/* Wait slices of an unbounded lock: a handle whose file was truncated under
+ * it is noticed by its waiters within this time. */
+#define WAIT_SLICE_NS 200000000LL
+
+static int lock_mutex(fmm_cache *c, pthread_mutex_t *m, int64_t timeout_ns)
+{
+    int rc = pthread_mutex_trylock(m);
+    if (rc != EBUSY || timeout_ns == 0)
+        return rc;
+    do {
+        int64_t t = timeout_ns < 0 || timeout_ns > WAIT_SLICE_NS ? WAIT_SLICE_NS : timeout_ns;
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_sec += (time_t)(t / 1000000000);
+        ts.tv_nsec += (long)(t % 1000000000);
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        rc = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
+        if (rc != ETIMEDOUT || fmm_lost(c))
+            return rc;
+        if (timeout_ns > 0)
+            timeout_ns -= t;
+    } while (timeout_ns != 0);
+    return ETIMEDOUT;
+}
 
 int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
 {
     if (UNLIKELY(c->perl))
-        return pfm_lock(c->perl, page, timeout_ns);
+        return UNLIKELY(fmm_lost(c)) ? FMM_EREPLACED : pfm_lock(c->perl, page, timeout_ns);
     if (UNLIKELY(page >= c->num_pages))
         return FMM_EBADARG;
+    if (UNLIKELY(fmm_lost(c)))
+        return FMM_EREPLACED;
     int held = tl_find(c);
     if (UNLIKELY(held >= 0)) {
         snprintf(c->err, sizeof c->err, "page %u is already locked by this thread; can't lock page %u",
@@ -511,20 +653,10 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
     page_hdr *ph = PH(c, page);
     int rc;
     int kind_damaged = restore_mutex_kind(ph);
-    if (timeout_ns == 0) {
-        rc = pthread_mutex_trylock(&ph->lock.m);
-    } else if (timeout_ns < 0) {
-        rc = pthread_mutex_lock(&ph->lock.m);
-    } else {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        ts.tv_sec += (time_t)(timeout_ns / 1000000000);
-        ts.tv_nsec += (long)(timeout_ns % 1000000000);
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-        }
-        rc = pthread_mutex_clocklock(&ph->lock.m, CLOCK_MONOTONIC, &ts);
+    rc = lock_mutex(c, &ph->lock.m, timeout_ns);
+    if (UNLIKELY(rc == ENOTRECOVERABLE) && revive_mutex(ph)) {
+        kind_damaged = 1;
+        rc = lock_mutex(c, &ph->lock.m, timeout_ns);
     }
     switch (rc) {
     case 0:
@@ -544,23 +676,33 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
     case EBUSY:
         return FMM_EBUSY;
     case ETIMEDOUT:
-        return FMM_ETIMEDOUT;
+        return fmm_lost(c) ? FMM_EREPLACED : FMM_ETIMEDOUT;
     case EDEADLK:
         snprintf(c->err, sizeof c->err, "page %u is already locked by this thread", page);
         return FMM_ELOCKED;
     default:
+        if (fmm_lost(c))
+            return FMM_EREPLACED;
         snprintf(c->err, sizeof c->err, "locking page %u: %s", page, strerror(rc));
         return rc;
     }
+    int i = tl_n;
+    tl_held[i].id = c->id;
+    tl_held[i].page = page;
+    note_locked(i, &ph->lock.m);
+    tl_n++;
     if (UNLIKELY(kind_damaged))
         repair_page(c, ph, "page lock was damaged");
     else if (UNLIKELY(!page_ok(c, ph)))
         repair_page(c, ph, "page header failed validation");
     else if (UNLIKELY(ph->clock >= RENUMBER_AT))
         rebuild(c, ph, RB_RENUMBER, -1, 0, NULL, NULL); /* on ENOMEM: retried at the next lock */
-    tl_held[tl_n].id = c->id;
-    tl_held[tl_n].page = page;
-    tl_n++;
+    if (UNLIKELY(fmm_lost(c))) {
+        /* The file shrank while we waited or repaired: what we locked is
+         * zero memory now.  Release it (it may be on our robust list). */
+        fmm_unlock(c, page);
+        return FMM_EREPLACED;
+    }
     return 0;
 }
 
@@ -568,7 +710,7 @@ int fmm_lock_stale(fmm_cache *c, uint32_t page)
 {
     if (UNLIKELY(c->perl))
         return 0; /* fcntl locks die with their owner */
-    if (page >= c->num_pages)
+    if (page >= c->num_pages || fmm_lost(c))
         return 0;
     uint32_t *word = (uint32_t *)&PH(c, page)->lock.m;
     uint32_t lw = __atomic_load_n(word, __ATOMIC_ACQUIRE);
@@ -597,19 +739,29 @@ int fmm_held(const fmm_cache *c, uint32_t page)
     return i >= 0 && tl_held[i].page == page;
 }
 
-void fmm_unlock(fmm_cache *c, uint32_t page)
+int fmm_unlock(fmm_cache *c, uint32_t page)
 {
     if (UNLIKELY(c->perl)) {
         pfm_unlock(c->perl, page);
-        return;
+        return fmm_lost(c) ? FMM_EREPLACED : 0;
     }
-    restore_mutex_kind(PH(c, page)); /* damaged while we held it: unlock must not abort */
     int i = tl_find(c);
-    if (i >= 0) {
-        tl_held[i] = tl_held[tl_n - 1];
-        tl_n--;
+    if (UNLIKELY(fmm_lost(c))) {
+        /* The mutex is in zero memory now: nothing to release, and glibc
+         * must not follow its (zeroed) robust-list links. */
+        if (i >= 0)
+            tl_held[i] = tl_held[--tl_n];
+        return FMM_EREPLACED;
     }
-    pthread_mutex_unlock(&PH(c, page)->lock.m);
+    page_hdr *ph = PH(c, page);
+    restore_mutex_kind(ph); /* damaged while we held it: unlock must not abort */
+    if (i >= 0) {
+        if (tl_held[i].page == page)
+            scrub_held(i);
+        tl_held[i] = tl_held[--tl_n];
+    }
+    pthread_mutex_unlock(&ph->lock.m);
+    return fmm_lost(c) ? FMM_EREPLACED : 0;
 }
 
 /* ---------- Probing ---------- */
@@ -619,16 +771,18 @@ void fmm_unlock(fmm_cache *c, uint32_t page)
  * the empty slot that ended the probe (-1 if the table has none).  Returns
  * -2 if a corrupt slot was found (the caller repairs the page). */
 static inline long find_slot(const fmm_cache *c, page_hdr *ph, uint32_t lo, const void *key, uint32_t klen,
-                             long *ins, entry **found)
+                             long *ins, esnap *found)
 {
-    uint32_t ns = ph->num_slots;
+    uint32_t ns = RD(ph->num_slots);
+    if (UNLIKELY(!ns_ok(c, ns)))
+        return -2; /* changed since the lock validated it */
     uint32_t mask = ns - 1;
     uint32_t idx = home_index(lo, ns);
     uint32_t tag = lo & ~c->offmask;
     uint32_t *slots = SLOTS(ph);
     long first_del = -1;
     for (uint32_t n = ns; n; n--, idx = (idx + 1) & mask) {
-        uint32_t s = slots[idx];
+        uint32_t s = RD(slots[idx]);
         if (s == SLOT_EMPTY) {
             if (ins)
                 *ins = first_del >= 0 ? first_del : (long)idx;
@@ -641,12 +795,9 @@ static inline long find_slot(const fmm_cache *c, page_hdr *ph, uint32_t lo, cons
         }
         if ((s & ~c->offmask) != tag)
             continue;
-        entry *e;
-        uint32_t size;
-        if (UNLIKELY(!entry_ok(c, ph, s, &e, &size)))
+        if (UNLIKELY(!entry_ok(c, ph, s, found)))
             return -2;
-        if (KLEN(e->klen_flags) == klen && memcmp(e + 1, key, klen) == 0) {
-            *found = e;
+        if (found->klen == klen && memcmp(found->e + 1, key, klen) == 0) {
             if (ins)
                 *ins = -1;
             return idx;
@@ -663,12 +814,13 @@ int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
     if (UNLIKELY(c->perl))
         return pfm_get(c->perl, page, hash, key, klen, touch, out);
     page_hdr *ph = PH(c, page);
-    entry *e = NULL;
-    long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &e);
+    esnap sn;
+    long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &sn);
     if (UNLIKELY(idx == -2)) {
         repair_page(c, ph, "slot points outside the page's data");
         return FMM_ENOTFOUND;
     }
+    entry *e = sn.e;
     int do_touch = touch & FMM_GET_TOUCH;
     if (do_touch && c->stats)
         ph->nreads++;
@@ -688,7 +840,7 @@ int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
         e->access = ++ph->clock;
         e->last_access = now;
     }
-    fill_item(out, e);
+    fill_item(out, &sn);
     return 0;
 }
 
@@ -699,6 +851,7 @@ typedef struct kept {
     uint32_t slot;  /* old slot value */
     uint32_t size;  /* rounded entry size */
     uint32_t access;
+    uint32_t klen, vlen, flags; /* as validated */
 } kept;
 
 /* Sort by access, oldest first: an LSD radix sort on (access - min), a
@@ -752,11 +905,11 @@ static uint32_t slots_min(uint32_t n)
 }
 static int64_t cap_for(const fmm_cache *c, uint32_t ns) { return (int64_t)c->page_size - data_start(ns); }
 
-static void report(fmm_evict_fn fn, void *ctx, const entry *e)
+static void report(fmm_evict_fn fn, void *ctx, const esnap *sn)
 {
-    if (fn && (KFLAGS(e->klen_flags) & FMM_F_DIRTY)) {
+    if (fn && (sn->flags & FMM_F_DIRTY)) {
         fmm_item it;
-        fill_item(&it, e);
+        fill_item(&it, sn);
         fn(ctx, &it);
     }
 }
@@ -775,10 +928,14 @@ static void report(fmm_evict_fn fn, void *ctx, const entry *e)
 static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_t need, fmm_evict_fn fn,
                    void *ctx)
 {
-    uint32_t ns = ph->num_slots;
+    uint32_t ns = RD(ph->num_slots);
     uint32_t *slots = SLOTS(ph);
     uint32_t now = fmm_now(c);
-    uint32_t nlive = ph->live;
+    uint32_t nlive = RD(ph->live);
+    if (!ns_ok(c, ns)) {
+        repair_page(c, ph, "slot count changed under the lock");
+        return FMM_ECORRUPT;
+    }
     if (nlive >= ns) {
         repair_page(c, ph, "live count larger than the slot table");
         return FMM_ECORRUPT;
@@ -795,32 +952,35 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
     uint32_t n = 0;
     uint64_t total = 0;
     for (uint32_t i = 0; i < ns; i++) {
-        uint32_t s = slots[i];
+        uint32_t s = RD(slots[i]);
         if (s <= SLOT_DELETED || (long)i == drop_slot)
             continue;
-        entry *e;
-        uint32_t size;
-        if (!entry_ok(c, ph, s, &e, &size) || n >= nlive) {
+        esnap sn;
+        if (!entry_ok(c, ph, s, &sn) || n >= nlive) {
             free(ks);
             free(scratch);
             repair_page(c, ph, "entry outside the page's data, or live count wrong");
             return FMM_ECORRUPT;
         }
+        entry *e = sn.e;
         if (mode == RB_ALL || (mode != RB_RENUMBER && expired(e, now))) {
-            report(fn, ctx, e);
+            report(fn, ctx, &sn);
             continue;
         }
         /* The slot's tag must match the key's hash: a damaged tag would
          * hide the entry from lookups and let the key be stored twice. */
-        uint32_t lo = (uint32_t)fmm_hash(c, e + 1, KLEN(e->klen_flags));
+        uint32_t lo = (uint32_t)fmm_hash(c, e + 1, sn.klen);
         if ((lo & ~c->offmask) != (s & ~c->offmask))
             continue;
         ks[n].hash = lo;
         ks[n].slot = s;
-        ks[n].size = size;
+        ks[n].size = sn.size;
         ks[n].access = e->access;
+        ks[n].klen = sn.klen;
+        ks[n].vlen = sn.vlen;
+        ks[n].flags = sn.flags;
         n++;
-        total += size;
+        total += sn.size;
     }
 
     /* Decide what stays and how many slots. */
@@ -835,8 +995,9 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
             nslots = slots_for(c, n - first + extra);
             if ((int64_t)(total + need) * 100 <= cap_for(c, nslots) * (int64_t)FILL_PCT)
                 break;
-            entry *e = (entry *)((char *)ph + ((ks[first].slot & c->offmask) << 2));
-            report(fn, ctx, e);
+            esnap sn = {(entry *)((char *)ph + ((ks[first].slot & c->offmask) << 2)), ks[first].klen,
+                        ks[first].vlen, ks[first].flags, ks[first].size};
+            report(fn, ctx, &sn);
             total -= ks[first].size;
             first++;
         }
@@ -906,24 +1067,27 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
         return FMM_ETOOBIG;
     page_hdr *ph = PH(c, page);
     uint32_t lo = (uint32_t)hash;
-    int rebuilt = 0;
+    int rebuilt = 0, repaired = 0;
     for (;;) {
         long ins = -1;
-        entry *old = NULL;
-        long idx = find_slot(c, ph, lo, key, klen, &ins, &old);
+        esnap sn = {0};
+        long idx = find_slot(c, ph, lo, key, klen, &ins, &sn);
+        entry *old = sn.e;
         if (UNLIKELY(idx == -2)) {
+            if (++repaired > 4)
+                return FMM_ECORRUPT; /* someone keeps writing the page under our lock */
             repair_page(c, ph, "slot points outside the page's data");
             continue;
         }
         /* Replacing an expired dirty entry (e.g. by read-through): it was
          * never written back, so report it like any other reclaimed one. */
-        if (idx >= 0 && !rebuilt && evict && old->expire_on && expired(old, fmm_now(c)))
-            report(evict, ctx, old);
+        if (idx >= 0 && !rebuilt && evict && expired(old, fmm_now(c)))
+            report(evict, ctx, &sn);
         /* Same rounded size as the old entry: rewrite it in place.  Its
          * cache lines were just read by the probe, and no garbage is left
          * for compaction.  Crash safety is the same as for an append: the
          * dirty marker brackets the writes. */
-        if (idx >= 0 && ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + old->vlen) == need &&
+        if (idx >= 0 && ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + sn.vlen) == need &&
             LIKELY(ph->clock < RENUMBER_AT)) {
             uint32_t now = fmm_now(c);
             ph->dirty = 1;
@@ -939,7 +1103,14 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
             ph->dirty = 0;
             return 0;
         }
-        int space = (uint64_t)c->page_size - ph->free_data >= need;
+        uint32_t off = RD(ph->free_data);
+        if (UNLIKELY(off > c->page_size || off < FMM_PAGE_HEADER_SIZE + 4u * MIN_SLOTS || (off & 3u))) {
+            if (++repaired > 4)
+                return FMM_ECORRUPT;
+            repair_page(c, ph, "free_data changed under the lock");
+            continue;
+        }
+        int space = (uint64_t)c->page_size - off >= need;
         int slot_ok = idx >= 0 || (ins >= 0 && ((uint64_t)ph->live + ph->deleted + 1) * 4 <= (uint64_t)ph->num_slots * 3);
         if (!space || !slot_ok || ph->clock >= RENUMBER_AT) {
             /* A rebuild guarantees room; one that found the page corrupt
@@ -954,7 +1125,6 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
         }
         /* Store: append the entry, then point the slot at it. */
         uint32_t now = fmm_now(c);
-        uint32_t off = ph->free_data;
         ph->dirty = 1;
         BARRIER();
         entry *e = (entry *)((char *)ph + off);
@@ -999,21 +1169,22 @@ int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint
     if (UNLIKELY(c->perl))
         return pfm_delete(c->perl, page, hash, key, klen, old_flags);
     page_hdr *ph = PH(c, page);
-    entry *e = NULL;
-    long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &e);
+    esnap sn;
+    long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &sn);
     if (UNLIKELY(idx == -2)) {
         repair_page(c, ph, "slot points outside the page's data");
         return FMM_ENOTFOUND;
     }
     if (idx < 0)
         return FMM_ENOTFOUND;
+    entry *e = sn.e;
     if (UNLIKELY(ph->live == 0)) {
         repair_page(c, ph, "live count is zero but a slot holds an entry");
         return FMM_ENOTFOUND;
     }
-    int was_expired = e->expire_on && expired(e, fmm_now(c));
+    int was_expired = expired(e, fmm_now(c));
     if (old_flags)
-        *old_flags = KFLAGS(e->klen_flags);
+        *old_flags = sn.flags;
     ph->dirty = 1;
     BARRIER();
     SLOTS(ph)[idx] = SLOT_DELETED;
@@ -1040,23 +1211,26 @@ int fmm_page_foreach(fmm_cache *c, uint32_t page, fmm_visit_fn fn, void *ctx)
     if (UNLIKELY(c->perl))
         return pfm_page_foreach(c->perl, page, fn, ctx);
     page_hdr *ph = PH(c, page);
-    uint32_t ns = ph->num_slots;
+    uint32_t ns = RD(ph->num_slots);
     uint32_t *slots = SLOTS(ph);
     uint32_t now = fmm_now(c);
+    if (!ns_ok(c, ns)) {
+        repair_page(c, ph, "slot count changed under the lock");
+        return 0;
+    }
     for (uint32_t i = 0; i < ns; i++) {
-        uint32_t s = slots[i];
+        uint32_t s = RD(slots[i]);
         if (s <= SLOT_DELETED)
             continue;
-        entry *e;
-        uint32_t size;
-        if (!entry_ok(c, ph, s, &e, &size)) {
+        esnap sn;
+        if (!entry_ok(c, ph, s, &sn)) {
             repair_page(c, ph, "slot points outside the page's data");
             return 0;
         }
-        if (expired(e, now))
+        if (expired(sn.e, now))
             continue;
         fmm_item it;
-        fill_item(&it, e);
+        fill_item(&it, &sn);
         int rc = fn(ctx, &it);
         if (rc)
             return rc;
@@ -1072,7 +1246,7 @@ void fmm_page_info_get(fmm_cache *c, uint32_t page, fmm_page_info *info)
     }
     page_hdr *ph = PH(c, page);
     memset(info, 0, sizeof *info);
-    uint32_t ns = ph->num_slots;
+    uint32_t ns = RD(ph->num_slots);
     uint32_t *slots = SLOTS(ph);
     uint32_t now = fmm_now(c);
     info->num_slots = ns;
@@ -1081,19 +1255,20 @@ void fmm_page_info_get(fmm_cache *c, uint32_t page, fmm_page_info *info)
     info->free_data = ph->free_data;
     info->nreads = ph->nreads;
     info->nhits = ph->nhits;
+    if (!ns_ok(c, ns))
+        return; /* damaged: the next lock repairs it */
     for (uint32_t i = 0; i < ns; i++) {
-        uint32_t s = slots[i];
+        uint32_t s = RD(slots[i]);
         if (s <= SLOT_DELETED)
             continue;
-        entry *e;
-        uint32_t size;
-        if (!entry_ok(c, ph, s, &e, &size))
+        esnap sn;
+        if (!entry_ok(c, ph, s, &sn))
             continue;
         info->live++;
-        if (expired(e, now))
+        if (expired(sn.e, now))
             info->expired++;
         else
-            info->live_bytes += size;
+            info->live_bytes += sn.size;
     }
 }
 
@@ -1142,9 +1317,13 @@ static int deep_check(fmm_cache *c, uint32_t page, char *msg, size_t msglen)
                    page, ph->num_slots, ph->live, ph->deleted, ph->free_data);
         return FMM_ECORRUPT;
     }
-    uint32_t ns = ph->num_slots, mask = ns - 1;
+    uint32_t ns = RD(ph->num_slots), mask = ns - 1;
     uint32_t *slots = SLOTS(ph);
     uint32_t live = 0, deleted = 0;
+    if (!ns_ok(c, ns)) {
+        set_detail(msg, msglen, "page %u: slot count %u changed while checking", page, ns);
+        return FMM_ECORRUPT;
+    }
     span *sp = malloc(((size_t)ns + 1) * sizeof(span));
     if (!sp) {
         set_detail(msg, msglen, "page %u: out of memory while checking", page);
@@ -1152,35 +1331,34 @@ static int deep_check(fmm_cache *c, uint32_t page, char *msg, size_t msglen)
     }
     int rc = 0;
     for (uint32_t i = 0; i < ns && rc == 0; i++) {
-        uint32_t s = slots[i];
+        uint32_t s = RD(slots[i]);
         if (s == SLOT_EMPTY)
             continue;
         if (s == SLOT_DELETED) {
             deleted++;
             continue;
         }
-        entry *e;
-        uint32_t size;
-        if (!entry_ok(c, ph, s, &e, &size)) {
+        esnap sn;
+        if (!entry_ok(c, ph, s, &sn)) {
             set_detail(msg, msglen, "page %u: slot %u points outside the data area (0x%08x)", page, i, s);
             rc = FMM_ECORRUPT;
             break;
         }
-        uint32_t lo = (uint32_t)fmm_hash(c, e + 1, KLEN(e->klen_flags));
+        uint32_t lo = (uint32_t)fmm_hash(c, sn.e + 1, sn.klen);
         if ((lo & ~c->offmask) != (s & ~c->offmask)) {
             set_detail(msg, msglen, "page %u: slot %u tag does not match its key's hash", page, i);
             rc = FMM_ECORRUPT;
             break;
         }
         for (uint32_t j = home_index(lo, ns); j != i; j = (j + 1) & mask) {
-            if (slots[j] == SLOT_EMPTY) {
+            if (RD(slots[j]) == SLOT_EMPTY) {
                 set_detail(msg, msglen, "page %u: slot %u unreachable from its home slot", page, i);
                 rc = FMM_ECORRUPT;
                 break;
             }
         }
         sp[live].off = (s & c->offmask) << 2;
-        sp[live].size = size;
+        sp[live].size = sn.size;
         live++;
     }
     if (rc == 0 && (live != ph->live || deleted != ph->deleted)) {
@@ -1236,6 +1414,7 @@ static void set_geometry(fmm_cache *c, uint32_t page_size, uint32_t num_pages, u
     c->start_slots = start_slots;
     c->offbits = log2u(page_size) - 2;
     c->offmask = (1u << c->offbits) - 1;
+    c->max_slots = (page_size - FMM_PAGE_HEADER_SIZE) / 4;
 }
 
 /* Initialise a fresh mapping: header and every page with its mutex. */
@@ -1485,6 +1664,7 @@ int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out, int *crea
         c->page_size = pfm_page_size(c->perl);
         c->num_pages = pfm_num_pages(c->perl);
         c->start_slots = pfm_start_slots(c->perl);
+        c->guard_slot = fmm_guard_register(pfm_page_ptr(c->perl, 0), (size_t)c->page_size * c->num_pages, &c->lost);
         *out = c;
         return 0;
     }
@@ -1500,6 +1680,7 @@ int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out, int *crea
         return ENOMEM;
     c->id = __atomic_fetch_add(&next_handle_id, 1, __ATOMIC_RELAXED);
     c->fd = -1;
+    c->guard_slot = -1;
     c->stats = cfg->enable_stats;
     uint32_t ps = cfg->page_size ? cfg->page_size : 65536;
     uint32_t np = cfg->num_pages ? cfg->num_pages : 89;
@@ -1651,6 +1832,8 @@ done:
         free(c);
         return rc;
     }
+    if (!c->anonymous)
+        c->guard_slot = fmm_guard_register(c->base, c->map_len, &c->lost);
     *out = c;
     return 0;
 }
@@ -1660,6 +1843,9 @@ void fmm_close(fmm_cache *c)
     if (!c)
         return;
     if (c->perl) {
+        /* no robust mutexes live in a Perl file: its zero memory, if the
+         * file was truncated, can be unmapped */
+        fmm_guard_unregister(c->guard_slot);
         pfm_close(c->perl);
         free(c);
         return;
@@ -1669,6 +1855,16 @@ void fmm_close(fmm_cache *c)
     int i = tl_find(c);
     if (i >= 0 && c->base)
         fmm_unlock(c, tl_held[i].page);
+    fmm_guard_unregister(c->guard_slot);
+    c->guard_slot = -1;
+    if (fmm_lost(c)) {
+        /* The zero memory that replaced the mapping stays mapped: mutexes
+         * in it may still be linked from a thread's robust-futex list,
+         * which glibc writes through at that thread's next lock or unlock
+         * (see fmm.h).  Address space, not memory: untouched zero pages
+         * cost nothing. */
+        c->base = NULL;
+    }
     reset_handle(c);
     free(c->path);
     free(c);
@@ -1678,9 +1874,14 @@ int fmm_check_file(const fmm_cache *c)
 {
     if (UNLIKELY(c->perl))
         return pfm_check_file(c->perl);
+    if (fmm_lost(c))
+        return FMM_EREPLACED;
     if (c->anonymous)
         return 0;
     struct stat st;
+    /* truncated (or extended) in place: the mapping no longer matches */
+    if (c->fd >= 0 && fstat(c->fd, &st) == 0 && (uint64_t)st.st_size != (uint64_t)c->map_len)
+        return FMM_EREPLACED;
     if (stat(c->path, &st) != 0)
         return errno == ENOENT ? FMM_EREPLACED : errno;
     if (st.st_ino != c->ino || st.st_dev != c->dev)

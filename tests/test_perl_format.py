@@ -768,3 +768,16 @@ def test_lock_covers_exactly_the_page_bytes(share: str) -> None:
     out, err = held.communicate(timeout=60)
     assert held.returncode == 0, err
     c.close()
+
+
+def test_truncated_under_us_raises_not_crashes(share: str) -> None:
+    c = open_perl_format(share, num_pages=3, page_size=8192, unlink_on_exit=False)
+    for i in range(100):
+        c.set(f"k{i}", b"v" * 30)
+    os.truncate(share, 0)
+    with pytest.raises(fastmmap.FileReplacedError):
+        for i in range(100):
+            c.get(f"k{i}")
+    with pytest.raises(fastmmap.FileReplacedError):
+        c.set("k1", b"again")
+    c.close()
