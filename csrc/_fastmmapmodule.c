@@ -104,6 +104,7 @@ typedef struct {
     int cache_not_found;      /* store None results of read_cb */
     int allow_recursive;      /* unlock the page around read_cb */
     int perl;                 /* a Cache::FastMmap-format file (format="perl") */
+    const int *lost;          /* fmm_lost_flag(c): the file was truncated under us */
     PyObject *weakreflist;
 } CacheObject;
 
@@ -180,16 +181,18 @@ static Py_NO_INLINE PyObject *replaced_error(CacheObject *self)
                     "reopen the cache");
     return NULL;
 }
+/* the handle's file was truncated under its mapping (fmm_lost, inline) */
+#define IS_LOST(self) (__atomic_load_n((self)->lost, __ATOMIC_ACQUIRE) != 0)
 #define LOST_R(self, r)                               \
     do {                                              \
-        if (UNLIKELY(fmm_lost((self)->c))) {          \
+        if (UNLIKELY(IS_LOST(self))) {          \
             Py_XDECREF(r);                            \
             r = replaced_error(self);                 \
         }                                             \
     } while (0)
 #define LOST_I(self, r)                               \
     do {                                              \
-        if (UNLIKELY(fmm_lost((self)->c))) {          \
+        if (UNLIKELY(IS_LOST(self))) {          \
             replaced_error(self);                     \
             r = -1;                                   \
         }                                             \
@@ -197,11 +200,14 @@ static Py_NO_INLINE PyObject *replaced_error(CacheObject *self)
 
 /* ---------- Lifetime guards ---------- */
 
+static const int never_lost = 0;
+
 static void really_close(CacheObject *self)
 {
     if (self->c) {
         fmm_cache *c = self->c;
         self->c = NULL;
+        self->lost = &never_lost;
         fmm_close(c);
     }
 }
@@ -875,7 +881,7 @@ static PyObject *do_get(CacheObject *self, PyObject *key)
         }
         return r;
     }
-    if (UNLIKELY(self->read_cb != NULL) && LIKELY(!fmm_lost(self->c)))
+    if (UNLIKELY(self->read_cb != NULL) && LIKELY(!IS_LOST(self)))
         return read_through(self, key, &k, h, page);
     UNLOCK(self, page);
     return NULL;
@@ -1260,7 +1266,7 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
     } else {
         old = Py_NewRef(Py_None);
     }
-    if (!err && UNLIKELY(fmm_lost(self->c))) {
+    if (!err && UNLIKELY(IS_LOST(self))) {
         /* the old value may have been read from zeros: fn must not see it */
         replaced_error(self);
         err = 1;
@@ -1418,7 +1424,7 @@ static PyObject *expunge_all(CacheObject *self, int mode, int flush)
             break;
         }
     }
-    if (UNLIKELY(fmm_lost(self->c)))
+    if (UNLIKELY(IS_LOST(self)))
         res = replaced_error(self);
     LEAVE(self);
     return res ? Py_NewRef(res) : NULL;
@@ -1635,7 +1641,7 @@ static PyObject *cache__entries(PyObject *op, PyObject *const *args, Py_ssize_t 
     return ctx.list;
 error:
     Py_XDECREF(ctx.list);
-    if (UNLIKELY(fmm_lost(self->c)))
+    if (UNLIKELY(IS_LOST(self)))
         replaced_error(self);
     LEAVE(self);
     return NULL;
@@ -1881,7 +1887,7 @@ static int held_key(CacheObject *self, PyObject *pageobj, PyObject *key, PyObjec
     unsigned long p = PyLong_AsUnsignedLong(pageobj);
     if (p == (unsigned long)-1 && PyErr_Occurred())
         return -1;
-    if (UNLIKELY(fmm_lost(self->c))) {
+    if (UNLIKELY(IS_LOST(self))) {
         replaced_error(self);
         return -1;
     }
@@ -2032,7 +2038,7 @@ static PyObject *cache__held_delete(PyObject *op, PyObject *const *args, Py_ssiz
         return NULL;
     int rc = fmm_delete(self->c, page, fmm_hash(self->c, k.buf, (size_t)k.len), k.buf, (uint32_t)k.len, NULL);
     Py_XDECREF(owner);
-    if (UNLIKELY(fmm_lost(self->c)))
+    if (UNLIKELY(IS_LOST(self)))
         return replaced_error(self);
     return Py_NewRef(rc == 0 ? Py_True : Py_False);
 }
@@ -2258,6 +2264,7 @@ static PyObject *cache__open(PyObject *op, PyObject *const *args, Py_ssize_t nar
         return set_error(self->state, "open", rc, err, NULL);
     }
     self->c = c;
+    self->lost = fmm_lost_flag(c);
     self->perl = cfg.format == FMM_FORMAT_PERL;
     return Py_NewRef(created ? Py_True : Py_False);
 }
@@ -2422,6 +2429,7 @@ static PyObject *cache_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObje
     self->lock_timeout_ns = -1;
     self->ser_type = FMM_T_PICKLE;
     self->comp_type = FMM_C_NONE;
+    self->lost = &never_lost;
     return (PyObject *)self;
 }
 

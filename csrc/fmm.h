@@ -466,6 +466,9 @@ void fmm_guard_unregister(int slot);
 int fmm_guard_active(void);
 /** @brief 1 if the handle's file shrank under its mapping (see above). */
 int fmm_lost(const fmm_cache *c);
+/** @brief Address of the flag fmm_lost reads (non-zero: lost), valid until
+ * fmm_close, for callers that check it inline on a hot path. */
+const int *fmm_lost_flag(const fmm_cache *c);
 
 /* ---------- Test hooks ---------- */
 
