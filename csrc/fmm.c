@@ -73,6 +73,15 @@
 #define KLEN(kf) ((kf)&0xFFFFFFu)
 #define KFLAGS(kf) ((kf) >> 24)
 
+/* Modseq entries (fmm.h, "Modseq and tombstones"): FMM_F_MODSEQ is the top
+ * bit of klen_flags, so the hot paths test one bit (the sign) and take the
+ * modseq work out of line.  The 8-byte modseq is the start of the value
+ * area, copied with memcpy (values are not 8-aligned). */
+#define KF_MODSEQ ((uint32_t)FMM_F_MODSEQ << 24)
+#define MODSEQ_LEN 8u
+#define TOMB_FLAGS (FMM_T_TOMBSTONE | FMM_F_MODSEQ)
+#define IS_TOMB(f) (((f) & (FMM_F_TYPE_MASK | FMM_F_MODSEQ)) == TOMB_FLAGS)
+
 /* ---------- On-disk structures ---------- */
 
 typedef struct file_header {
@@ -292,15 +301,23 @@ const char *fmm_strerror(int rc)
     case FMM_ECORRUPT: return "page failed validation";
     case FMM_EREPLACED: return "the cache file was deleted or replaced";
     case FMM_ETOOMANY: return "this thread holds page locks in too many caches";
+    case FMM_EREFUSED: return "store refused by the modseq rules (a tombstone or a newer modseq holds the key)";
+    case FMM_ENOCHANGE: return "an entry with an equal or newer modseq was kept";
     default: return rc > 0 ? strerror(rc) : "unknown fastmmap error";
     }
 }
 
 /* ---------- Entry access, bounds-checked ---------- */
 
-/* Validate the entry a live slot points at; on success set *ep and *size
- * (its rounded length).  Never reads outside [data_start, free_data). */
-static inline int entry_ok(const fmm_cache *c, page_hdr *ph, uint32_t slot, entry **ep, uint32_t *size)
+/* A modseq entry's value area starts with its 8-byte modseq. */
+static inline int modseq_short(const entry *e) { return (e->klen_flags & KF_MODSEQ) && e->vlen < MODSEQ_LEN; }
+
+/* Validate the bounds of the entry a live slot points at; on success set
+ * *ep and *size (its rounded length).  Never reads outside [data_start,
+ * free_data).  entry_ok also rejects a modseq entry too short to hold its
+ * modseq; find_slot leaves that to the callers that read the modseq or
+ * hand the entry out (in their modseq branches, off the hot path). */
+static inline int entry_bounds_ok(const fmm_cache *c, page_hdr *ph, uint32_t slot, entry **ep, uint32_t *size)
 {
     uint32_t off = (slot & c->offmask) << 2;
     uint32_t fd = ph->free_data;
@@ -315,19 +332,46 @@ static inline int entry_ok(const fmm_cache *c, page_hdr *ph, uint32_t slot, entr
     return 1;
 }
 
+static inline int entry_ok(const fmm_cache *c, page_hdr *ph, uint32_t slot, entry **ep, uint32_t *size)
+{
+    return entry_bounds_ok(c, ph, slot, ep, size) && !modseq_short(*ep);
+}
+
 static inline int expired(const entry *e, uint32_t now) { return e->expire_on && now >= e->expire_on; }
 
-static inline void fill_item(fmm_item *it, const entry *e)
+static inline int entry_is_tomb(const entry *e) { return IS_TOMB(KFLAGS(e->klen_flags)); }
+
+/* The modseq of a modseq entry (entry_ok checked that it has 8 bytes). */
+static inline uint64_t entry_modseq(const entry *e)
+{
+    return rd64((const unsigned char *)(e + 1) + KLEN(e->klen_flags));
+}
+
+/* Fill an item; `ms` says whether the entry has a modseq (a constant
+ * where the caller knows, so that the hot path has no modseq test). */
+static inline __attribute__((always_inline)) void fill_item_ms(fmm_item *it, const entry *e, int ms)
 {
     const char *k = (const char *)(e + 1);
+    uint32_t kf = e->klen_flags;
     it->key = k;
-    it->klen = KLEN(e->klen_flags);
+    it->klen = KLEN(kf);
     it->val = k + it->klen;
     it->vlen = e->vlen;
-    it->flags = KFLAGS(e->klen_flags);
+    it->flags = KFLAGS(kf);
     it->expire_on = e->expire_on;
     it->access = e->access;
     it->last_access = e->last_access;
+    it->modseq = 0;
+    if (ms) {
+        it->modseq = rd64((const unsigned char *)it->val);
+        it->val += MODSEQ_LEN;
+        it->vlen -= MODSEQ_LEN;
+    }
+}
+
+static inline void fill_item(fmm_item *it, const entry *e)
+{
+    fill_item_ms(it, e, (e->klen_flags & KF_MODSEQ) != 0);
 }
 
 /* Home index of a hash in a table of num_slots: the top bits of the low
@@ -603,7 +647,7 @@ static inline long find_slot(const fmm_cache *c, page_hdr *ph, uint32_t lo, cons
             continue;
         entry *e;
         uint32_t size;
-        if (UNLIKELY(!entry_ok(c, ph, s, &e, &size)))
+        if (UNLIKELY(!entry_bounds_ok(c, ph, s, &e, &size)))
             return -2;
         if (KLEN(e->klen_flags) == klen && memcmp(e + 1, key, klen) == 0) {
             *found = e;
@@ -615,6 +659,41 @@ static inline long find_slot(const fmm_cache *c, page_hdr *ph, uint32_t lo, cons
     if (ins)
         *ins = first_del;
     return -1;
+}
+
+/* fmm_get after the key was found: expiry, LRU touch, the item. */
+static inline __attribute__((always_inline)) int get_found(fmm_cache *c, page_hdr *ph, entry *e, int touch,
+                                                           fmm_item *out, int ms)
+{
+    int do_touch = touch & FMM_GET_TOUCH;
+    uint32_t now = 0;
+    if (e->expire_on || do_touch)
+        now = fmm_now(c);
+    if (expired(e, now)) {
+        if (!(touch & FMM_GET_EXPIRED))
+            return FMM_ENOTFOUND;
+        do_touch = 0;
+    }
+    if (do_touch) {
+        if (c->stats)
+            ph->nhits++;
+        e->access = ++ph->clock;
+        e->last_access = now;
+    }
+    fill_item_ms(out, e, ms);
+    return 0;
+}
+
+/* The same for an entry with a modseq, out of the hot path. */
+static __attribute__((noinline)) int get_found_ms(fmm_cache *c, page_hdr *ph, entry *e, int touch, fmm_item *out)
+{
+    if (UNLIKELY(e->vlen < MODSEQ_LEN)) {
+        repair_page(c, ph, "modseq entry too short for its modseq");
+        return FMM_ENOTFOUND;
+    }
+    if (entry_is_tomb(e) && !(touch & FMM_GET_TOMBSTONE))
+        return FMM_ENOTFOUND;
+    return get_found(c, ph, e, touch, out, 1);
 }
 
 int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, int touch,
@@ -632,22 +711,9 @@ int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
         ph->nreads++;
     if (idx < 0)
         return FMM_ENOTFOUND;
-    uint32_t now = 0;
-    if (e->expire_on || do_touch)
-        now = fmm_now(c);
-    if (expired(e, now)) {
-        if (!(touch & FMM_GET_EXPIRED))
-            return FMM_ENOTFOUND;
-        do_touch = 0;
-    }
-    if (do_touch) {
-        if (c->stats)
-            ph->nhits++;
-        e->access = ++ph->clock;
-        e->last_access = now;
-    }
-    fill_item(out, e);
-    return 0;
+    if (UNLIKELY(e->klen_flags & KF_MODSEQ))
+        return get_found_ms(c, ph, e, touch, out);
+    return get_found(c, ph, e, touch, out, 0);
 }
 
 /* ---------- Compaction and eviction ---------- */
@@ -710,9 +776,10 @@ static uint32_t slots_min(uint32_t n)
 }
 static int64_t cap_for(const fmm_cache *c, uint32_t ns) { return (int64_t)c->page_size - data_start(ns); }
 
+/* Tombstones are never reported: they hold no value to write back. */
 static void report(fmm_evict_fn fn, void *ctx, const entry *e)
 {
-    if (fn && (KFLAGS(e->klen_flags) & FMM_F_DIRTY)) {
+    if (fn && (KFLAGS(e->klen_flags) & FMM_F_DIRTY) && !entry_is_tomb(e)) {
         fmm_item it;
         fill_item(&it, e);
         fn(ctx, &it);
@@ -852,12 +919,43 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
     return 0;
 }
 
-int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
-            uint32_t vlen, uint32_t flags, uint32_t expire_on, fmm_evict_fn evict, void *ctx)
+/* The modseq rules of fmm.h against `old`, an existing entry that carries
+ * a modseq: 0 (store), FMM_EREFUSED or FMM_ENOCHANGE.  Out of line: only
+ * entries with a modseq get here. */
+static __attribute__((noinline)) int modseq_rule(fmm_cache *c, const entry *old, uint32_t flags, uint64_t modseq)
 {
+    if (old->expire_on && expired(old, fmm_now(c)))
+        return 0; /* an expired entry never blocks a store */
+    uint64_t old_ms = entry_modseq(old);
+    if (IS_TOMB(flags))
+        return modseq <= old_ms ? FMM_ENOCHANGE : 0;
+    if (!(flags & FMM_F_MODSEQ))
+        return entry_is_tomb(old) ? FMM_EREFUSED : 0; /* a plain set drops a value's modseq */
+    return modseq < old_ms ? FMM_EREFUSED : 0;
+}
+
+/* Write an entry's value area: the modseq (if any), then the value.  The
+ * value first: `val` may overlap the old value of the same entry. */
+static inline void put_value(char *vp, const void *val, uint32_t vlen, uint32_t mslen, uint64_t modseq)
+{
+    if (vlen)
+        memmove(vp + mslen, val, vlen);
+    if (mslen)
+        memcpy(vp, &modseq, MODSEQ_LEN);
+}
+
+/* fmm_set and fmm_set_ms.  Inlined into both so that fmm_set, whose flags
+ * never carry FMM_F_MODSEQ, compiles without the modseq arithmetic. */
+static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t page, uint64_t hash,
+                                                          const void *key, uint32_t klen, const void *val,
+                                                          uint32_t vlen, uint32_t flags, uint32_t expire_on,
+                                                          uint64_t modseq, fmm_evict_fn evict, void *ctx)
+{
+    uint32_t mslen = (flags & FMM_F_MODSEQ) ? MODSEQ_LEN : 0;
     if (klen > FMM_MAX_KEY_LEN)
         return FMM_ETOOBIG;
-    uint64_t need = ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + vlen);
+    uint64_t svlen = (uint64_t)vlen + mslen; /* the stored vlen */
+    uint64_t need = ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + svlen);
     if (need > fmm_max_item(c))
         return FMM_ETOOBIG;
     page_hdr *ph = PH(c, page);
@@ -870,6 +968,17 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
         if (UNLIKELY(idx == -2)) {
             repair_page(c, ph, "slot points outside the page's data");
             continue;
+        }
+        /* The rules, before anything changes (after a rebuild the old
+         * entry is gone, dropped by it). */
+        if (idx >= 0 && UNLIKELY(old->klen_flags & KF_MODSEQ)) {
+            if (UNLIKELY(old->vlen < MODSEQ_LEN)) {
+                repair_page(c, ph, "modseq entry too short for its modseq");
+                continue;
+            }
+            int rc = modseq_rule(c, old, flags, modseq);
+            if (rc)
+                return rc;
         }
         /* Replacing an expired dirty entry (e.g. by read-through): it was
          * never written back, so report it like any other reclaimed one. */
@@ -887,10 +996,9 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
             old->access = ++ph->clock;
             old->last_access = now;
             old->expire_on = expire_on;
-            old->klen_flags = klen | ((flags & 0xFFu) << 24);
-            old->vlen = vlen;
-            if (vlen)
-                memmove((char *)(old + 1) + klen, val, vlen);
+            old->klen_flags = klen | (flags << 24);
+            old->vlen = (uint32_t)svlen;
+            put_value((char *)(old + 1) + klen, val, vlen, mslen, modseq);
             BARRIER();
             ph->dirty = 0;
             return 0;
@@ -917,11 +1025,10 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
         e->access = ++ph->clock;
         e->last_access = now;
         e->expire_on = expire_on;
-        e->klen_flags = klen | ((flags & 0xFFu) << 24);
-        e->vlen = vlen;
+        e->klen_flags = klen | (flags << 24);
+        e->vlen = (uint32_t)svlen;
         memcpy(e + 1, key, klen);
-        if (vlen)
-            memcpy((char *)(e + 1) + klen, val, vlen);
+        put_value((char *)(e + 1) + klen, val, vlen, mslen, modseq);
         ph->free_data = off + (uint32_t)need;
         uint32_t sv = (lo & ~c->offmask) | (off >> 2);
         uint32_t *slots = SLOTS(ph);
@@ -939,6 +1046,20 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
     }
 }
 
+int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
+            uint32_t vlen, uint32_t flags, uint32_t expire_on, fmm_evict_fn evict, void *ctx)
+{
+    return set_impl(c, page, hash, key, klen, val, vlen, flags & 0x7Fu, expire_on, 0, evict, ctx);
+}
+
+int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
+               uint32_t vlen, uint32_t flags, uint32_t expire_on, uint64_t modseq, fmm_evict_fn evict, void *ctx)
+{
+    if (IS_TOMB(flags & 0xFFu) && vlen)
+        return FMM_EBADARG; /* a tombstone has no value */
+    return set_impl(c, page, hash, key, klen, val, vlen, flags & 0xFFu, expire_on, modseq, evict, ctx);
+}
+
 int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, uint32_t *old_flags)
 {
     page_hdr *ph = PH(c, page);
@@ -954,7 +1075,8 @@ int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint
         repair_page(c, ph, "live count is zero but a slot holds an entry");
         return FMM_ENOTFOUND;
     }
-    int was_expired = e->expire_on && expired(e, fmm_now(c));
+    /* an expired entry or a tombstone is removed all the same, but was not there */
+    int was_expired = (e->expire_on && expired(e, fmm_now(c))) || entry_is_tomb(e);
     if (old_flags)
         *old_flags = KFLAGS(e->klen_flags);
     ph->dirty = 1;
@@ -992,7 +1114,7 @@ int fmm_page_foreach(fmm_cache *c, uint32_t page, fmm_visit_fn fn, void *ctx)
             repair_page(c, ph, "slot points outside the page's data");
             return 0;
         }
-        if (expired(e, now))
+        if (expired(e, now) || entry_is_tomb(e))
             continue;
         fmm_item it;
         fill_item(&it, e);
@@ -1025,10 +1147,13 @@ void fmm_page_info_get(fmm_cache *c, uint32_t page, fmm_page_info *info)
         if (!entry_ok(c, ph, s, &e, &size))
             continue;
         info->live++;
-        if (expired(e, now))
+        if (expired(e, now)) {
             info->expired++;
-        else
+        } else {
             info->live_bytes += size;
+            if (entry_is_tomb(e))
+                info->tombstones++;
+        }
     }
 }
 
@@ -1089,7 +1214,19 @@ static int deep_check(fmm_cache *c, uint32_t page, char *msg, size_t msglen)
         entry *e;
         uint32_t size;
         if (!entry_ok(c, ph, s, &e, &size)) {
-            set_detail(msg, msglen, "page %u: slot %u points outside the data area (0x%08x)", page, i, s);
+            uint32_t off = (s & c->offmask) << 2;
+            const entry *x = (const entry *)((char *)ph + off);
+            if (off >= data_start(ns) && (uint64_t)off + FMM_ENTRY_HEADER_SIZE <= ph->free_data &&
+                (x->klen_flags & KF_MODSEQ) && x->vlen < MODSEQ_LEN)
+                set_detail(msg, msglen, "page %u: slot %u: modseq entry with a value of %u bytes (< 8)", page, i,
+                           x->vlen);
+            else
+                set_detail(msg, msglen, "page %u: slot %u points outside the data area (0x%08x)", page, i, s);
+            rc = FMM_ECORRUPT;
+            break;
+        }
+        if (entry_is_tomb(e) && e->vlen != MODSEQ_LEN) {
+            set_detail(msg, msglen, "page %u: slot %u: tombstone with a value", page, i);
             rc = FMM_ECORRUPT;
             break;
         }
