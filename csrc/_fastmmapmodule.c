@@ -863,7 +863,7 @@ static int do_set(CacheObject *self, PyObject *key, PyObject *value, uint32_t ex
     if (flush_evicted(self, &ec) < 0)
         result = -1;
     /* write-through, or write-back of an item the cache could not hold */
-    if ((result == 1 || result == 0) && self->write_cb && (!self->write_back || result == 0))
+    if (self->write_cb && (result == 1 || result == 0) && (!self->write_back || result == 0))
         if (call_write_cb(self, key, value, expire_on) < 0)
             result = -1;
 done:
@@ -1053,29 +1053,41 @@ PyDoc_STRVAR(cache_set_doc,
              "modseq, or a tombstone (left by remove(key, modseq=...)) with a newer one.  Without modseq,\n"
              "a store over an unexpired tombstone is refused too.");
 
+/* set(key, value) with the default expiry: the hot path, no argument parsing. */
+static PyObject *cache_set_2(CacheObject *self, PyObject *key, PyObject *value)
+{
+    ENTER(self);
+    PyObject *res = NULL;
+    uint32_t exp;
+    if (resolve_expiry(self, NULL, NULL, &exp) == 0) {
+        int r = do_set(self, key, value, exp, NULL);
+        if (r >= 0)
+            res = Py_NewRef(r == 1 ? Py_True : Py_False);
+    }
+    LEAVE(self);
+    return res;
+}
+
 static PyObject *cache_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     CacheObject *self = CacheObject_CAST(op);
+    if (LIKELY(!kwnames && nargs == 2))
+        return cache_set_2(self, args[0], args[1]);
     static const char *const names[] = {"key", "value", "expire_time", "expire_on", "modseq"};
     PyObject *a[5];
-    if (LIKELY(!kwnames && nargs == 2)) {
-        a[0] = args[0];
-        a[1] = args[1];
-        a[2] = a[3] = a[4] = NULL;
-    } else if (parse_kw("set", args, nargs, kwnames, names, 3, a, 5) < 0) {
+    if (parse_kw("set", args, nargs, kwnames, names, 3, a, 5) < 0)
         return NULL;
-    }
     if (!a[0] || !a[1])
         return PyErr_Format(PyExc_TypeError, "set() missing required argument '%s'", a[0] ? "value" : "key");
-    uint64_t ms = 0;
-    int has_ms = 0;
-    if (UNLIKELY(a[4] != NULL) && parse_modseq(a[4], &ms, &has_ms) < 0)
+    uint64_t ms;
+    int has_ms;
+    if (parse_modseq(a[4], &ms, &has_ms) < 0)
         return NULL;
     ENTER(self);
     PyObject *res = NULL;
     uint32_t exp;
     if (resolve_expiry(self, a[2], a[3], &exp) == 0) {
-        int r = do_set(self, a[0], a[1], exp, a[4] && has_ms ? &ms : NULL);
+        int r = do_set(self, a[0], a[1], exp, has_ms ? &ms : NULL);
         if (r >= 0)
             res = Py_NewRef(r == 1 ? Py_True : Py_False);
     }
