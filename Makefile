@@ -8,7 +8,8 @@
 #   make ctest   only the C engine tests and the fuzz corpus replay
 #   make test-asan       only the pytest suite against the sanitizer build
 #   make ctest-valgrind  only the C engine tests under valgrind
-#   make fuzz    libFuzzer (clang) on csrc/fuzz_fmm.c for FUZZ_SECONDS
+#   make fuzz    libFuzzer (clang) on csrc/fuzz_fmm.c, then csrc/fuzz_fmm_perl.c
+#                (the Perl file format), FUZZ_SECONDS each
 #   make fuzz-merge      fold new fuzz finds into a minimal tests/fuzz_corpus
 #   make stress  the tests marked "stress", then `make fuzz`
 #   make bench / bench-smoke   benchmarks/run.py (full / quick)
@@ -18,6 +19,9 @@
 # layout keeps src/ off sys.path, and nothing here adds it.
 
 PYTHON ?= python3
+
+# The engine: every C file but the binding and the test drivers.
+ENGINE_SRC := csrc/fmm.c csrc/fmm_perl.c csrc/fmm_guard.c
 CC ?= cc
 
 VENV := .venv
@@ -45,6 +49,7 @@ CTEST_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
 CLANG ?= clang
 FUZZ_SECONDS ?= 300
 FUZZ_CORPUS := tests/fuzz_corpus
+FUZZ_CORPUS_PERL := tests/fuzz_corpus_perl
 FUZZ_CFLAGS := -std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined \
 	-fno-sanitize-recover=all -fno-omit-frame-pointer -Wall -Wextra -Werror
 # New finds go to build/fuzz-new (first corpus directory), crashes to
@@ -92,17 +97,24 @@ demo: install
 
 ctest:
 	mkdir -p build
-	$(CC) $(CTEST_CFLAGS) -Icsrc csrc/fmm.c csrc/test_fmm.c -o build/test_fmm -lpthread
+	$(CC) $(CTEST_CFLAGS) -Icsrc $(ENGINE_SRC) csrc/test_fmm.c -o build/test_fmm -lpthread
 	$(CTEST_ENV) build/test_fmm
-	$(CC) $(CTEST_CFLAGS) -DFMM_FUZZ_REPLAY -Icsrc csrc/fmm.c csrc/fuzz_fmm.c \
+	$(CC) $(CTEST_CFLAGS) -Icsrc $(ENGINE_SRC) csrc/test_fmm_perl.c -o build/test_fmm_perl -lpthread
+	$(CTEST_ENV) build/test_fmm_perl
+	$(CC) $(CTEST_CFLAGS) -DFMM_FUZZ_REPLAY -Icsrc $(ENGINE_SRC) csrc/fuzz_fmm.c \
 		-o build/fuzz_replay -lpthread
 	$(CTEST_ENV) build/fuzz_replay $(FUZZ_CORPUS)
+	$(CC) $(CTEST_CFLAGS) -DFMM_FUZZ_REPLAY -Icsrc $(ENGINE_SRC) csrc/fuzz_fmm_perl.c \
+		-o build/fuzz_replay_perl -lpthread
+	$(CTEST_ENV) build/fuzz_replay_perl $(FUZZ_CORPUS_PERL)
 
 # The C tests without sanitizers, under memcheck.
 ctest-valgrind:
 	mkdir -p build
-	$(CC) $(VALGRIND_CFLAGS) -Icsrc csrc/fmm.c csrc/test_fmm.c -o build/test_fmm_plain -lpthread
+	$(CC) $(VALGRIND_CFLAGS) -Icsrc $(ENGINE_SRC) csrc/test_fmm.c -o build/test_fmm_plain -lpthread
 	$(VALGRIND) build/test_fmm_plain
+	$(CC) $(VALGRIND_CFLAGS) -Icsrc $(ENGINE_SRC) csrc/test_fmm_perl.c -o build/test_fmm_perl_plain -lpthread
+	$(VALGRIND) build/test_fmm_perl_plain
 
 test: install-test
 	$(MAKE) --no-print-directory ctest
@@ -127,8 +139,11 @@ test-asan:
 
 fuzz:
 	mkdir -p build/fuzz-new build/fuzz-artifacts
-	$(CLANG) $(FUZZ_CFLAGS) -Icsrc csrc/fmm.c csrc/fuzz_fmm.c -o build/fuzz_fmm -lpthread
+	$(CLANG) $(FUZZ_CFLAGS) -Icsrc $(ENGINE_SRC) csrc/fuzz_fmm.c -o build/fuzz_fmm -lpthread
 	build/fuzz_fmm $(FUZZ_RUN_FLAGS) -max_total_time=$(FUZZ_SECONDS) build/fuzz-new $(FUZZ_CORPUS)
+	mkdir -p build/fuzz-perl-new
+	$(CLANG) $(FUZZ_CFLAGS) -Icsrc $(ENGINE_SRC) csrc/fuzz_fmm_perl.c -o build/fuzz_fmm_perl -lpthread
+	build/fuzz_fmm_perl $(FUZZ_RUN_FLAGS) -max_total_time=$(FUZZ_SECONDS) build/fuzz-perl-new $(FUZZ_CORPUS_PERL)
 
 # Minimise FUZZ_CORPUS plus build/fuzz-new into FUZZ_CORPUS: the smallest
 # inputs that keep every covered edge (-use_counters=0: edges, not hit
@@ -136,11 +151,16 @@ fuzz:
 # kept whether or not they add coverage.
 fuzz-merge:
 	mkdir -p build/fuzz-new
-	$(CLANG) $(FUZZ_CFLAGS) -Icsrc csrc/fmm.c csrc/fuzz_fmm.c -o build/fuzz_fmm -lpthread
+	$(CLANG) $(FUZZ_CFLAGS) -Icsrc $(ENGINE_SRC) csrc/fuzz_fmm.c -o build/fuzz_fmm -lpthread
 	rm -rf build/fuzz-merged && mkdir -p build/fuzz-merged
 	build/fuzz_fmm -merge=1 -use_counters=0 build/fuzz-merged $(FUZZ_CORPUS) build/fuzz-new
 	cp $(FUZZ_CORPUS)/repro-* build/fuzz-merged/ 2>/dev/null || true
 	rm -rf $(FUZZ_CORPUS) && mv build/fuzz-merged $(FUZZ_CORPUS)
+	mkdir -p build/fuzz-perl-new
+	$(CLANG) $(FUZZ_CFLAGS) -Icsrc $(ENGINE_SRC) csrc/fuzz_fmm_perl.c -o build/fuzz_fmm_perl -lpthread
+	rm -rf build/fuzz-merged-perl && mkdir -p build/fuzz-merged-perl
+	build/fuzz_fmm_perl -merge=1 -use_counters=0 build/fuzz-merged-perl $(FUZZ_CORPUS_PERL) build/fuzz-perl-new
+	rm -rf $(FUZZ_CORPUS_PERL) && mv build/fuzz-merged-perl $(FUZZ_CORPUS_PERL)
 	echo "$(FUZZ_CORPUS): $$(ls $(FUZZ_CORPUS) | wc -l) files, $$(du -sh $(FUZZ_CORPUS) | cut -f1)"
 
 # pytest exits 5 when it collects no test: not a failure for a placeholder.

@@ -55,7 +55,7 @@ setup(
     ext_modules=[
         Extension(
             "fastmmap._fastmmap",
-            sources=["csrc/_fastmmapmodule.c", "csrc/fmm.c"],
+            sources=["csrc/_fastmmapmodule.c", "csrc/fmm.c", "csrc/fmm_perl.c", "csrc/fmm_guard.c"],
             include_dirs=["csrc"],
             libraries=["pthread"],
             depends=sorted(glob.glob("csrc/*.h")),

@@ -130,6 +130,26 @@ class FastmmapDriver(Driver):
             os.unlink(self.path)
 
 
+class FastmmapPerlFormatDriver(FastmmapDriver):
+    """fastmmap on a Cache::FastMmap-format file (format="perl")."""
+
+    key = "fastmmap-perl"
+    name = "fastmmap, format=perl"
+    note = ("a Cache::FastMmap-compatible file: Perl's hash, page layout and fcntl locks; "
+            "the small dict through a (pickle.dumps, pickle.loads) serializer pair")
+
+    def setup(self, vk, nprocs, keys):
+        self.path = self._path("fastmmap-perl-%s.cache" % vk.name)
+        self.cache = self.mod.Cache(
+            self.path, init_file=True, cache_size=vk.cache_size, page_size=vk.page_size,
+            format="perl",
+            serializer="raw" if isinstance(vk.value, bytes) else (pickle.dumps, pickle.loads),
+        )
+        set_, value = self.cache.set, vk.value
+        for k in keys:
+            set_(k, value)
+
+
 # --------------------------------------------------------------------------- dict
 
 
@@ -466,5 +486,5 @@ class PerlDriver(Driver):
         return json.loads(p.stdout)
 
 
-ALL = [FastmmapDriver, PerlDriver, DiskcacheDriver, FanoutDriver, LmdbDriver, RedisDriver,
+ALL = [FastmmapDriver, FastmmapPerlFormatDriver, PerlDriver, DiskcacheDriver, FanoutDriver, LmdbDriver, RedisDriver,
        MemcachedDriver, ManagerDriver, DictDriver]

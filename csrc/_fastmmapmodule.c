@@ -104,8 +104,16 @@ typedef struct {
     int write_back;           /* entries marked dirty, written when they leave */
     int cache_not_found;      /* store None results of read_cb */
     int allow_recursive;      /* unlock the page around read_cb */
+    int perl;                 /* a Cache::FastMmap-format file (format="perl") */
+    const int *lost;          /* fmm_lost_flag(c): the file was truncated under us */
     PyObject *weakreflist;
 } CacheObject;
+
+/* Perl format, serializer="raw": the type the engine reports for values
+ * Perl stored without its UTF-8/undef flags (plain byte strings).  Never
+ * written to a file; decode_value checks these bytes for Perl's Storable
+ * and Sereal formats before returning them. */
+#define T_PERL_RAW 0x07u
 
 #define CacheObject_CAST(op) ((CacheObject *)(op))
 
@@ -164,13 +172,43 @@ static PyObject *closed_error(void)
     return NULL;
 }
 
+/* The cache file shrank under the mapping (see fmm.h, "Truncation guard"):
+ * whatever the operation read may be zeros; replace its result or error. */
+static Py_NO_INLINE PyObject *replaced_error(CacheObject *self)
+{
+    PyErr_Clear();
+    PyErr_SetString(self->state->FileReplacedError,
+                    "the cache file was truncated or replaced while this process had it open; "
+                    "reopen the cache");
+    return NULL;
+}
+/* the handle's file was truncated under its mapping (fmm_lost, inline) */
+#define IS_LOST(self) (__atomic_load_n((self)->lost, __ATOMIC_ACQUIRE) != 0)
+#define LOST_R(self, r)                               \
+    do {                                              \
+        if (UNLIKELY(IS_LOST(self))) {          \
+            Py_XDECREF(r);                            \
+            r = replaced_error(self);                 \
+        }                                             \
+    } while (0)
+#define LOST_I(self, r)                               \
+    do {                                              \
+        if (UNLIKELY(IS_LOST(self))) {          \
+            replaced_error(self);                     \
+            r = -1;                                   \
+        }                                             \
+    } while (0)
+
 /* ---------- Lifetime guards ---------- */
+
+static const int never_lost = 0;
 
 static void really_close(CacheObject *self)
 {
     if (self->c) {
         fmm_cache *c = self->c;
         self->c = NULL;
+        self->lost = &never_lost;
         fmm_close(c);
     }
 }
@@ -230,6 +268,10 @@ static PyObject *key_object(const fmm_item *it)
 static Py_NO_INLINE int lock_slow(CacheObject *self, uint32_t page, int rc)
 {
     fastmmap_state *st = self->state;
+    if (rc == FMM_EREPLACED) {
+        replaced_error(self);
+        return -1;
+    }
     if (rc != FMM_EBUSY) {
         if (rc == EINVAL || rc == ENOTRECOVERABLE)
             PyErr_Format(st->Error, "the lock of page %u is damaged (%s); reopen the cache with init_file=True",
@@ -254,7 +296,9 @@ static Py_NO_INLINE int lock_slow(CacheObject *self, uint32_t page, int rc)
         if (rc == 0)
             return 0;
         if (rc != FMM_ETIMEDOUT) {
-            if (rc == EINVAL || rc == ENOTRECOVERABLE)
+            if (rc == FMM_EREPLACED)
+                replaced_error(self);
+            else if (rc == EINVAL || rc == ENOTRECOVERABLE)
                 PyErr_Format(st->Error, "the lock of page %u is damaged (%s); reopen the cache with init_file=True",
                              page, strerror(rc));
             else
@@ -311,9 +355,13 @@ typedef struct {
 
 /* Serialize and compress a value (no page lock held, except inside
  * get_and_set and lock blocks, by design). */
+static int encode_perl(CacheObject *self, PyObject *v, encoded *e);
+
 static int encode_value(CacheObject *self, PyObject *v, encoded *e)
 {
     e->owner = NULL;
+    if (UNLIKELY(self->perl))
+        return encode_perl(self, v, e);
     if (PyBytes_CheckExact(v) || (self->ser_type == SER_RAW && PyBytes_Check(v))) {
         e->buf = PyBytes_AS_STRING(v);
         e->len = PyBytes_GET_SIZE(v);
@@ -391,6 +439,99 @@ static int encode_value(CacheObject *self, PyObject *v, encoded *e)
     return 0;
 }
 
+/* Perl format: values as Cache::FastMmap stores them.  Perl passes every
+ * value through its serializer and compressor (no threshold), so a
+ * serialized cache serializes str too, and a compressed one compresses
+ * everything; undef (None) is an empty value with the UNDEF flag. */
+static int encode_perl(CacheObject *self, PyObject *v, encoded *e)
+{
+    if (v == Py_None) {
+        e->buf = "";
+        e->len = 0;
+        e->flags = FMM_T_NONE;
+        return 0;
+    }
+    if (self->ser_type == SER_RAW) {
+        if (PyBytes_Check(v)) {
+            e->buf = PyBytes_AS_STRING(v);
+            e->len = PyBytes_GET_SIZE(v);
+            e->flags = FMM_T_BYTES;
+        } else if (PyUnicode_Check(v)) {
+            e->buf = PyUnicode_AsUTF8AndSize(v, &e->len);
+            if (!e->buf)
+                return -1;
+            e->flags = FMM_T_STR;
+        } else {
+            PyErr_Format(PyExc_TypeError,
+                         "a format='perl' cache with serializer='raw' stores only bytes, str and None values, "
+                         "not %.100s",
+                         Py_TYPE(v)->tp_name);
+            return -1;
+        }
+    } else {
+        PyObject *out = PyObject_CallOneArg(self->dumps, v);
+        if (!out)
+            return -1;
+        if (PyUnicode_Check(out)) {
+            PyObject *b = PyUnicode_AsUTF8String(out);
+            Py_DECREF(out);
+            if (!b)
+                return -1;
+            out = b;
+        }
+        if (!PyBytes_Check(out)) {
+            PyErr_Format(PyExc_TypeError, "the serializer returned %.100s, expected bytes", Py_TYPE(out)->tp_name);
+            Py_DECREF(out);
+            return -1;
+        }
+        e->owner = out;
+        e->buf = PyBytes_AS_STRING(out);
+        e->len = PyBytes_GET_SIZE(out);
+        e->flags = self->ser_type;
+    }
+    if (self->comp_type != FMM_C_NONE) {
+        PyObject *src = e->owner ? Py_NewRef(e->owner) : PyBytes_FromStringAndSize(e->buf, e->len);
+        if (!src)
+            return -1;
+        PyObject *z = PyObject_CallOneArg(self->compress, src);
+        Py_DECREF(src);
+        if (!z || !PyBytes_Check(z)) {
+            if (z) {
+                PyErr_Format(PyExc_TypeError, "the compressor returned %.100s, expected bytes", Py_TYPE(z)->tp_name);
+                Py_DECREF(z);
+            }
+            Py_CLEAR(e->owner);
+            return -1;
+        }
+        Py_XSETREF(e->owner, z);
+        e->buf = PyBytes_AS_STRING(z);
+        e->len = PyBytes_GET_SIZE(z);
+        /* compressed bytes carry no UTF-8 flag, as in Perl */
+        e->flags = (e->flags == FMM_T_STR ? FMM_T_BYTES : e->flags) | self->comp_type;
+    }
+    return 0;
+}
+
+/* Which Perl serializer wrote these bytes, if one fastmmap cannot read:
+ * Storable (freeze: major 2 native order, byte-order string "1234..." ;
+ * nfreeze: network order) or Sereal (magic "=srl" or "=\xF3rl"). */
+static const char *perl_serializer_of(const char *buf, Py_ssize_t len)
+{
+    const unsigned char *b = (const unsigned char *)buf;
+    if (len >= 5 && b[0] == '=' && (b[1] == 's' || b[1] == 0xF3) && b[2] == 'r' && b[3] == 'l' &&
+        (b[4] & 0x0F) >= 1 && (b[4] & 0x0F) <= 5)
+        return "Sereal";
+    if (len >= 3 && b[0] == 0x04 && b[1] <= 0x0F && (b[2] == 4 || b[2] == 8) && len >= 3 + b[2]) {
+        for (int i = 0; i < b[2]; i++)
+            if (b[3 + i] < '1' || b[3 + i] > '8')
+                return NULL;
+        return "Storable";
+    }
+    if (len >= 3 && b[0] == 0x05 && b[1] <= 0x0F && b[2] < 0x40)
+        return "Storable";
+    return NULL;
+}
+
 static PyObject *import_attr(const char *mod, const char *attr)
 {
     PyObject *m = PyImport_ImportModule(mod);
@@ -454,6 +595,18 @@ static PyObject *decode_value(CacheObject *self, uint32_t flags, const char *buf
         raw = plain;
         buf = PyBytes_AS_STRING(plain);
         len = PyBytes_GET_SIZE(plain);
+    }
+    if (self->perl && (type == T_PERL_RAW || type == FMM_T_JSON)) {
+        const char *which = perl_serializer_of(buf, len);
+        if (which) {
+            PyErr_Format(st->Error,
+                         "this value was written by Perl with Cache::FastMmap's %s serializer, which fastmmap "
+                         "cannot read; have the Perl side use serializer => 'json' or '' (raw), as this cache does",
+                         which);
+            goto done;
+        }
+        if (type == T_PERL_RAW)
+            type = FMM_T_BYTES;
     }
     switch (type) {
     case FMM_T_BYTES:
@@ -758,7 +911,7 @@ static PyObject *do_get(CacheObject *self, PyObject *key)
         }
         return r;
     }
-    if (UNLIKELY(self->read_cb != NULL))
+    if (UNLIKELY(self->read_cb != NULL) && LIKELY(!IS_LOST(self)))
         return read_through(self, key, &k, h, page);
     UNLOCK(self, page);
     return NULL;
@@ -888,6 +1041,7 @@ static PyObject *cache_subscript(PyObject *op, PyObject *key)
     PyObject *r = do_get(self, key);
     if (!r && !PyErr_Occurred())
         PyErr_SetObject(PyExc_KeyError, key);
+    LOST_R(self, r);
     LEAVE(self);
     return r;
 }
@@ -938,6 +1092,7 @@ static int cache_ass_subscript(PyObject *op, PyObject *key, PyObject *value)
             r = 0;
         }
     }
+    LOST_I(self, r);
     LEAVE(self);
     return r;
 }
@@ -961,6 +1116,7 @@ static int cache_contains(PyObject *op, PyObject *key)
             UNLOCK(self, page);
         }
     }
+    LOST_I(self, r);
     LEAVE(self);
     return r;
 }
@@ -985,6 +1141,7 @@ static Py_ssize_t cache_length(PyObject *op)
         UNLOCK(self, p);
         n += info.live - info.expired - info.tombstones;
     }
+    LOST_I(self, n);
     LEAVE(self);
     return n;
 }
@@ -1004,6 +1161,7 @@ static PyObject *cache_get(PyObject *op, PyObject *const *args, Py_ssize_t nargs
     PyObject *r = do_get(self, args[0]);
     if (!r && !PyErr_Occurred())
         r = Py_NewRef(nargs == 2 ? args[1] : Py_None);
+    LOST_R(self, r);
     LEAVE(self);
     return r;
 }
@@ -1064,6 +1222,7 @@ static PyObject *cache_set_2(CacheObject *self, PyObject *key, PyObject *value)
         if (r >= 0)
             res = Py_NewRef(r == 1 ? Py_True : Py_False);
     }
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1091,6 +1250,7 @@ static PyObject *cache_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs
         if (r >= 0)
             res = Py_NewRef(r == 1 ? Py_True : Py_False);
     }
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1174,6 +1334,7 @@ static PyObject *cache_remove(PyObject *op, PyObject *const *args, Py_ssize_t na
                                              "(they set the tombstone's expiry)");
     ENTER(self);
     int r = has_ms ? do_remove_ms(self, a[0], ms, a[2], a[3]) : do_delete(self, a[0]);
+    LOST_I(self, r);
     LEAVE(self);
     if (r < 0)
         return NULL;
@@ -1203,6 +1364,7 @@ static PyObject *cache_get_modseq(PyObject *op, PyObject *key)
             res = found ? PyLong_FromUnsignedLongLong(ms) : Py_NewRef(Py_None);
         }
     }
+    LOST_R(self, res); /* the modseq may have been read from zeros */
     LEAVE(self);
     return res;
 }
@@ -1259,6 +1421,11 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
     } else {
         old = Py_NewRef(Py_None);
     }
+    if (!err && UNLIKELY(IS_LOST(self))) {
+        /* the old value may have been read from zeros: fn must not see it */
+        replaced_error(self);
+        err = 1;
+    }
     if (!err) {
         PyObject *cargs[2] = {key, old};
         newv = PyObject_Vectorcall(fn, cargs, 2, NULL);
@@ -1292,6 +1459,7 @@ out:
     Py_XDECREF(raw);
     Py_XDECREF(old);
     Py_XDECREF(newv);
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1333,6 +1501,7 @@ static PyObject *cache_get_and_remove(PyObject *op, PyObject *const *args, Py_ss
     if (!found && !err)
         r = Py_NewRef(nargs == 2 ? args[1] : Py_None);
 out:
+    LOST_R(self, r);
     LEAVE(self);
     return r;
 }
@@ -1385,6 +1554,7 @@ static PyObject *cache_add(PyObject *op, PyObject *const *args, Py_ssize_t nargs
         Py_CLEAR(res);
 out:
     Py_XDECREF(e.owner);
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1413,6 +1583,8 @@ static PyObject *expunge_all(CacheObject *self, int mode, int flush)
             break;
         }
     }
+    if (UNLIKELY(IS_LOST(self)))
+        res = replaced_error(self);
     LEAVE(self);
     return res ? Py_NewRef(res) : NULL;
 }
@@ -1487,6 +1659,7 @@ static PyObject *cache_expire(PyObject *op, PyObject *key)
     res = Py_NewRef(Py_None);
 out:
     Py_XDECREF(raw);
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1535,6 +1708,7 @@ static PyObject *cache_touch(PyObject *op, PyObject *const *args, Py_ssize_t nar
         Py_CLEAR(res);
 out:
     Py_XDECREF(copy);
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1627,10 +1801,13 @@ static PyObject *cache__entries(PyObject *op, PyObject *const *args, Py_ssize_t 
             PyList_SetItem(ctx.list, i, nt);
         }
     }
+    LOST_R(self, ctx.list);
     LEAVE(self);
     return ctx.list;
 error:
     Py_XDECREF(ctx.list);
+    if (UNLIKELY(IS_LOST(self)))
+        replaced_error(self);
     LEAVE(self);
     return NULL;
 }
@@ -1667,6 +1844,7 @@ static PyObject *cache_get_statistics(PyObject *op, PyObject *const *args, Py_ss
     }
     res = Py_BuildValue("(KK)", reads, hits);
 out:
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1767,6 +1945,7 @@ out:
     Py_XDECREF(keys);
     Py_XDECREF(combined);
     Py_XDECREF(raws);
+    LOST_R(self, result);
     LEAVE(self);
     return result;
 }
@@ -1858,6 +2037,7 @@ static PyObject *cache_multi_set(PyObject *op, PyObject *const *args, Py_ssize_t
 out:
     Py_XDECREF(items);
     Py_XDECREF(prepared);
+    LOST_R(self, res);
     LEAVE(self);
     return res;
 }
@@ -1874,6 +2054,10 @@ static int held_key(CacheObject *self, PyObject *pageobj, PyObject *key, PyObjec
     unsigned long p = PyLong_AsUnsignedLong(pageobj);
     if (p == (unsigned long)-1 && PyErr_Occurred())
         return -1;
+    if (UNLIKELY(IS_LOST(self))) {
+        replaced_error(self);
+        return -1;
+    }
     if (p >= fmm_num_pages(self->c) || !fmm_held(self->c, (uint32_t)p)) {
         PyErr_Format(self->state->Error, "page %lu is not locked by this thread (lock block already exited?)", p);
         return -1;
@@ -1930,8 +2114,12 @@ static PyObject *cache__unlock(PyObject *op, PyObject *pageobj)
         return NULL;
     if (p >= fmm_num_pages(self->c) || !fmm_held(self->c, (uint32_t)p))
         return PyErr_Format(self->state->Error, "page %lu is not locked by this thread", p);
-    UNLOCK(self, (uint32_t)p);
+    int rc = UNLOCK(self, (uint32_t)p);
+    if (rc == FMM_EREPLACED)
+        replaced_error(self);
     LEAVE(self); /* pairs with the inflight++ of _lock_for */
+    if (rc == FMM_EREPLACED)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1960,6 +2148,7 @@ static PyObject *cache__held_get(PyObject *op, PyObject *const *args, Py_ssize_t
         r = Py_NewRef(args[3]);
     }
     Py_XDECREF(owner);
+    LOST_R(self, r);
     return r;
 }
 
@@ -1996,6 +2185,7 @@ static PyObject *cache__held_set(PyObject *op, PyObject *const *args, Py_ssize_t
     /* stored: True, too big: False, refused by a tombstone: None */
     res = Py_BuildValue("(OIO)", rc == 0 ? Py_True : rc == FMM_ETOOBIG ? Py_False : Py_None, exp,
                         ec.list ? ec.list : Py_None);
+    LOST_R(self, res);
 out:
     Py_XDECREF(ec.list);
     Py_XDECREF(e.owner);
@@ -2017,6 +2207,8 @@ static PyObject *cache__held_delete(PyObject *op, PyObject *const *args, Py_ssiz
         return NULL;
     int rc = fmm_delete(self->c, page, fmm_hash(self->c, k.buf, (size_t)k.len), k.buf, (uint32_t)k.len, NULL);
     Py_XDECREF(owner);
+    if (UNLIKELY(IS_LOST(self)))
+        return replaced_error(self);
     return Py_NewRef(rc == 0 ? Py_True : Py_False);
 }
 
@@ -2066,6 +2258,7 @@ static PyObject *cache_repaired_pages(PyObject *op, PyObject *Py_UNUSED(ignored)
     CacheObject *self = CacheObject_CAST(op);
     ENTER(self);
     PyObject *r = PyLong_FromUnsignedLongLong(fmm_repairs(self->c));
+    LOST_R(self, r);
     LEAVE(self);
     return r;
 }
@@ -2121,6 +2314,7 @@ static PyObject *cache_check(PyObject *op, PyObject *Py_UNUSED(ignored))
         }
     }
 out:
+    LOST_R(self, problems);
     LEAVE(self);
     return problems;
 }
@@ -2151,6 +2345,7 @@ static PyObject *cache__page_info(PyObject *op, PyObject *arg)
                       "tombstones", i.tombstones, "deleted", i.deleted, "data_start", i.data_start, "free_data", i.free_data, "live_bytes",
                       i.live_bytes, "nreads", i.nreads, "nhits", i.nhits);
 out:
+    LOST_R(self, r);
     LEAVE(self);
     return r;
 }
@@ -2175,15 +2370,15 @@ static PyObject *cache__set_time_override(PyObject *op, PyObject *arg)
 
 PyDoc_STRVAR(cache__open_doc,
              "_open($self, path, page_size, num_pages, start_slots, explicit_geometry, init_file,\n"
-             "      permissions, anonymous, enable_stats, /)\n--\n\n"
+             "      permissions, anonymous, enable_stats, format=0, perl_value_flags=0, /)\n--\n\n"
              "Open or create the cache file (options already validated by fastmmap.Cache).  Return True if\n"
-             "this call created the file.");
+             "this call created the file.  format 1 is Cache::FastMmap's file format.");
 
 static PyObject *cache__open(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
     CacheObject *self = CacheObject_CAST(op);
-    if (nargs != 9)
-        return PyErr_Format(PyExc_TypeError, "_open expected 9 arguments");
+    if (nargs != 9 && nargs != 11)
+        return PyErr_Format(PyExc_TypeError, "_open expected 9 or 11 arguments");
     if (self->c || self->closed)
         return PyErr_Format(PyExc_ValueError, "cache is already open");
     PyObject *path = args[0];
@@ -2204,6 +2399,15 @@ static PyObject *cache__open(PyObject *op, PyObject *const *args, Py_ssize_t nar
     cfg.permissions = (int)v[5];
     cfg.anonymous = (int)v[6];
     cfg.enable_stats = (int)v[7];
+    if (nargs == 11) {
+        /* format (0 native, 1 perl) and the Perl format's plain-value flags */
+        unsigned long fmt = PyLong_AsUnsignedLong(args[9]);
+        unsigned long pvf = PyLong_AsUnsignedLong(args[10]);
+        if (PyErr_Occurred())
+            return NULL;
+        cfg.format = (int)fmt;
+        cfg.perl_value_flags = (uint32_t)pvf;
+    }
     const char *cpath = NULL;
     if (!cfg.anonymous) {
         if (!PyUnicode_FSConverter(path, &path_bytes))
@@ -2229,6 +2433,8 @@ static PyObject *cache__open(PyObject *op, PyObject *const *args, Py_ssize_t nar
         return set_error(self->state, "open", rc, err, NULL);
     }
     self->c = c;
+    self->lost = fmm_lost_flag(c);
+    self->perl = cfg.format == FMM_FORMAT_PERL;
     return Py_NewRef(created ? Py_True : Py_False);
 }
 
@@ -2400,6 +2606,7 @@ static PyObject *cache_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObje
     self->lock_timeout_ns = -1;
     self->ser_type = FMM_T_PICKLE;
     self->comp_type = FMM_C_NONE;
+    self->lost = &never_lost;
     return (PyObject *)self;
 }
 
@@ -2495,7 +2702,20 @@ static PyObject *mod_xxh64(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_s
     return PyLong_FromUnsignedLongLong(h);
 }
 
+static PyObject *mod_perl_hash(PyObject *Py_UNUSED(mod), PyObject *arg)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    uint32_t h = fmm_perl_hash(b.buf, (size_t)b.len);
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLong(h);
+}
+
 static PyMethodDef module_methods[] = {
+    {"perl_hash", mod_perl_hash, METH_O,
+     "perl_hash($module, data, /)\n--\n\nCache::FastMmap's 32-bit hash of a bytes-like object (format='perl'): "
+     "the page is hash % num_pages, the slot hash // num_pages."},
     {"xxh64", (PyCFunction)(void (*)(void))mod_xxh64, METH_FASTCALL,
      "xxh64($module, data, seed=0, /)\n--\n\nXXH64 of a bytes-like object (the engine's hash)."},
     {NULL},

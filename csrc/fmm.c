@@ -19,6 +19,7 @@
  */
 #define _GNU_SOURCE
 #include "fmm.h"
+#include "fmm_perl.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -69,15 +70,22 @@
 #define FILL_PCT 95u
 #endif
 
+/* One read of a field of the mapping.  The mapping is shared with other
+ * processes that may write it at any moment (or with a hostile writer that
+ * ignores the locks), and it may turn to zeros under us (the SIGBUS guard):
+ * a value that is bounds-checked must be the value that is then used, so
+ * such fields are read once, into a local, never re-read. */
+#define RD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+
 #define ROUND4(x) (((uint64_t)(x) + 3u) & ~(uint64_t)3u)
 #define KLEN(kf) ((kf)&0xFFFFFFu)
 #define KFLAGS(kf) ((kf) >> 24)
 
-/* Modseq entries (fmm.h, "Modseq and tombstones"): FMM_F_MODSEQ is the top
- * bit of klen_flags, so the hot paths test one bit (the sign) and take the
- * modseq work out of line.  The 8-byte modseq is the start of the value
- * area, copied with memcpy (values are not 8-aligned). */
-#define KF_MODSEQ ((uint32_t)FMM_F_MODSEQ << 24)
+/* Modseq entries (fmm.h, "Modseq and tombstones"): the hot paths test the
+ * FMM_F_MODSEQ bit of the entry's validated snapshot (esnap.flags) and take
+ * the modseq work out of line, where the snapshot's vlen is checked to hold
+ * the modseq.  The 8-byte modseq is the start of the value area, copied
+ * with memcpy (values are not 8-aligned). */
 #define MODSEQ_LEN 8u
 #define TOMB_FLAGS (FMM_T_TOMBSTONE | FMM_F_MODSEQ)
 #define IS_TOMB(f) (((f) & (FMM_F_TYPE_MASK | FMM_F_MODSEQ)) == TOMB_FLAGS)
@@ -148,8 +156,12 @@ struct fmm_cache {
     uint32_t offmask;  /* (1 << offbits) - 1 */
     uint64_t seed;
     uint32_t time_override;
+    uint32_t max_slots; /* most slots a page can hold: (page_size - 128) / 4 */
+    int lost;           /* set by the SIGBUS guard: the file shrank under the mapping */
+    int guard_slot;     /* fmm_guard_register's slot, or -1 */
     dev_t dev;
     ino_t ino;
+    pfm_cache *perl;           /* non-NULL: a Perl-format file, every call goes to fmm_perl.c */
     char err[256];
 };
 
@@ -223,13 +235,19 @@ uint64_t fmm_xxh64(const void *data, size_t len, uint64_t seed)
     return h;
 }
 
+uint32_t fmm_perl_hash(const void *key, size_t klen) { return pfm_hash32(key, klen); }
+
 uint64_t fmm_hash(const fmm_cache *c, const void *key, size_t klen)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_hash32(key, klen);
     return fmm_xxh64(key, klen, c->seed);
 }
 
 uint32_t fmm_page_of(const fmm_cache *c, uint64_t hash)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_page_of(c->perl, hash);
     return (uint32_t)(((hash >> 32) * (uint64_t)c->num_pages) >> 32);
 }
 
@@ -266,23 +284,41 @@ static inline uint32_t data_start(uint32_t num_slots) { return FMM_PAGE_HEADER_S
 
 uint32_t fmm_now(const fmm_cache *c)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_now(c->perl);
     if (c->time_override)
         return c->time_override;
     return (uint32_t)time(NULL);
 }
 
-void fmm_set_time(fmm_cache *c, uint32_t now) { c->time_override = now; }
+void fmm_set_time(fmm_cache *c, uint32_t now)
+{
+    c->time_override = now;
+    if (c->perl)
+        pfm_set_time(c->perl, now);
+}
 uint32_t fmm_page_size(const fmm_cache *c) { return c->page_size; }
 uint32_t fmm_num_pages(const fmm_cache *c) { return c->num_pages; }
 uint32_t fmm_start_slots(const fmm_cache *c) { return c->start_slots; }
-uint32_t fmm_max_item(const fmm_cache *c) { return c->page_size - data_start(MIN_SLOTS); }
+uint32_t fmm_max_item(const fmm_cache *c)
+{
+    if (UNLIKELY(c->perl))
+        return pfm_max_item(c->perl);
+    return c->page_size - data_start(MIN_SLOTS);
+}
 uint64_t fmm_repairs(const fmm_cache *c)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_repairs(c->perl);
     return c->fh ? __atomic_load_n(&c->fh->repairs, __ATOMIC_RELAXED) : 0;
 }
-const char *fmm_errdetail(const fmm_cache *c) { return c->err; }
+const char *fmm_errdetail(const fmm_cache *c) { return c->perl ? pfm_errdetail(c->perl) : c->err; }
+int fmm_lost(const fmm_cache *c) { return UNLIKELY(__atomic_load_n(&c->lost, __ATOMIC_ACQUIRE) != 0); }
+const int *fmm_lost_flag(const fmm_cache *c) { return &c->lost; }
 unsigned char *fmm_page_ptr(fmm_cache *c, uint32_t page)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_page_ptr(c->perl, page);
     return page < c->num_pages ? (unsigned char *)PH(c, page) : NULL;
 }
 
@@ -299,7 +335,8 @@ const char *fmm_strerror(int rc)
     case FMM_EBUSY: return "page is locked by another thread or process";
     case FMM_EBADARG: return "invalid argument";
     case FMM_ECORRUPT: return "page failed validation";
-    case FMM_EREPLACED: return "the cache file was deleted or replaced";
+    case FMM_EREPLACED:
+        return "the cache file was deleted, replaced or truncated under this handle; reopen the cache";
     case FMM_ETOOMANY: return "this thread holds page locks in too many caches";
     case FMM_EREFUSED: return "store refused by the modseq rules (a tombstone or a newer modseq holds the key)";
     case FMM_ENOCHANGE: return "an entry with an equal or newer modseq was kept";
@@ -309,55 +346,84 @@ const char *fmm_strerror(int rc)
 
 /* ---------- Entry access, bounds-checked ---------- */
 
-/* A modseq entry's value area starts with its 8-byte modseq. */
-static inline int modseq_short(const entry *e) { return (e->klen_flags & KF_MODSEQ) && e->vlen < MODSEQ_LEN; }
+/* An entry as validated: its fields read once (see RD).  Everything that
+ * sizes or places an access to the entry (lengths, the modseq flag) comes
+ * from here after validation, never from the entry header again. */
+typedef struct esnap {
+    entry *e;
+    uint32_t klen, vlen, flags, size; /* size: rounded total length */
+} esnap;
 
-/* Validate the bounds of the entry a live slot points at; on success set
- * *ep and *size (its rounded length).  Never reads outside [data_start,
- * free_data).  entry_ok also rejects a modseq entry too short to hold its
- * modseq; find_slot leaves that to the callers that read the modseq or
- * hand the entry out (in their modseq branches, off the hot path). */
-static inline int entry_bounds_ok(const fmm_cache *c, page_hdr *ph, uint32_t slot, entry **ep, uint32_t *size)
+/* A slot count that keeps the slot table inside the page. */
+static inline int ns_ok(const fmm_cache *c, uint32_t ns)
+{
+    return is_pow2(ns) && ns >= MIN_SLOTS && ns <= c->max_slots;
+}
+
+/* Validate the bounds of the entry a live slot points at and snapshot its
+ * lengths.  Never reads outside [data_start, free_data), and free_data is
+ * checked against the page size here too: the header may have changed
+ * since the lock validated it.  entry_ok also rejects a modseq entry too
+ * short to hold its modseq; find_slot leaves that to the callers that read
+ * the modseq or hand the entry out (in their modseq branches, off the hot
+ * path), checking the snapshot. */
+static inline int entry_bounds_ok(const fmm_cache *c, page_hdr *ph, uint32_t slot, esnap *sn)
 {
     uint32_t off = (slot & c->offmask) << 2;
-    uint32_t fd = ph->free_data;
-    if (UNLIKELY(off < data_start(ph->num_slots) || (uint64_t)off + FMM_ENTRY_HEADER_SIZE > fd))
+    uint32_t fd = RD(ph->free_data);
+    uint32_t ns = RD(ph->num_slots);
+    if (UNLIKELY(fd > c->page_size || ns > c->max_slots || off < data_start(ns) ||
+                 (uint64_t)off + FMM_ENTRY_HEADER_SIZE > fd))
         return 0;
     entry *e = (entry *)((char *)ph + off);
-    uint64_t total = ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + KLEN(e->klen_flags) + e->vlen);
+    uint32_t kf = RD(e->klen_flags), vlen = RD(e->vlen);
+    uint64_t total = ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + KLEN(kf) + vlen);
     if (UNLIKELY((uint64_t)off + total > fd))
         return 0;
-    *ep = e;
-    *size = (uint32_t)total;
+    sn->e = e;
+    sn->klen = KLEN(kf);
+    sn->vlen = vlen;
+    sn->flags = KFLAGS(kf);
+    sn->size = (uint32_t)total;
     return 1;
 }
 
-static inline int entry_ok(const fmm_cache *c, page_hdr *ph, uint32_t slot, entry **ep, uint32_t *size)
+/* A modseq entry's value area starts with its 8-byte modseq: a snapshot
+ * with FMM_F_MODSEQ and a vlen below 8 is corrupt. */
+static inline int sn_modseq_short(const esnap *sn) { return (sn->flags & FMM_F_MODSEQ) && sn->vlen < MODSEQ_LEN; }
+
+static inline int entry_ok(const fmm_cache *c, page_hdr *ph, uint32_t slot, esnap *sn)
 {
-    return entry_bounds_ok(c, ph, slot, ep, size) && !modseq_short(*ep);
+    return entry_bounds_ok(c, ph, slot, sn) && !sn_modseq_short(sn);
 }
 
-static inline int expired(const entry *e, uint32_t now) { return e->expire_on && now >= e->expire_on; }
-
-static inline int entry_is_tomb(const entry *e) { return IS_TOMB(KFLAGS(e->klen_flags)); }
-
-/* The modseq of a modseq entry (entry_ok checked that it has 8 bytes). */
-static inline uint64_t entry_modseq(const entry *e)
+static inline int expired(const entry *e, uint32_t now)
 {
-    return rd64((const unsigned char *)(e + 1) + KLEN(e->klen_flags));
+    uint32_t x = RD(e->expire_on);
+    return x && now >= x;
 }
 
-/* Fill an item; `ms` says whether the entry has a modseq (a constant
- * where the caller knows, so that the hot path has no modseq test). */
-static inline __attribute__((always_inline)) void fill_item_ms(fmm_item *it, const entry *e, int ms)
+static inline int sn_is_tomb(const esnap *sn) { return IS_TOMB(sn->flags); }
+
+/* The modseq of a modseq entry: the snapshot's vlen was checked >= 8, so
+ * the 8 bytes lie inside the validated entry. */
+static inline uint64_t sn_modseq(const esnap *sn)
 {
+    return rd64((const unsigned char *)(sn->e + 1) + sn->klen);
+}
+
+/* Fill an item from a validated snapshot; `ms` says whether the entry has
+ * a modseq (a constant where the caller knows, so that the hot path has no
+ * modseq test; with ms, the caller checked sn->vlen >= 8). */
+static inline __attribute__((always_inline)) void fill_item_ms(fmm_item *it, const esnap *sn, int ms)
+{
+    const entry *e = sn->e;
     const char *k = (const char *)(e + 1);
-    uint32_t kf = e->klen_flags;
     it->key = k;
-    it->klen = KLEN(kf);
-    it->val = k + it->klen;
-    it->vlen = e->vlen;
-    it->flags = KFLAGS(kf);
+    it->klen = sn->klen;
+    it->val = k + sn->klen;
+    it->vlen = sn->vlen;
+    it->flags = sn->flags;
     it->expire_on = e->expire_on;
     it->access = e->access;
     it->last_access = e->last_access;
@@ -369,9 +435,10 @@ static inline __attribute__((always_inline)) void fill_item_ms(fmm_item *it, con
     }
 }
 
-static inline void fill_item(fmm_item *it, const entry *e)
+/* For snapshots from entry_ok (a modseq entry has its 8 bytes). */
+static inline void fill_item(fmm_item *it, const esnap *sn)
 {
-    fill_item_ms(it, e, (e->klen_flags & KF_MODSEQ) != 0);
+    fill_item_ms(it, sn, (sn->flags & FMM_F_MODSEQ) != 0);
 }
 
 /* Home index of a hash in a table of num_slots: the top bits of the low
@@ -401,7 +468,13 @@ static void init_page_fields(fmm_cache *c, page_hdr *ph)
     ph->dirty = 0;
 }
 
-void fmm_init_page(fmm_cache *c, uint32_t page) { init_page_fields(c, PH(c, page)); }
+void fmm_init_page(fmm_cache *c, uint32_t page)
+{
+    if (UNLIKELY(c->perl))
+        pfm_init_page(c->perl, page);
+    else
+        init_page_fields(c, PH(c, page));
+}
 
 static void repair_page(fmm_cache *c, page_hdr *ph, const char *why)
 {
@@ -443,9 +516,16 @@ static int page_ok(const fmm_cache *c, const page_hdr *ph)
 static TL_MODEL _Thread_local struct {
     uint64_t id; /* the handle's id, not its address: a freed handle's
                     address can be reused by a new one */
+    pthread_mutex_t *m; /* the page's mutex */
+    void *lnext;        /* its robust-list link as glibc set it at lock time */
     uint32_t page;
 } tl_held[TL_MAX];
 static TL_MODEL _Thread_local int tl_n;
+/* glibc puts a mutex it locks at the head of the thread's robust list: its
+ * __prev link is then the list head, the same for every lock of a thread,
+ * and the lock word holds the thread's TID. */
+static TL_MODEL _Thread_local void *tl_head;
+static TL_MODEL _Thread_local uint32_t tl_tid;
 static uint64_t next_handle_id = 1;
 
 static int tl_find(const fmm_cache *c)
@@ -499,18 +579,118 @@ static int restore_mutex_kind(page_hdr *ph)
     __atomic_compare_exchange_n(kind, &k, ref, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
     return 1;
 }
+
+/* Remember what glibc wrote into a mutex we just locked (record i). */
+static inline void note_locked(int i, pthread_mutex_t *m)
+{
+    tl_held[i].m = m;
+    tl_held[i].lnext = __atomic_load_n(&m->__data.__list.__next, __ATOMIC_RELAXED);
+    tl_head = __atomic_load_n(&m->__data.__list.__prev, __ATOMIC_RELAXED);
+    tl_tid = __atomic_load_n((uint32_t *)&m->__data.__lock, __ATOMIC_RELAXED) & FUTEX_TID_MASK;
+}
+
+/* 1 if p points into the robust-list head or a mutex that this thread holds
+ * (other than record `self`): where glibc's list links may legitimately
+ * point once the thread has locked or unlocked other robust mutexes. */
+static int link_ok(void *p, int self)
+{
+    uintptr_t a = (uintptr_t)p & ~(uintptr_t)1, h = (uintptr_t)tl_head;
+    if (a + 32 >= h && a <= h + 32)
+        return 1;
+    for (int j = 0; j < tl_n; j++) {
+        uintptr_t m = (uintptr_t)tl_held[j].m;
+        if (j != self && a >= m && a < m + sizeof(pthread_mutex_t))
+            return 1;
+    }
+    return 0;
+}
+
+/* Before unlocking a mutex we hold: undo damage to the words glibc's
+ * robust unlock trusts.  A foreign owner TID in the lock word makes it fail
+ * with EPERM and leave the mutex on our robust list (where a later lock of
+ * it corrupts the list); a damaged list link makes it write through a wild
+ * pointer. */
+static void scrub_held(int i)
+{
+    pthread_mutex_t *m = tl_held[i].m;
+    if (!tl_tid)
+        return;
+    uint32_t *w = (uint32_t *)&m->__data.__lock;
+    uint32_t lw = __atomic_load_n(w, __ATOMIC_RELAXED);
+    if (UNLIKELY((lw & FUTEX_TID_MASK) != tl_tid || (lw & FUTEX_OWNER_DIED)))
+        __atomic_compare_exchange_n(w, &lw, tl_tid | (lw & FUTEX_WAITERS), 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    if (UNLIKELY(__atomic_load_n(&m->__data.__owner, __ATOMIC_RELAXED) != (int)tl_tid))
+        __atomic_store_n(&m->__data.__owner, (int)tl_tid, __ATOMIC_RELAXED);
+    void *p = __atomic_load_n(&m->__data.__list.__prev, __ATOMIC_RELAXED);
+    if (UNLIKELY(p != tl_head) && !link_ok(p, i))
+        __atomic_store_n(&m->__data.__list.__prev, tl_head, __ATOMIC_RELAXED);
+    void *n = __atomic_load_n(&m->__data.__list.__next, __ATOMIC_RELAXED);
+    if (UNLIKELY(n != tl_held[i].lnext) && !link_ok(n, i))
+        __atomic_store_n(&m->__data.__list.__next, tl_held[i].lnext, __ATOMIC_RELAXED);
+}
+
+/* A mutex left "not recoverable" (glibc's state after an owner died and the
+ * next one did not mark it consistent, which the engine never does: so it
+ * is damage): make it lockable again.  1 if it was. */
+static int revive_mutex(page_hdr *ph)
+{
+    int *owner = &ph->lock.m.__data.__owner;
+    int o = __atomic_load_n(owner, __ATOMIC_RELAXED);
+    if (o != 0x7fffffff) /* PTHREAD_MUTEX_NOTRECOVERABLE */
+        return 0;
+    return __atomic_compare_exchange_n(owner, &o, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+}
 #else
 static int restore_mutex_kind(page_hdr *ph)
 {
     (void)ph;
     return 0;
 }
+static inline void note_locked(int i, pthread_mutex_t *m) { tl_held[i].m = m; }
+static void scrub_held(int i) { (void)i; }
+static int revive_mutex(page_hdr *ph)
+{
+    (void)ph;
+    return 0;
+}
 #endif
+
+/* Wait slices of an unbounded lock: a handle whose file was truncated under
+ * it is noticed by its waiters within this time. */
+#define WAIT_SLICE_NS 200000000LL
+
+static int lock_mutex(fmm_cache *c, pthread_mutex_t *m, int64_t timeout_ns)
+{
+    int rc = pthread_mutex_trylock(m);
+    if (rc != EBUSY || timeout_ns == 0)
+        return rc;
+    do {
+        int64_t t = timeout_ns < 0 || timeout_ns > WAIT_SLICE_NS ? WAIT_SLICE_NS : timeout_ns;
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_sec += (time_t)(t / 1000000000);
+        ts.tv_nsec += (long)(t % 1000000000);
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        rc = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
+        if (rc != ETIMEDOUT || fmm_lost(c))
+            return rc;
+        if (timeout_ns > 0)
+            timeout_ns -= t;
+    } while (timeout_ns != 0);
+    return ETIMEDOUT;
+}
 
 int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
 {
+    if (UNLIKELY(c->perl))
+        return UNLIKELY(fmm_lost(c)) ? FMM_EREPLACED : pfm_lock(c->perl, page, timeout_ns);
     if (UNLIKELY(page >= c->num_pages))
         return FMM_EBADARG;
+    if (UNLIKELY(fmm_lost(c)))
+        return FMM_EREPLACED;
     int held = tl_find(c);
     if (UNLIKELY(held >= 0)) {
         snprintf(c->err, sizeof c->err, "page %u is already locked by this thread; can't lock page %u",
@@ -523,20 +703,10 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
     page_hdr *ph = PH(c, page);
     int rc;
     int kind_damaged = restore_mutex_kind(ph);
-    if (timeout_ns == 0) {
-        rc = pthread_mutex_trylock(&ph->lock.m);
-    } else if (timeout_ns < 0) {
-        rc = pthread_mutex_lock(&ph->lock.m);
-    } else {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        ts.tv_sec += (time_t)(timeout_ns / 1000000000);
-        ts.tv_nsec += (long)(timeout_ns % 1000000000);
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-        }
-        rc = pthread_mutex_clocklock(&ph->lock.m, CLOCK_MONOTONIC, &ts);
+    rc = lock_mutex(c, &ph->lock.m, timeout_ns);
+    if (UNLIKELY(rc == ENOTRECOVERABLE) && revive_mutex(ph)) {
+        kind_damaged = 1;
+        rc = lock_mutex(c, &ph->lock.m, timeout_ns);
     }
     switch (rc) {
     case 0:
@@ -556,29 +726,41 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
     case EBUSY:
         return FMM_EBUSY;
     case ETIMEDOUT:
-        return FMM_ETIMEDOUT;
+        return fmm_lost(c) ? FMM_EREPLACED : FMM_ETIMEDOUT;
     case EDEADLK:
         snprintf(c->err, sizeof c->err, "page %u is already locked by this thread", page);
         return FMM_ELOCKED;
     default:
+        if (fmm_lost(c))
+            return FMM_EREPLACED;
         snprintf(c->err, sizeof c->err, "locking page %u: %s", page, strerror(rc));
         return rc;
     }
+    int i = tl_n;
+    tl_held[i].id = c->id;
+    tl_held[i].page = page;
+    note_locked(i, &ph->lock.m);
+    tl_n++;
     if (UNLIKELY(kind_damaged))
         repair_page(c, ph, "page lock was damaged");
     else if (UNLIKELY(!page_ok(c, ph)))
         repair_page(c, ph, "page header failed validation");
     else if (UNLIKELY(ph->clock >= RENUMBER_AT))
         rebuild(c, ph, RB_RENUMBER, -1, 0, NULL, NULL); /* on ENOMEM: retried at the next lock */
-    tl_held[tl_n].id = c->id;
-    tl_held[tl_n].page = page;
-    tl_n++;
+    if (UNLIKELY(fmm_lost(c))) {
+        /* The file shrank while we waited or repaired: what we locked is
+         * zero memory now.  Release it (it may be on our robust list). */
+        fmm_unlock(c, page);
+        return FMM_EREPLACED;
+    }
     return 0;
 }
 
 int fmm_lock_stale(fmm_cache *c, uint32_t page)
 {
-    if (page >= c->num_pages)
+    if (UNLIKELY(c->perl))
+        return 0; /* fcntl locks die with their owner */
+    if (page >= c->num_pages || fmm_lost(c))
         return 0;
     uint32_t *word = (uint32_t *)&PH(c, page)->lock.m;
     uint32_t lw = __atomic_load_n(word, __ATOMIC_ACQUIRE);
@@ -601,19 +783,35 @@ int fmm_lock_stale(fmm_cache *c, uint32_t page)
 
 int fmm_held(const fmm_cache *c, uint32_t page)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_held(c->perl, page);
     int i = tl_find(c);
     return i >= 0 && tl_held[i].page == page;
 }
 
-void fmm_unlock(fmm_cache *c, uint32_t page)
+int fmm_unlock(fmm_cache *c, uint32_t page)
 {
-    restore_mutex_kind(PH(c, page)); /* damaged while we held it: unlock must not abort */
-    int i = tl_find(c);
-    if (i >= 0) {
-        tl_held[i] = tl_held[tl_n - 1];
-        tl_n--;
+    if (UNLIKELY(c->perl)) {
+        pfm_unlock(c->perl, page);
+        return fmm_lost(c) ? FMM_EREPLACED : 0;
     }
-    pthread_mutex_unlock(&PH(c, page)->lock.m);
+    int i = tl_find(c);
+    if (UNLIKELY(fmm_lost(c))) {
+        /* The mutex is in zero memory now: nothing to release, and glibc
+         * must not follow its (zeroed) robust-list links. */
+        if (i >= 0)
+            tl_held[i] = tl_held[--tl_n];
+        return FMM_EREPLACED;
+    }
+    page_hdr *ph = PH(c, page);
+    restore_mutex_kind(ph); /* damaged while we held it: unlock must not abort */
+    if (i >= 0) {
+        if (tl_held[i].page == page)
+            scrub_held(i);
+        tl_held[i] = tl_held[--tl_n];
+    }
+    pthread_mutex_unlock(&ph->lock.m);
+    return fmm_lost(c) ? FMM_EREPLACED : 0;
 }
 
 /* ---------- Probing ---------- */
@@ -621,18 +819,23 @@ void fmm_unlock(fmm_cache *c, uint32_t page)
 /* Find the slot of a key.  Returns the slot index or -1.  *ins (if not
  * NULL) receives the slot to insert into: the first deleted slot seen, or
  * the empty slot that ended the probe (-1 if the table has none).  Returns
- * -2 if a corrupt slot was found (the caller repairs the page). */
+ * -2 if a corrupt slot was found (the caller repairs the page).  On a hit,
+ * *found is the entry's bounds-checked snapshot; a modseq entry in it may
+ * still be too short for its modseq (callers check sn_modseq_short in
+ * their modseq branches). */
 static inline long find_slot(const fmm_cache *c, page_hdr *ph, uint32_t lo, const void *key, uint32_t klen,
-                             long *ins, entry **found)
+                             long *ins, esnap *found)
 {
-    uint32_t ns = ph->num_slots;
+    uint32_t ns = RD(ph->num_slots);
+    if (UNLIKELY(!ns_ok(c, ns)))
+        return -2; /* changed since the lock validated it */
     uint32_t mask = ns - 1;
     uint32_t idx = home_index(lo, ns);
     uint32_t tag = lo & ~c->offmask;
     uint32_t *slots = SLOTS(ph);
     long first_del = -1;
     for (uint32_t n = ns; n; n--, idx = (idx + 1) & mask) {
-        uint32_t s = slots[idx];
+        uint32_t s = RD(slots[idx]);
         if (s == SLOT_EMPTY) {
             if (ins)
                 *ins = first_del >= 0 ? first_del : (long)idx;
@@ -645,12 +848,9 @@ static inline long find_slot(const fmm_cache *c, page_hdr *ph, uint32_t lo, cons
         }
         if ((s & ~c->offmask) != tag)
             continue;
-        entry *e;
-        uint32_t size;
-        if (UNLIKELY(!entry_bounds_ok(c, ph, s, &e, &size)))
+        if (UNLIKELY(!entry_bounds_ok(c, ph, s, found)))
             return -2;
-        if (KLEN(e->klen_flags) == klen && memcmp(e + 1, key, klen) == 0) {
-            *found = e;
+        if (found->klen == klen && memcmp(found->e + 1, key, klen) == 0) {
             if (ins)
                 *ins = -1;
             return idx;
@@ -662,9 +862,10 @@ static inline long find_slot(const fmm_cache *c, page_hdr *ph, uint32_t lo, cons
 }
 
 /* fmm_get after the key was found: expiry, LRU touch, the item. */
-static inline __attribute__((always_inline)) int get_found(fmm_cache *c, page_hdr *ph, entry *e, int touch,
+static inline __attribute__((always_inline)) int get_found(fmm_cache *c, page_hdr *ph, const esnap *sn, int touch,
                                                            fmm_item *out, int ms)
 {
+    entry *e = sn->e;
     int do_touch = touch & FMM_GET_TOUCH;
     uint32_t now = 0;
     if (e->expire_on || do_touch)
@@ -680,28 +881,32 @@ static inline __attribute__((always_inline)) int get_found(fmm_cache *c, page_hd
         e->access = ++ph->clock;
         e->last_access = now;
     }
-    fill_item_ms(out, e, ms);
+    fill_item_ms(out, sn, ms);
     return 0;
 }
 
-/* The same for an entry with a modseq, out of the hot path. */
-static __attribute__((noinline)) int get_found_ms(fmm_cache *c, page_hdr *ph, entry *e, int touch, fmm_item *out)
+/* The same for an entry with a modseq, out of the hot path.  The snapshot
+ * is passed by value: a pointer to fmm_get's would keep it in memory on
+ * the hot path too. */
+static __attribute__((noinline)) int get_found_ms(fmm_cache *c, page_hdr *ph, esnap sn, int touch, fmm_item *out)
 {
-    if (UNLIKELY(e->vlen < MODSEQ_LEN)) {
+    if (UNLIKELY(sn_modseq_short(&sn))) {
         repair_page(c, ph, "modseq entry too short for its modseq");
         return FMM_ENOTFOUND;
     }
-    if (entry_is_tomb(e) && !(touch & FMM_GET_TOMBSTONE))
+    if (sn_is_tomb(&sn) && !(touch & FMM_GET_TOMBSTONE))
         return FMM_ENOTFOUND;
-    return get_found(c, ph, e, touch, out, 1);
+    return get_found(c, ph, &sn, touch, out, 1);
 }
 
 int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, int touch,
             fmm_item *out)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_get(c->perl, page, hash, key, klen, touch, out);
     page_hdr *ph = PH(c, page);
-    entry *e = NULL;
-    long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &e);
+    esnap sn;
+    long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &sn);
     if (UNLIKELY(idx == -2)) {
         repair_page(c, ph, "slot points outside the page's data");
         return FMM_ENOTFOUND;
@@ -711,9 +916,9 @@ int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
         ph->nreads++;
     if (idx < 0)
         return FMM_ENOTFOUND;
-    if (UNLIKELY(e->klen_flags & KF_MODSEQ))
-        return get_found_ms(c, ph, e, touch, out);
-    return get_found(c, ph, e, touch, out, 0);
+    if (UNLIKELY(sn.flags & FMM_F_MODSEQ))
+        return get_found_ms(c, ph, sn, touch, out);
+    return get_found(c, ph, &sn, touch, out, 0);
 }
 
 /* ---------- Compaction and eviction ---------- */
@@ -723,6 +928,7 @@ typedef struct kept {
     uint32_t slot;  /* old slot value */
     uint32_t size;  /* rounded entry size */
     uint32_t access;
+    uint32_t klen, vlen, flags; /* as validated */
 } kept;
 
 /* Sort by access, oldest first: an LSD radix sort on (access - min), a
@@ -776,12 +982,13 @@ static uint32_t slots_min(uint32_t n)
 }
 static int64_t cap_for(const fmm_cache *c, uint32_t ns) { return (int64_t)c->page_size - data_start(ns); }
 
-/* Tombstones are never reported: they hold no value to write back. */
-static void report(fmm_evict_fn fn, void *ctx, const entry *e)
+/* Tombstones are never reported: they hold no value to write back.  `sn`
+ * comes from entry_ok (or a kept record of one). */
+static void report(fmm_evict_fn fn, void *ctx, const esnap *sn)
 {
-    if (fn && (KFLAGS(e->klen_flags) & FMM_F_DIRTY) && !entry_is_tomb(e)) {
+    if (fn && (sn->flags & FMM_F_DIRTY) && !sn_is_tomb(sn)) {
         fmm_item it;
-        fill_item(&it, e);
+        fill_item(&it, sn);
         fn(ctx, &it);
     }
 }
@@ -800,10 +1007,14 @@ static void report(fmm_evict_fn fn, void *ctx, const entry *e)
 static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_t need, fmm_evict_fn fn,
                    void *ctx)
 {
-    uint32_t ns = ph->num_slots;
+    uint32_t ns = RD(ph->num_slots);
     uint32_t *slots = SLOTS(ph);
     uint32_t now = fmm_now(c);
-    uint32_t nlive = ph->live;
+    uint32_t nlive = RD(ph->live);
+    if (!ns_ok(c, ns)) {
+        repair_page(c, ph, "slot count changed under the lock");
+        return FMM_ECORRUPT;
+    }
     if (nlive >= ns) {
         repair_page(c, ph, "live count larger than the slot table");
         return FMM_ECORRUPT;
@@ -820,32 +1031,35 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
     uint32_t n = 0;
     uint64_t total = 0;
     for (uint32_t i = 0; i < ns; i++) {
-        uint32_t s = slots[i];
+        uint32_t s = RD(slots[i]);
         if (s <= SLOT_DELETED || (long)i == drop_slot)
             continue;
-        entry *e;
-        uint32_t size;
-        if (!entry_ok(c, ph, s, &e, &size) || n >= nlive) {
+        esnap sn;
+        if (!entry_ok(c, ph, s, &sn) || n >= nlive) {
             free(ks);
             free(scratch);
             repair_page(c, ph, "entry outside the page's data, or live count wrong");
             return FMM_ECORRUPT;
         }
+        entry *e = sn.e;
         if (mode == RB_ALL || (mode != RB_RENUMBER && expired(e, now))) {
-            report(fn, ctx, e);
+            report(fn, ctx, &sn);
             continue;
         }
         /* The slot's tag must match the key's hash: a damaged tag would
          * hide the entry from lookups and let the key be stored twice. */
-        uint32_t lo = (uint32_t)fmm_hash(c, e + 1, KLEN(e->klen_flags));
+        uint32_t lo = (uint32_t)fmm_hash(c, e + 1, sn.klen);
         if ((lo & ~c->offmask) != (s & ~c->offmask))
             continue;
         ks[n].hash = lo;
         ks[n].slot = s;
-        ks[n].size = size;
+        ks[n].size = sn.size;
         ks[n].access = e->access;
+        ks[n].klen = sn.klen;
+        ks[n].vlen = sn.vlen;
+        ks[n].flags = sn.flags;
         n++;
-        total += size;
+        total += sn.size;
     }
 
     /* Decide what stays and how many slots. */
@@ -860,8 +1074,9 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
             nslots = slots_for(c, n - first + extra);
             if ((int64_t)(total + need) * 100 <= cap_for(c, nslots) * (int64_t)FILL_PCT)
                 break;
-            entry *e = (entry *)((char *)ph + ((ks[first].slot & c->offmask) << 2));
-            report(fn, ctx, e);
+            esnap sn = {(entry *)((char *)ph + ((ks[first].slot & c->offmask) << 2)), ks[first].klen,
+                        ks[first].vlen, ks[first].flags, ks[first].size};
+            report(fn, ctx, &sn);
             total -= ks[first].size;
             first++;
         }
@@ -922,15 +1137,18 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
 /* The modseq rules of fmm.h against `old`, an existing entry that carries
  * a modseq: 0 (store), FMM_EREFUSED or FMM_ENOCHANGE.  Out of line: only
  * entries with a modseq get here. */
-static __attribute__((noinline)) int modseq_rule(fmm_cache *c, const entry *old, uint32_t flags, uint64_t modseq)
+static __attribute__((noinline)) int modseq_rule(fmm_cache *c, esnap old, uint32_t flags, uint64_t modseq)
 {
-    if (old->expire_on && expired(old, fmm_now(c)))
+    /* `old` by value: a pointer to set_impl's snapshot would keep it in
+     * memory on the hot path too.  Its vlen was checked >= 8. */
+    uint32_t x = RD(old.e->expire_on);
+    if (x && fmm_now(c) >= x)
         return 0; /* an expired entry never blocks a store */
-    uint64_t old_ms = entry_modseq(old);
+    uint64_t old_ms = sn_modseq(&old);
     if (IS_TOMB(flags))
         return modseq <= old_ms ? FMM_ENOCHANGE : 0;
     if (!(flags & FMM_F_MODSEQ))
-        return entry_is_tomb(old) ? FMM_EREFUSED : 0; /* a plain set drops a value's modseq */
+        return sn_is_tomb(&old) ? FMM_EREFUSED : 0; /* a plain set drops a value's modseq */
     return modseq < old_ms ? FMM_EREFUSED : 0;
 }
 
@@ -960,35 +1178,40 @@ static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t
         return FMM_ETOOBIG;
     page_hdr *ph = PH(c, page);
     uint32_t lo = (uint32_t)hash;
-    int rebuilt = 0;
+    int rebuilt = 0, repaired = 0;
     for (;;) {
         long ins = -1;
-        entry *old = NULL;
-        long idx = find_slot(c, ph, lo, key, klen, &ins, &old);
+        esnap sn = {0};
+        long idx = find_slot(c, ph, lo, key, klen, &ins, &sn);
+        entry *old = sn.e;
         if (UNLIKELY(idx == -2)) {
+            if (++repaired > 4)
+                return FMM_ECORRUPT; /* someone keeps writing the page under our lock */
             repair_page(c, ph, "slot points outside the page's data");
             continue;
         }
         /* The rules, before anything changes (after a rebuild the old
          * entry is gone, dropped by it). */
-        if (idx >= 0 && UNLIKELY(old->klen_flags & KF_MODSEQ)) {
-            if (UNLIKELY(old->vlen < MODSEQ_LEN)) {
+        if (idx >= 0 && UNLIKELY(sn.flags & FMM_F_MODSEQ)) {
+            if (UNLIKELY(sn_modseq_short(&sn))) {
+                if (++repaired > 4)
+                    return FMM_ECORRUPT;
                 repair_page(c, ph, "modseq entry too short for its modseq");
                 continue;
             }
-            int rc = modseq_rule(c, old, flags, modseq);
+            int rc = modseq_rule(c, sn, flags, modseq);
             if (rc)
                 return rc;
         }
         /* Replacing an expired dirty entry (e.g. by read-through): it was
          * never written back, so report it like any other reclaimed one. */
-        if (idx >= 0 && !rebuilt && evict && old->expire_on && expired(old, fmm_now(c)))
-            report(evict, ctx, old);
+        if (idx >= 0 && !rebuilt && evict && expired(old, fmm_now(c)))
+            report(evict, ctx, &sn);
         /* Same rounded size as the old entry: rewrite it in place.  Its
          * cache lines were just read by the probe, and no garbage is left
          * for compaction.  Crash safety is the same as for an append: the
          * dirty marker brackets the writes. */
-        if (idx >= 0 && ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + old->vlen) == need &&
+        if (idx >= 0 && ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + sn.vlen) == need &&
             LIKELY(ph->clock < RENUMBER_AT)) {
             uint32_t now = fmm_now(c);
             ph->dirty = 1;
@@ -1003,7 +1226,14 @@ static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t
             ph->dirty = 0;
             return 0;
         }
-        int space = (uint64_t)c->page_size - ph->free_data >= need;
+        uint32_t off = RD(ph->free_data);
+        if (UNLIKELY(off > c->page_size || off < FMM_PAGE_HEADER_SIZE + 4u * MIN_SLOTS || (off & 3u))) {
+            if (++repaired > 4)
+                return FMM_ECORRUPT;
+            repair_page(c, ph, "free_data changed under the lock");
+            continue;
+        }
+        int space = (uint64_t)c->page_size - off >= need;
         int slot_ok = idx >= 0 || (ins >= 0 && ((uint64_t)ph->live + ph->deleted + 1) * 4 <= (uint64_t)ph->num_slots * 3);
         if (!space || !slot_ok || ph->clock >= RENUMBER_AT) {
             /* A rebuild guarantees room; one that found the page corrupt
@@ -1018,7 +1248,6 @@ static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t
         }
         /* Store: append the entry, then point the slot at it. */
         uint32_t now = fmm_now(c);
-        uint32_t off = ph->free_data;
         ph->dirty = 1;
         BARRIER();
         entry *e = (entry *)((char *)ph + off);
@@ -1049,12 +1278,17 @@ static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t
 int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
             uint32_t vlen, uint32_t flags, uint32_t expire_on, fmm_evict_fn evict, void *ctx)
 {
+    /* FMM_F_MODSEQ is ignored (fmm.h): masked for both formats */
+    if (UNLIKELY(c->perl))
+        return pfm_set(c->perl, page, hash, key, klen, val, vlen, flags & 0x7Fu, expire_on, 0, evict, ctx);
     return set_impl(c, page, hash, key, klen, val, vlen, flags & 0x7Fu, expire_on, 0, evict, ctx);
 }
 
 int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
                uint32_t vlen, uint32_t flags, uint32_t expire_on, uint64_t modseq, fmm_evict_fn evict, void *ctx)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_set(c->perl, page, hash, key, klen, val, vlen, flags, expire_on, modseq, evict, ctx);
     if (IS_TOMB(flags & 0xFFu) && vlen)
         return FMM_EBADARG; /* a tombstone has no value */
     return set_impl(c, page, hash, key, klen, val, vlen, flags & 0xFFu, expire_on, modseq, evict, ctx);
@@ -1062,23 +1296,26 @@ int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint
 
 int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, uint32_t *old_flags)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_delete(c->perl, page, hash, key, klen, old_flags);
     page_hdr *ph = PH(c, page);
-    entry *e = NULL;
-    long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &e);
+    esnap sn;
+    long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &sn);
     if (UNLIKELY(idx == -2)) {
         repair_page(c, ph, "slot points outside the page's data");
         return FMM_ENOTFOUND;
     }
     if (idx < 0)
         return FMM_ENOTFOUND;
+    entry *e = sn.e;
     if (UNLIKELY(ph->live == 0)) {
         repair_page(c, ph, "live count is zero but a slot holds an entry");
         return FMM_ENOTFOUND;
     }
     /* an expired entry or a tombstone is removed all the same, but was not there */
-    int was_expired = (e->expire_on && expired(e, fmm_now(c))) || entry_is_tomb(e);
+    int was_expired = expired(e, fmm_now(c)) || sn_is_tomb(&sn);
     if (old_flags)
-        *old_flags = KFLAGS(e->klen_flags);
+        *old_flags = sn.flags;
     ph->dirty = 1;
     BARRIER();
     SLOTS(ph)[idx] = SLOT_DELETED;
@@ -1091,6 +1328,8 @@ int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint
 
 int fmm_expunge(fmm_cache *c, uint32_t page, int mode, fmm_evict_fn evict, void *ctx)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_expunge(c->perl, page, mode, evict, ctx);
     page_hdr *ph = PH(c, page);
     int rc = rebuild(c, ph, mode == FMM_EXPUNGE_ALL ? RB_ALL : RB_EXPIRED, -1, 0, evict, ctx);
     if (rc == FMM_ECORRUPT)
@@ -1100,24 +1339,29 @@ int fmm_expunge(fmm_cache *c, uint32_t page, int mode, fmm_evict_fn evict, void 
 
 int fmm_page_foreach(fmm_cache *c, uint32_t page, fmm_visit_fn fn, void *ctx)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_page_foreach(c->perl, page, fn, ctx);
     page_hdr *ph = PH(c, page);
-    uint32_t ns = ph->num_slots;
+    uint32_t ns = RD(ph->num_slots);
     uint32_t *slots = SLOTS(ph);
     uint32_t now = fmm_now(c);
+    if (!ns_ok(c, ns)) {
+        repair_page(c, ph, "slot count changed under the lock");
+        return 0;
+    }
     for (uint32_t i = 0; i < ns; i++) {
-        uint32_t s = slots[i];
+        uint32_t s = RD(slots[i]);
         if (s <= SLOT_DELETED)
             continue;
-        entry *e;
-        uint32_t size;
-        if (!entry_ok(c, ph, s, &e, &size)) {
+        esnap sn;
+        if (!entry_ok(c, ph, s, &sn)) {
             repair_page(c, ph, "slot points outside the page's data");
             return 0;
         }
-        if (expired(e, now) || entry_is_tomb(e))
+        if (expired(sn.e, now) || sn_is_tomb(&sn))
             continue;
         fmm_item it;
-        fill_item(&it, e);
+        fill_item(&it, &sn);
         int rc = fn(ctx, &it);
         if (rc)
             return rc;
@@ -1127,9 +1371,13 @@ int fmm_page_foreach(fmm_cache *c, uint32_t page, fmm_visit_fn fn, void *ctx)
 
 void fmm_page_info_get(fmm_cache *c, uint32_t page, fmm_page_info *info)
 {
+    if (UNLIKELY(c->perl)) {
+        pfm_page_info_get(c->perl, page, info);
+        return;
+    }
     page_hdr *ph = PH(c, page);
     memset(info, 0, sizeof *info);
-    uint32_t ns = ph->num_slots;
+    uint32_t ns = RD(ph->num_slots);
     uint32_t *slots = SLOTS(ph);
     uint32_t now = fmm_now(c);
     info->num_slots = ns;
@@ -1138,20 +1386,21 @@ void fmm_page_info_get(fmm_cache *c, uint32_t page, fmm_page_info *info)
     info->free_data = ph->free_data;
     info->nreads = ph->nreads;
     info->nhits = ph->nhits;
+    if (!ns_ok(c, ns))
+        return; /* damaged: the next lock repairs it */
     for (uint32_t i = 0; i < ns; i++) {
-        uint32_t s = slots[i];
+        uint32_t s = RD(slots[i]);
         if (s <= SLOT_DELETED)
             continue;
-        entry *e;
-        uint32_t size;
-        if (!entry_ok(c, ph, s, &e, &size))
+        esnap sn;
+        if (!entry_ok(c, ph, s, &sn))
             continue;
         info->live++;
-        if (expired(e, now)) {
+        if (expired(sn.e, now)) {
             info->expired++;
         } else {
-            info->live_bytes += size;
-            if (entry_is_tomb(e))
+            info->live_bytes += sn.size;
+            if (sn_is_tomb(&sn))
                 info->tombstones++;
         }
     }
@@ -1159,12 +1408,20 @@ void fmm_page_info_get(fmm_cache *c, uint32_t page, fmm_page_info *info)
 
 void fmm_page_clear_stats(fmm_cache *c, uint32_t page)
 {
+    if (UNLIKELY(c->perl)) {
+        pfm_page_clear_stats(c->perl, page);
+        return;
+    }
     page_hdr *ph = PH(c, page);
     ph->nreads = 0;
     ph->nhits = 0;
 }
 
-void fmm_set_page_clock(fmm_cache *c, uint32_t page, uint32_t clock) { PH(c, page)->clock = clock; }
+void fmm_set_page_clock(fmm_cache *c, uint32_t page, uint32_t clock)
+{
+    if (!c->perl)
+        PH(c, page)->clock = clock;
+}
 
 /* ---------- Validation ---------- */
 
@@ -1194,9 +1451,13 @@ static int deep_check(fmm_cache *c, uint32_t page, char *msg, size_t msglen)
                    page, ph->num_slots, ph->live, ph->deleted, ph->free_data);
         return FMM_ECORRUPT;
     }
-    uint32_t ns = ph->num_slots, mask = ns - 1;
+    uint32_t ns = RD(ph->num_slots), mask = ns - 1;
     uint32_t *slots = SLOTS(ph);
     uint32_t live = 0, deleted = 0;
+    if (!ns_ok(c, ns)) {
+        set_detail(msg, msglen, "page %u: slot count %u changed while checking", page, ns);
+        return FMM_ECORRUPT;
+    }
     span *sp = malloc(((size_t)ns + 1) * sizeof(span));
     if (!sp) {
         set_detail(msg, msglen, "page %u: out of memory while checking", page);
@@ -1204,47 +1465,45 @@ static int deep_check(fmm_cache *c, uint32_t page, char *msg, size_t msglen)
     }
     int rc = 0;
     for (uint32_t i = 0; i < ns && rc == 0; i++) {
-        uint32_t s = slots[i];
+        uint32_t s = RD(slots[i]);
         if (s == SLOT_EMPTY)
             continue;
         if (s == SLOT_DELETED) {
             deleted++;
             continue;
         }
-        entry *e;
-        uint32_t size;
-        if (!entry_ok(c, ph, s, &e, &size)) {
-            uint32_t off = (s & c->offmask) << 2;
-            const entry *x = (const entry *)((char *)ph + off);
-            if (off >= data_start(ns) && (uint64_t)off + FMM_ENTRY_HEADER_SIZE <= ph->free_data &&
-                (x->klen_flags & KF_MODSEQ) && x->vlen < MODSEQ_LEN)
-                set_detail(msg, msglen, "page %u: slot %u: modseq entry with a value of %u bytes (< 8)", page, i,
-                           x->vlen);
-            else
-                set_detail(msg, msglen, "page %u: slot %u points outside the data area (0x%08x)", page, i, s);
+        esnap sn;
+        if (!entry_bounds_ok(c, ph, s, &sn)) {
+            set_detail(msg, msglen, "page %u: slot %u points outside the data area (0x%08x)", page, i, s);
             rc = FMM_ECORRUPT;
             break;
         }
-        if (entry_is_tomb(e) && e->vlen != MODSEQ_LEN) {
+        if (sn_modseq_short(&sn)) {
+            set_detail(msg, msglen, "page %u: slot %u: modseq entry with a value of %u bytes (< 8)", page, i,
+                       sn.vlen);
+            rc = FMM_ECORRUPT;
+            break;
+        }
+        if (sn_is_tomb(&sn) && sn.vlen != MODSEQ_LEN) {
             set_detail(msg, msglen, "page %u: slot %u: tombstone with a value", page, i);
             rc = FMM_ECORRUPT;
             break;
         }
-        uint32_t lo = (uint32_t)fmm_hash(c, e + 1, KLEN(e->klen_flags));
+        uint32_t lo = (uint32_t)fmm_hash(c, sn.e + 1, sn.klen);
         if ((lo & ~c->offmask) != (s & ~c->offmask)) {
             set_detail(msg, msglen, "page %u: slot %u tag does not match its key's hash", page, i);
             rc = FMM_ECORRUPT;
             break;
         }
         for (uint32_t j = home_index(lo, ns); j != i; j = (j + 1) & mask) {
-            if (slots[j] == SLOT_EMPTY) {
+            if (RD(slots[j]) == SLOT_EMPTY) {
                 set_detail(msg, msglen, "page %u: slot %u unreachable from its home slot", page, i);
                 rc = FMM_ECORRUPT;
                 break;
             }
         }
         sp[live].off = (s & c->offmask) << 2;
-        sp[live].size = size;
+        sp[live].size = sn.size;
         live++;
     }
     if (rc == 0 && (live != ph->live || deleted != ph->deleted)) {
@@ -1268,6 +1527,8 @@ static int deep_check(fmm_cache *c, uint32_t page, char *msg, size_t msglen)
 
 int fmm_check_page(fmm_cache *c, uint32_t page, char *msg, size_t msglen)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_check_page(c->perl, page, msg, msglen);
     if (msg && msglen)
         msg[0] = 0;
     return deep_check(c, page, msg, msglen);
@@ -1298,6 +1559,7 @@ static void set_geometry(fmm_cache *c, uint32_t page_size, uint32_t num_pages, u
     c->start_slots = start_slots;
     c->offbits = log2u(page_size) - 2;
     c->offmask = (1u << c->offbits) - 1;
+    c->max_slots = (page_size - FMM_PAGE_HEADER_SIZE) / 4;
 }
 
 /* Initialise a fresh mapping: header and every page with its mutex. */
@@ -1533,6 +1795,28 @@ int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out, int *crea
     *out = NULL;
     if (created)
         *created = 0;
+    if (cfg->format == FMM_FORMAT_PERL) {
+        fmm_cache *c = calloc(1, sizeof *c);
+        if (!c)
+            return ENOMEM;
+        int rc = pfm_open(path, cfg, &c->perl, created, err, errlen);
+        if (rc) {
+            free(c);
+            return rc;
+        }
+        c->id = __atomic_fetch_add(&next_handle_id, 1, __ATOMIC_RELAXED);
+        c->fd = -1;
+        c->page_size = pfm_page_size(c->perl);
+        c->num_pages = pfm_num_pages(c->perl);
+        c->start_slots = pfm_start_slots(c->perl);
+        c->guard_slot = fmm_guard_register(pfm_page_ptr(c->perl, 0), (size_t)c->page_size * c->num_pages, &c->lost);
+        *out = c;
+        return 0;
+    }
+    if (cfg->format != FMM_FORMAT_NATIVE) {
+        set_detail(err, errlen, "unknown file format %d", cfg->format);
+        return FMM_EBADARG;
+    }
     int rc = validate_config(cfg, err, errlen);
     if (rc)
         return rc;
@@ -1541,6 +1825,7 @@ int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out, int *crea
         return ENOMEM;
     c->id = __atomic_fetch_add(&next_handle_id, 1, __ATOMIC_RELAXED);
     c->fd = -1;
+    c->guard_slot = -1;
     c->stats = cfg->enable_stats;
     uint32_t ps = cfg->page_size ? cfg->page_size : 65536;
     uint32_t np = cfg->num_pages ? cfg->num_pages : 89;
@@ -1692,6 +1977,8 @@ done:
         free(c);
         return rc;
     }
+    if (!c->anonymous)
+        c->guard_slot = fmm_guard_register(c->base, c->map_len, &c->lost);
     *out = c;
     return 0;
 }
@@ -1700,11 +1987,29 @@ void fmm_close(fmm_cache *c)
 {
     if (!c)
         return;
+    if (c->perl) {
+        /* no robust mutexes live in a Perl file: its zero memory, if the
+         * file was truncated, can be unmapped */
+        fmm_guard_unregister(c->guard_slot);
+        pfm_close(c->perl);
+        free(c);
+        return;
+    }
     /* A page this thread still holds (an abandoned lock block) is released
      * rather than left locked in the file for ever. */
     int i = tl_find(c);
     if (i >= 0 && c->base)
         fmm_unlock(c, tl_held[i].page);
+    fmm_guard_unregister(c->guard_slot);
+    c->guard_slot = -1;
+    if (fmm_lost(c)) {
+        /* The zero memory that replaced the mapping stays mapped: mutexes
+         * in it may still be linked from a thread's robust-futex list,
+         * which glibc writes through at that thread's next lock or unlock
+         * (see fmm.h).  Address space, not memory: untouched zero pages
+         * cost nothing. */
+        c->base = NULL;
+    }
     reset_handle(c);
     free(c->path);
     free(c);
@@ -1712,9 +2017,16 @@ void fmm_close(fmm_cache *c)
 
 int fmm_check_file(const fmm_cache *c)
 {
+    if (UNLIKELY(c->perl))
+        return pfm_check_file(c->perl);
+    if (fmm_lost(c))
+        return FMM_EREPLACED;
     if (c->anonymous)
         return 0;
     struct stat st;
+    /* truncated (or extended) in place: the mapping no longer matches */
+    if (c->fd >= 0 && fstat(c->fd, &st) == 0 && (uint64_t)st.st_size != (uint64_t)c->map_len)
+        return FMM_EREPLACED;
     if (stat(c->path, &st) != 0)
         return errno == ENOENT ? FMM_EREPLACED : errno;
     if (st.st_ino != c->ino || st.st_dev != c->dev)

@@ -70,7 +70,13 @@
  * then the mutex is marked consistent.  Every lock also checks the header
  * invariants, and every offset and length read from the page is bounds
  * checked before use: a corrupt page is repaired, it never causes an
- * out-of-page access.
+ * out-of-page access.  The page may also change under the lock (a writer
+ * that ignores the locks, random bytes written into the file): every field
+ * that sizes or places a memory access is read once and checked where it
+ * is used, and before unlocking, the lock words glibc trusts (owner TID,
+ * kind, robust-list links) are restored if they were damaged while held.
+ * Entries carry no checksum: bytes written into a value are returned as
+ * they are.  A file truncated under the mapping: see "Truncation guard".
  * ---------------------------------------------------------------------------
  */
 #ifndef FMM_H
@@ -106,7 +112,7 @@ extern "C" {
 #define FMM_EBUSY       (-30007) /* fmm_lock with timeout 0: page held elsewhere */
 #define FMM_EBADARG     (-30008) /* invalid argument */
 #define FMM_ECORRUPT    (-30009) /* a page failed validation */
-#define FMM_EREPLACED   (-30010) /* the file at the path was deleted or replaced */
+#define FMM_EREPLACED   (-30010) /* the file was deleted, replaced, or truncated under the mapping */
 #define FMM_ETOOMANY    (-30011) /* a thread holds locks in too many caches at once */
 #define FMM_EREFUSED    (-30012) /* fmm_set_ms: the modseq rules refused the store */
 #define FMM_ENOCHANGE   (-30013) /* fmm_set_ms: accepted, but an equal or newer
@@ -155,7 +161,10 @@ extern "C" {
  *
  * Native format details: an entry is a tombstone only with both
  * FMM_T_TOMBSTONE and FMM_F_MODSEQ (without the modseq, type 6 is opaque
- * value bits, as every type is to the engine).  An entry with FMM_F_MODSEQ
+ * value bits, as every type is to the engine, and fmm_set_ms stores it as
+ * an ordinary value).  The Perl format has no opaque type bits (the type is
+ * mapped to Perl's flag bits): there, fmm_set_ms and fmm_set refuse type
+ * FMM_T_TOMBSTONE without FMM_F_MODSEQ with FMM_EBADARG.  An entry with FMM_F_MODSEQ
  * and a stored vlen below 8, or a tombstone with a value, is corrupt (fmm_check_page reports it; a lookup that meets the former
  * repairs the page).  The size limits (FMM_ETOOBIG) are checked before the
  * rules; a stored tombstone takes 8 value bytes.  Tombstones are ordinary
@@ -274,7 +283,11 @@ uint64_t fmm_repairs(const fmm_cache *c);
 
 /** @brief XXH64 with an explicit seed (exposed for tests). */
 uint64_t fmm_xxh64(const void *data, size_t len, uint64_t seed);
-/** @brief The key's 64-bit hash, seeded with the file's seed. */
+/** @brief Cache::FastMmap's 32-bit hash of the key bytes (format PERL;
+ * exposed for tests): h = 0x92f7e3b1, then h = rotl32(h, 4) + byte. */
+uint32_t fmm_perl_hash(const void *key, size_t klen);
+/** @brief The key's 64-bit hash, seeded with the file's seed (format PERL:
+ * fmm_perl_hash). */
 uint64_t fmm_hash(const fmm_cache *c, const void *key, size_t klen);
 /** @brief The page that holds keys with this hash. */
 uint32_t fmm_page_of(const fmm_cache *c, uint64_t hash);
@@ -303,8 +316,13 @@ void fmm_set_time(fmm_cache *c, uint32_t now);
  */
 int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns);
 
-/** @brief Unlock a page locked by this thread. */
-void fmm_unlock(fmm_cache *c, uint32_t page);
+/**
+ * @brief Unlock a page locked by this thread.
+ * @return 0, or FMM_EREPLACED if the file was truncated under the mapping
+ *         (before or during the locked section: whatever was read under
+ *         the lock may be zeros, so discard it).
+ */
+int fmm_unlock(fmm_cache *c, uint32_t page);
 
 /**
  * @brief Recover a page lock whose owner no longer exists.
@@ -372,7 +390,8 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash,
  *                    refuses the store.
  * @return 0 (stored), FMM_ENOCHANGE (accepted, existing entry kept),
  *         FMM_EREFUSED (refused, nothing changed), FMM_ETOOBIG, or
- *         FMM_EBADARG (a tombstone with vlen > 0).
+ *         FMM_EBADARG (a tombstone with vlen > 0; Perl format: also type
+ *         FMM_T_TOMBSTONE without FMM_F_MODSEQ).
  */
 int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash,
                const void *key, uint32_t klen, const void *val, uint32_t vlen,
@@ -424,10 +443,51 @@ int fmm_check_page(fmm_cache *c, uint32_t page, char *msg, size_t msglen);
 void fmm_init_page(fmm_cache *c, uint32_t page);
 
 /**
- * @brief Report whether the path still names the file this handle mapped.
+ * @brief Report whether the path still names the file this handle mapped,
+ * at its mapped size (a cheap check that touches no mapped byte).
  * @return 0, FMM_EREPLACED, or an errno value from stat.
  */
 int fmm_check_file(const fmm_cache *c);
+
+/* ---------- Truncation guard (fmm_guard.c) ----------
+ * A cache file that shrinks while it is mapped (truncated by hand, by a
+ * cleanup script, ...) makes every access to the lost part of a MAP_SHARED
+ * mapping raise SIGBUS, which kills the process.  fmm_open registers each
+ * file mapping with the guard, which installs a SIGBUS handler once per
+ * process (SA_SIGINFO|SA_ONSTACK; re-installed at the next fmm_open if
+ * something else, e.g. Python's faulthandler, took SIGBUS since).  On a
+ * SIGBUS inside a registered mapping the handler replaces the whole mapping
+ * in place with private zero memory and marks the handle lost; the faulting
+ * access then reads zeros and the operation completes on them, harmlessly.
+ * From then on every call on that handle that takes a lock returns
+ * FMM_EREPLACED, fmm_unlock releases nothing, and callers must check
+ * fmm_lost() after they have read an item's bytes, because the bytes may
+ * have turned to zeros under them.  Other handles, and other processes that
+ * did not touch the lost range, are unaffected.  Any other SIGBUS is passed
+ * on to the handler that was installed before (or the default action).
+ *
+ * Limits: at most FMM_GUARD_SLOTS mappings per process are guarded (the rest
+ * work unguarded); a lost handle's zero memory is not unmapped by fmm_close
+ * (the page mutexes in it may still be on a thread's robust-futex list, which
+ * glibc writes to), so each lost handle leaks its address range; a thread
+ * that is inside glibc's robust-mutex unlock at the very instant another
+ * thread of the same process faults can still crash (a window of a few
+ * instructions).  The guard also costs nothing until a fault: one load of
+ * the flag per lock and unlock. */
+#define FMM_GUARD_SLOTS 256
+
+/** @brief Guard [start, start+len): on SIGBUS there, set *flag to 1.
+ *  @return the slot (for fmm_guard_unregister), or -1 (table full). */
+int fmm_guard_register(void *start, size_t len, int *flag);
+/** @brief Stop guarding a slot returned by fmm_guard_register (-1: no-op). */
+void fmm_guard_unregister(int slot);
+/** @brief 1 if the guard's handler is the current SIGBUS action. */
+int fmm_guard_active(void);
+/** @brief 1 if the handle's file shrank under its mapping (see above). */
+int fmm_lost(const fmm_cache *c);
+/** @brief Address of the flag fmm_lost reads (non-zero: lost), valid until
+ * fmm_close, for callers that check it inline on a hot path. */
+const int *fmm_lost_flag(const fmm_cache *c);
 
 /* ---------- Test hooks ---------- */
 

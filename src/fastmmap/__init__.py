@@ -120,6 +120,45 @@ def _resolve_serializer(serializer: _Serializer) -> _SerializerSpec:
     )
 
 
+#: The binding's T_PERL_RAW: Perl-format plain values, checked for Storable
+#: and Sereal before they are returned as bytes.
+_T_PERL_RAW = 0x07
+
+
+def _gzip_compress(data: bytes) -> bytes:
+    """Compress::Zlib's memGzip format (a gzip member), as Perl's 'zlib' compressor writes."""
+    z = zlib.compressobj(6, zlib.DEFLATED, 31)
+    return z.compress(data) + z.flush()
+
+
+def _gzip_decompress(data: bytes) -> bytes:
+    """Read memGzip output (and, leniently, a zlib stream)."""
+    return zlib.decompress(data, 47)
+
+
+def _resolve_perl_compressor(compressor: _Compressor) -> _CompressorSpec:
+    """Compressors in Cache::FastMmap's byte formats, for format='perl'.
+
+    Perl compresses every value with no threshold and records nothing in the
+    entry, so both sides must be configured alike.  'zlib' is
+    Compress::Zlib's memGzip (gzip framing), 'lz4' is Compress::LZ4's
+    compress (a 4-byte little-endian length, then an LZ4 block).
+    """
+    if compressor is None:
+        return _C.C_NONE, None, None
+    if compressor == "zlib":
+        return _C.C_CUSTOM, _gzip_compress, _gzip_decompress
+    if compressor == "lz4":
+        try:
+            import lz4.block  # type: ignore[import-untyped]  # lz4 ships no type hints
+        except ImportError:
+            raise ImportError(
+                "compressor='lz4' needs the lz4 package: pip install fastmmap[lz4]"
+            ) from None
+        return _C.C_CUSTOM, lz4.block.compress, lz4.block.decompress
+    return _resolve_compressor(compressor)
+
+
 def _resolve_compressor(compressor: _Compressor) -> _CompressorSpec:
     """Return (type code, compress, decompress) for the compressor option."""
     if compressor is None:
@@ -190,9 +229,18 @@ class Cache(CacheBase):
         write_action: Literal["write_through", "write_back"] = "write_through",
         cache_not_found: bool = False,
         allow_recursive: bool = False,
+        format: Literal["native", "perl"] = "native",
     ) -> None:
-        geometry = _options.compute_geometry(cache_size, page_size, num_pages)
-        slots = _options.parse_start_slots(start_slots)
+        if format not in ("native", "perl"):
+            raise ValueError(f"format must be 'native' or 'perl', got {format!r}")
+        perl = format == "perl"
+        geometry: tuple[int, int] | None
+        if perl:
+            geometry = _options.compute_perl_geometry(cache_size, page_size, num_pages)
+            slots: int | None = _options.parse_perl_start_slots(start_slots)
+        else:
+            geometry = _options.compute_geometry(cache_size, page_size, num_pages)
+            slots = _options.parse_start_slots(start_slots)
         perms = _options.parse_permissions(permissions)
         timeout = _options.parse_lock_timeout(lock_timeout)
         default_expire = _options.parse_expire_time(expire_time)
@@ -201,7 +249,19 @@ class Cache(CacheBase):
             else _options.parse_expire_time(tombstone_expire_time, "tombstone_expire_time")
         )
         ser_type, dumps, loads = _resolve_serializer(serializer)
-        comp_type, compress, decompress = _resolve_compressor(compressor)
+        if perl:
+            if ser_type == _C.T_PICKLE:
+                raise ValueError(
+                    "format='perl' cannot use serializer='pickle' (Perl cannot read it): pass "
+                    "serializer='raw' (bytes and str, Perl's serializer => '') or 'json' (Perl's "
+                    "serializer => 'json'), or a (dumps, loads) pair both sides agree on"
+                )
+            if anonymous:
+                raise ValueError("format='perl' needs a file that Perl processes can open; anonymous=True "
+                                 "is for the native format only")
+            comp_type, compress, decompress = _resolve_perl_compressor(compressor)
+        else:
+            comp_type, compress, decompress = _resolve_compressor(compressor)
         if isinstance(compress_threshold, bool) or not isinstance(compress_threshold, int) or compress_threshold < 0:
             raise ValueError(f"compress_threshold must be an int >= 0, got {compress_threshold!r}")
         for name, cb in (("read_cb", read_cb), ("write_cb", write_cb), ("delete_cb", delete_cb)):
@@ -229,10 +289,18 @@ class Cache(CacheBase):
         explicit = 3 if cache_size is not None else (
             (1 if page_size is not None else 0) | (2 if num_pages is not None else 0))
         try:
-            created = self._open(
-                path, page, pages, slots or 0, explicit, bool(init_file), perms,
-                bool(anonymous), bool(enable_stats),
-            )
+            if perl:
+                # the type the engine reports for Perl's plain (unflagged) values
+                plain = _T_PERL_RAW if ser_type == _C.SER_RAW else ser_type
+                created = self._open(
+                    path, page, pages, slots or 0, explicit, bool(init_file), perms,
+                    False, bool(enable_stats), 1, plain | comp_type,
+                )
+            else:
+                created = self._open(
+                    path, page, pages, slots or 0, explicit, bool(init_file), perms,
+                    bool(anonymous), bool(enable_stats),
+                )
         except BaseException:
             if private_dir:
                 shutil.rmtree(private_dir, ignore_errors=True)
@@ -266,7 +334,10 @@ class Cache(CacheBase):
             serializer=serializer, compressor=compressor, compress_threshold=compress_threshold,
             context=context, read_cb=read_cb, write_cb=write_cb, delete_cb=delete_cb,
             write_action=write_action, cache_not_found=cache_not_found, allow_recursive=allow_recursive,
+            format=format,
         )
+        if perl:  # the geometry is not in the file: reopening needs it
+            self._reopen_options.update(page_size=page, num_pages=pages, start_slots=slots)
         if self._unlink_on_exit or self._empty_on_exit:
             _exit_registry.add(self)
 

@@ -274,14 +274,24 @@ def _positive_float(text: str) -> float:
 # ----- commands on an existing cache file -----
 
 
-def _open_existing(path: str) -> Any:
-    """Open an existing cache file (never create one); exit status 2 if absent."""
+def _open_existing(path: str, args: argparse.Namespace | None = None) -> Any:
+    """Open an existing cache file (never create one); exit status 2 if absent.
+
+    --format perl opens a Cache::FastMmap file: it has no header, so the
+    geometry comes from --cache-size / --page-size / --num-pages (Perl's
+    defaults if none), exactly as a Perl process would compute it.
+    """
     import fastmmap
 
     if not os.path.exists(path):
         print(f"fastmmap: {path}: no such cache file", file=sys.stderr)
         raise SystemExit(2)
     try:
+        if args is not None and getattr(args, "format", "native") == "perl":
+            return fastmmap.Cache(
+                path, unlink_on_exit=False, format="perl", serializer="raw",
+                cache_size=args.cache_size, page_size=args.page_size, num_pages=args.num_pages,
+            )
         return fastmmap.Cache(path, unlink_on_exit=False)
     except (fastmmap.Error, OSError) as e:
         print(f"fastmmap: {path}: {e}", file=sys.stderr)
@@ -295,7 +305,7 @@ def _progress(i: int, n: int, what: str) -> None:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    with _open_existing(args.file) as c:
+    with _open_existing(args.file, args) as c:
         n = c.num_pages
         pages = []
         for p in range(n):
@@ -349,7 +359,7 @@ def _show_key(k: Any) -> str:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    with _open_existing(args.file) as c:
+    with _open_existing(args.file, args) as c:
         for k in c.keys():
             print(_show_key(k))
     return 0
@@ -358,7 +368,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 def _cmd_get(args: argparse.Namespace) -> int:
     import fastmmap
 
-    with _open_existing(args.file) as c:
+    with _open_existing(args.file, args) as c:
         try:
             value = c.get(args.key, _MISSING)
         except fastmmap.Error as e:
@@ -377,7 +387,7 @@ def _cmd_get(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    with _open_existing(args.file) as c:
+    with _open_existing(args.file, args) as c:
         problems = c.check()
         repaired = c.repaired_pages()
     for p in problems:
@@ -390,7 +400,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_clear(args: argparse.Namespace) -> int:
-    with _open_existing(args.file) as c:
+    with _open_existing(args.file, args) as c:
         before = len(c)
         c.clear()
     print(f"{args.file}: removed {before} entries")
@@ -518,27 +528,37 @@ def _build_parser() -> argparse.ArgumentParser:
     be.add_argument("--ops", type=_positive_int, default=200000, help="operations per measurement")
     be.set_defaults(func=_cmd_bench)
 
-    st = sub.add_parser("stats", help="geometry, fill, entries, hit rate and repairs of a cache file")
+    # options of the commands that open an existing file
+    fmt = argparse.ArgumentParser(add_help=False)
+    fmt.add_argument(
+        "--format", choices=("native", "perl"), default="native",
+        help="file format (default native); perl: a Cache::FastMmap file, read with serializer='raw'",
+    )
+    fmt.add_argument("--cache-size", default=None, help="format perl: Perl's cache_size option")
+    fmt.add_argument("--page-size", default=None, help="format perl: Perl's page_size option")
+    fmt.add_argument("--num-pages", type=_positive_int, default=None, help="format perl: Perl's num_pages option")
+
+    st = sub.add_parser("stats", parents=[fmt], help="geometry, fill, entries, hit rate and repairs of a cache file")
     st.add_argument("file")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument("--pages", action="store_true", help="include per-page counters")
     st.set_defaults(func=_cmd_stats)
 
-    ks = sub.add_parser("keys", help="list the live keys of a cache file")
+    ks = sub.add_parser("keys", parents=[fmt], help="list the live keys of a cache file")
     ks.add_argument("file")
     ks.set_defaults(func=_cmd_keys)
 
-    g = sub.add_parser("get", help="print the value of KEY (exit status 1 if absent)")
+    g = sub.add_parser("get", parents=[fmt], help="print the value of KEY (exit status 1 if absent)")
     g.add_argument("file")
     g.add_argument("key")
     g.add_argument("--raw", action="store_true", help="write bytes values unchanged to stdout")
     g.set_defaults(func=_cmd_get)
 
-    ck = sub.add_parser("check", help="validate every page (exit status 1 on problems)")
+    ck = sub.add_parser("check", parents=[fmt], help="validate every page (exit status 1 on problems)")
     ck.add_argument("file")
     ck.set_defaults(func=_cmd_check)
 
-    cl = sub.add_parser("clear", help="remove every entry of a cache file")
+    cl = sub.add_parser("clear", parents=[fmt], help="remove every entry of a cache file")
     cl.add_argument("file")
     cl.set_defaults(func=_cmd_clear)
     return parser

@@ -109,6 +109,9 @@ class ItemTooLargeError(Error, ValueError):
 def xxh64(data: ReadableBuffer, seed: int = 0, /) -> int:
     """XXH64 of a bytes-like object (the engine's hash)."""
 
+def perl_hash(data: ReadableBuffer, /) -> int:
+    """Cache::FastMmap's 32-bit hash of a bytes-like object (format='perl'): the page is hash % num_pages, the slot hash // num_pages."""
+
 # ---------------------------------------------------------------- CacheBase
 
 # A C type with its own instance layout: it cannot share a subclass with
@@ -215,6 +218,8 @@ class CacheBase:
         permissions: int,
         anonymous: bool,
         enable_stats: bool,
+        format: int = 0,
+        perl_value_flags: int = 0,
         /,
     ) -> bool: ...
     def _configure(

@@ -23,6 +23,8 @@ import math
 import re
 
 __all__ = [
+    "compute_perl_geometry",
+    "parse_perl_start_slots",
     "DEFAULT_PAGE_SIZE",
     "DEFAULT_NUM_PAGES",
     "DEFAULT_START_SLOTS",
@@ -380,6 +382,70 @@ def parse_expire_time(value: object, name: str = "expire_time") -> int:
             f"got {value!r}; use 0 or 'never' for no expiry"
         )
     return secs
+
+
+def compute_perl_geometry(
+    cache_size: object = None,
+    page_size: object = None,
+    num_pages: object = None,
+) -> tuple[int, int]:
+    """(page_size, num_pages) exactly as Cache::FastMmap computes them.
+
+    For format="perl": a Python process given the same options as a Perl
+    process maps the same geometry.  The Perl file has no header, so there
+    is nothing to adopt: the options (or Perl's defaults, 89 pages of
+    64 KiB) always decide.  Perl's ``new``:
+
+    * cache_size and num_pages: page_size = RoundPow2(cache_size /
+      num_pages), at least 4096;
+    * cache_size alone (or with page_size): page_size (default 64 KiB) is
+      kept as given, not rounded, at least 4096; num_pages walks
+      1, 3, 9, 21, 43, 89, 179, ... (n -> 2n + 1) to the first count whose
+      pages hold more than cache_size, as compute_geometry documents;
+    * no cache_size: num_pages (default 89) and RoundPow2(page_size)
+      (default 64 KiB).
+
+    A 0 counts as not given, as in Perl.  The result must have
+    MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE with page_size a multiple
+    of 4, and 1 <= num_pages <= MAX_NUM_PAGES (Perl checks neither).
+    """
+    cs = 0 if cache_size is None else parse_size(cache_size, "cache_size")
+    ps = 0 if page_size is None else parse_size(page_size, "page_size")
+    np = 0 if num_pages is None else _parse_count(num_pages, "num_pages", 0, MAX_NUM_PAGES)
+    if cs:
+        if np:
+            ps = max(_round_pow2_down(cs // np), 4096)
+            how = f"cache_size={cache_size!r} with num_pages={num_pages!r}"
+        else:
+            ps = max(ps or DEFAULT_PAGE_SIZE, 4096)
+            np = DEFAULT_NUM_PAGES
+            if np * ps <= cs:
+                while np * ps <= cs:
+                    np = np * 2 + 1
+            else:
+                while np * ps > cs:
+                    np = (np - 1) // 2
+                np = np * 2 + 1
+            how = f"cache_size={cache_size!r}"
+    else:
+        np = np or DEFAULT_NUM_PAGES
+        ps = _round_pow2_down(ps or DEFAULT_PAGE_SIZE)
+        how = f"page_size={page_size!r}" if page_size is not None else "the defaults"
+    if not MIN_PAGE_SIZE <= ps <= MAX_PAGE_SIZE or ps % 4:
+        raise ValueError(
+            f"{how} gives page_size {ps}; format='perl' needs a page_size between "
+            f"{_fmt_bytes(MIN_PAGE_SIZE)} and {_fmt_bytes(MAX_PAGE_SIZE)} bytes, a multiple of 4"
+        )
+    _check_num_pages(np, how)
+    return ps, np
+
+
+def parse_perl_start_slots(value: object) -> int:
+    """start_slots for format="perl": Perl's ``int(start_slots || 0) || 89``."""
+    if value is None:
+        return DEFAULT_START_SLOTS
+    n = _parse_count(value, "start_slots", 0, MAX_START_SLOTS)
+    return n or DEFAULT_START_SLOTS
 
 
 # ---------------------------------------------------------------- the rest

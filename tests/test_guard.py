@@ -1,0 +1,398 @@
+"""Damage to a live cache file: truncation and random byte writes while
+other processes use it (issue 5, "Reliability").
+
+- Truncation: four forked workers hammer a small cache while the test
+  truncates the file (to 0 bytes, or to the middle of a page).  Touching the
+  lost part of a MAP_SHARED mapping raises SIGBUS; the engine's SIGBUS guard
+  (csrc/fmm_guard.c) turns it into ``FileReplacedError`` on the handle.
+  Every worker must end either still working or with a ``fastmmap.Error``,
+  never killed by a signal, never with a wrong value.
+- Byte damage: a supervisor writes random bytes at random offsets of the
+  file (header, page headers with their lock words, slot tables, entries)
+  every few milliseconds while the workers run.  Workers must never die of a
+  signal and never hang; what they may see is a clear exception.  Values
+  carry a checksum of key and payload: the engine has no per-entry checksum,
+  so a byte written into a value's payload (or into an entry's length) is
+  returned as it is; the workers count such values (they must all be caught
+  by the checksum, i.e. be ``bytes``) and the test reports the count.
+
+Each test runs for a few seconds (``FASTMMAP_GUARD_SECONDS`` scales them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import random
+import signal
+import struct
+import time
+import traceback
+
+import pytest
+
+import fastmmap
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+SCALE = float(os.environ.get("FASTMMAP_GUARD_SECONDS", "1"))
+PAGE_SIZE = 4096
+NUM_PAGES = 4
+FILE_SIZE = 4096 + PAGE_SIZE * NUM_PAGES
+N_WORKERS = 4
+KEYS = [f"key-{i}" for i in range(40)]
+HANG_SECONDS = 10.0
+DAMAGE_INTERVAL = (0.001, 0.004)  # seconds between two random writes
+WORKER_LOCK_TIMEOUT = 3.0  # a lock word damaged into a live TID: LockTimeout, not a hang
+
+# exit codes of a worker
+EXIT_STOPPED = 0  # still working when told to stop
+EXIT_REPLACED = 10  # FileReplacedError
+EXIT_FAILED = 1  # a wrong value or an unexpected exception (details in a file)
+
+# shared counters (uint64): [stop flag] then per worker [ops, errors, bad values, last-progress ns]
+N_FIELDS = 4
+F_OPS, F_ERRORS, F_BAD, F_PROGRESS = range(N_FIELDS)
+
+
+def _digest(key: str, payload: bytes) -> bytes:
+    return hashlib.sha1(key.encode() + b"\0" + payload).digest()[:8]
+
+
+def make_value(key: str, rng: random.Random) -> bytes:
+    payload = rng.randbytes(rng.choice((0, 5, rng.randint(0, 300))))
+    return payload + _digest(key, payload)
+
+
+def good(key: str, value: object) -> bool:
+    return isinstance(value, bytes) and len(value) >= 8 and _digest(key, value[:-8]) == value[-8:]
+
+
+class Shared:
+    def __init__(self) -> None:
+        self.m = mmap.mmap(-1, 8 * (1 + N_WORKERS * N_FIELDS))
+
+    def get(self, i: int) -> int:
+        return struct.unpack_from("Q", self.m, 8 * i)[0]
+
+    def put(self, i: int, v: int) -> None:
+        struct.pack_into("Q", self.m, 8 * i, v)
+
+    def field(self, w: int, f: int) -> int:
+        return 1 + w * N_FIELDS + f
+
+    def bump(self, w: int, f: int) -> None:
+        i = self.field(w, f)
+        self.put(i, self.get(i) + 1)
+
+
+def _worker(path: str, w: int, seed: int, shared: Shared, faildir: str, damage: bool) -> int:
+    """Random operations until told to stop.  Returns the exit code."""
+    rng = random.Random(seed)
+    errors: dict[str, int] = {}
+    try:
+        cache = fastmmap.Cache(path, serializer="raw", lock_timeout=WORKER_LOCK_TIMEOUT)
+    except fastmmap.Error:
+        return EXIT_REPLACED if not damage else EXIT_STOPPED
+    while not shared.get(0):
+        key = rng.choice(KEYS)
+        op = rng.random()
+        try:
+            if op < 0.35:
+                got = cache.get(key)
+                if got is not None and not good(key, got):
+                    if not damage:
+                        raise AssertionError(f"bad value for {key!r}: {got!r:.200}")
+                    shared.bump(w, F_BAD)
+            elif op < 0.65:
+                cache.set(key, make_value(key, rng))
+            elif op < 0.75:
+                cache.remove(key)
+            elif op < 0.85:
+
+                def fn(k, old, rng=rng):
+                    if old is not None and not good(k, old) and not damage:
+                        raise AssertionError(f"bad old value for {k!r}: {old!r:.200}")
+                    return make_value(k, rng)
+
+                cache.get_and_set(key, fn)
+            else:
+                with cache.lock(key) as held:
+                    old = held.value
+                    if old is not None and not good(key, old):
+                        if not damage:
+                            raise AssertionError(f"bad value in lock block for {key!r}: {old!r:.200}")
+                        shared.bump(w, F_BAD)
+                    held.value = make_value(key, rng)
+        except fastmmap.FileReplacedError:
+            if not damage:
+                return EXIT_REPLACED
+            errors["FileReplacedError"] = errors.get("FileReplacedError", 0) + 1
+            shared.bump(w, F_ERRORS)
+        except AssertionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - byte damage: any clear exception is fine
+            if not damage and not isinstance(e, fastmmap.Error):
+                raise
+            name = f"{type(e).__name__}: {str(e)[:60]}"
+            errors[name] = errors.get(name, 0) + 1
+            shared.bump(w, F_ERRORS)
+        shared.bump(w, F_OPS)
+        shared.put(shared.field(w, F_PROGRESS), time.monotonic_ns())
+    with open(os.path.join(faildir, f"errors-{w}"), "w") as f:
+        f.write(repr(sorted(errors.items())))
+    cache.close()
+    return EXIT_STOPPED
+
+
+def _start_workers(path, shared, faildir, damage, seed):
+    pids = []
+    for w in range(N_WORKERS):
+        shared.put(shared.field(w, F_PROGRESS), time.monotonic_ns())
+        pid = os.fork()
+        if pid == 0:
+            code = EXIT_FAILED
+            try:
+                code = _worker(path, w, seed * 100 + w, shared, faildir, damage)
+            except BaseException:  # noqa: BLE001 - reported through the file
+                with open(os.path.join(faildir, f"fail-{w}"), "w") as f:
+                    f.write(traceback.format_exc())
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    return pids
+
+
+def _check_progress(shared, live):
+    now = time.monotonic_ns()
+    for w in live:
+        last = shared.get(shared.field(w, F_PROGRESS))
+        if (now - last) / 1e9 > HANG_SECONDS:
+            return w
+    return None
+
+
+def _reap(pids, shared, timeout):
+    """Wait for every worker; return {worker: status}; SIGKILL (and report) hung ones."""
+    status = {}
+    deadline = time.monotonic() + timeout
+    while len(status) < len(pids) and time.monotonic() < deadline:
+        for w, pid in enumerate(pids):
+            if w in status:
+                continue
+            r, st = os.waitpid(pid, os.WNOHANG)
+            if r:
+                status[w] = st
+        time.sleep(0.02)
+    for w, pid in enumerate(pids):
+        if w not in status:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            status[w] = "hung"
+    return status
+
+
+def _failures(faildir):
+    out = []
+    for name in sorted(os.listdir(faildir)):
+        if name.startswith("fail-"):
+            with open(os.path.join(faildir, name)) as f:
+                out.append(f"{name}:\n{f.read()}")
+    return out
+
+
+def _describe(st):
+    if st == "hung":
+        return "hung (killed by the test)"
+    if os.WIFSIGNALED(st):
+        return f"killed by signal {signal.Signals(os.WTERMSIG(st)).name}"
+    return f"exit {os.WEXITSTATUS(st)}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("cut", ["zero", "mid-page"])
+def test_truncate_while_workers_run(tmp_path, cut):
+    path = str(tmp_path / "cache.fmm")
+    faildir = str(tmp_path / "fail")
+    os.mkdir(faildir)
+    fastmmap.Cache(path, page_size=PAGE_SIZE, num_pages=NUM_PAGES, init_file=True, unlink_on_exit=False).close()
+    shared = Shared()
+    seed = random.randrange(1 << 30)
+    t0 = time.monotonic()
+    pids = _start_workers(path, shared, faildir, False, seed)
+    try:
+        time.sleep(0.7 * SCALE)  # let them work
+        ops_before = sum(shared.get(shared.field(w, F_OPS)) for w in range(N_WORKERS))
+        size = 0 if cut == "zero" else 4096 + 2 * PAGE_SIZE + PAGE_SIZE // 2
+        os.truncate(path, size)
+        deadline = time.monotonic() + 2.0 * SCALE
+        while time.monotonic() < deadline:
+            hung = _check_progress(shared, [w for w in range(N_WORKERS)])
+            if hung is not None:
+                break
+            time.sleep(0.05)
+    finally:
+        shared.put(0, 1)
+        status = _reap(pids, shared, 30.0)
+    elapsed = time.monotonic() - t0
+    fails = _failures(faildir)
+    assert not fails, f"seed {seed}: " + "\n".join(fails)
+    desc = {w: _describe(st) for w, st in status.items()}
+    for w, st in status.items():
+        assert st != "hung", f"seed {seed}: worker {w} hung: {desc}"
+        assert os.WIFEXITED(st), f"seed {seed}: worker {w} {desc[w]}: {desc}"
+        assert os.WEXITSTATUS(st) in (EXIT_STOPPED, EXIT_REPLACED), f"seed {seed}: {desc}"
+    replaced = sum(1 for st in status.values() if os.WEXITSTATUS(st) == EXIT_REPLACED)
+    # every worker touches every page within a few operations
+    assert replaced == N_WORKERS, f"seed {seed}: {desc}"
+    assert ops_before > 0
+    print(f"truncate to {size} bytes: {ops_before} operations before, {replaced} workers "
+          f"got FileReplacedError, none crashed ({elapsed:.1f}s)")
+
+    # the file is reusable once recreated
+    with fastmmap.Cache(path, page_size=PAGE_SIZE, num_pages=NUM_PAGES, init_file=True) as c:
+        c.set("k", b"v")
+        assert c.get("k") == b"v"
+        assert c.check() == []
+
+
+def _damage(path, rng, until, stats):
+    """Write random bytes at random offsets of the file until `until`."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        while time.monotonic() < until:
+            r = rng.random()
+            if r < 0.03:  # the file header
+                off = rng.randrange(0, 128)
+            elif r < 0.08:  # a page's lock (a glibc pthread_mutex_t: 40 bytes)
+                off = 4096 + rng.randrange(NUM_PAGES) * PAGE_SIZE + rng.randrange(0, 40)
+            elif r < 0.13:  # the rest of a page header: magic, dirty marker, counters
+                off = 4096 + rng.randrange(NUM_PAGES) * PAGE_SIZE + rng.randrange(64, 128)
+            elif r < 0.25:  # a slot table
+                off = 4096 + rng.randrange(NUM_PAGES) * PAGE_SIZE + 128 + rng.randrange(0, 512)
+            else:  # anywhere: entries, their headers and payloads
+                off = rng.randrange(0, FILE_SIZE)
+            n = rng.choice((1, 1, 2, 4))
+            os.pwrite(fd, rng.randbytes(n), off)
+            stats["writes"] += 1
+            time.sleep(rng.uniform(*DAMAGE_INTERVAL))
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.timeout(120)
+def test_random_byte_damage_while_workers_run(tmp_path):
+    path = str(tmp_path / "cache.fmm")
+    faildir = str(tmp_path / "fail")
+    os.mkdir(faildir)
+    fastmmap.Cache(path, page_size=PAGE_SIZE, num_pages=NUM_PAGES, init_file=True, unlink_on_exit=False).close()
+    shared = Shared()
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    stats = {"writes": 0}
+    t0 = time.monotonic()
+    pids = _start_workers(path, shared, faildir, True, seed)
+    hung = None
+    try:
+        time.sleep(0.3)
+        end = time.monotonic() + 4.0 * SCALE
+        while time.monotonic() < end and hung is None:
+            _damage(path, rng, min(end, time.monotonic() + 0.5), stats)
+            hung = _check_progress(shared, range(N_WORKERS))
+    finally:
+        shared.put(0, 1)
+        status = _reap(pids, shared, 30.0)
+    elapsed = time.monotonic() - t0
+    fails = _failures(faildir)
+    assert not fails, f"seed {seed}: " + "\n".join(fails)
+    desc = {w: _describe(st) for w, st in status.items()}
+    assert hung is None, f"seed {seed}: worker {hung} made no progress for {HANG_SECONDS}s: {desc}"
+    for w, st in status.items():
+        assert st != "hung", f"seed {seed}: worker {w} hung: {desc}"
+        assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == EXIT_STOPPED, f"seed {seed}: worker {w}: {desc}"
+    ops = sum(shared.get(shared.field(w, F_OPS)) for w in range(N_WORKERS))
+    errs = sum(shared.get(shared.field(w, F_ERRORS)) for w in range(N_WORKERS))
+    bad = sum(shared.get(shared.field(w, F_BAD)) for w in range(N_WORKERS))
+    kinds = []
+    for w in range(N_WORKERS):
+        p = os.path.join(faildir, f"errors-{w}")
+        if os.path.exists(p):
+            with open(p) as f:
+                kinds.append(f.read())
+    assert ops > 100, f"seed {seed}: only {ops} operations"
+    print(f"{stats['writes']} random writes into the live file, {ops} operations, {errs} exceptions "
+          f"{kinds}, {bad} damaged values caught by the checksum, no crash, no hang ({elapsed:.1f}s)")
+
+    # a damaged file is recreated by init_file=True (or repaired in place)
+    with fastmmap.Cache(path, page_size=PAGE_SIZE, num_pages=NUM_PAGES, init_file=True) as c:
+        c.set("k", b"v")
+        assert c.get("k") == b"v"
+        assert c.check() == []
+        for k in KEYS:
+            c.set(k, make_value(k, rng))
+        for k in KEYS:
+            got = c.get(k)
+            assert got is None or good(k, got)
+
+
+def _threads_then_truncate(path: str) -> dict:
+    """Four threads of one process share a Cache; the file is truncated under them."""
+    import threading
+
+    cache = fastmmap.Cache(path, serializer="raw")
+    other = fastmmap.Cache(path + ".other", page_size=PAGE_SIZE, num_pages=NUM_PAGES, serializer="raw")
+    stop = threading.Event()
+    outcome: dict[int, str] = {}
+    ops = [0] * 4
+
+    def run(t: int) -> None:
+        rng = random.Random(t)
+        try:
+            while not stop.is_set():
+                key = rng.choice(KEYS)
+                r = rng.random()
+                if r < 0.4:
+                    got = cache.get(key)
+                    assert got is None or good(key, got), f"bad value {got!r:.100}"
+                elif r < 0.8:
+                    cache.set(key, make_value(key, rng))
+                else:
+                    with cache.lock(key) as held:
+                        old = held.value
+                        assert old is None or good(key, old), f"bad value {old!r:.100}"
+                        held.value = make_value(key, rng)
+                ops[t] += 1
+            outcome[t] = "stopped"
+        except fastmmap.FileReplacedError:
+            outcome[t] = "FileReplacedError"
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            outcome[t] = f"{type(e).__name__}: {e}"
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    os.truncate(path, 4096 + PAGE_SIZE + 100)
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    alive = sum(t.is_alive() for t in threads)
+    # the other cache of the process keeps working
+    other.set("x", b"y")
+    ok_other = other.get("x") == b"y"
+    cache.close()
+    other.close()
+    return {"outcome": outcome, "alive": alive, "ops": sum(ops), "other": ok_other}
+
+
+@pytest.mark.timeout(60)
+def test_truncate_under_threads_of_one_process(tmp_path, forked):
+    path = str(tmp_path / "cache.fmm")
+    fastmmap.Cache(path, page_size=PAGE_SIZE, num_pages=NUM_PAGES, init_file=True, unlink_on_exit=False).close()
+    r = forked(_threads_then_truncate, path, timeout=30)
+    assert r["alive"] == 0, r
+    assert r["other"], r
+    assert r["ops"] > 0, r
+    assert sorted(r["outcome"].values()) == ["FileReplacedError"] * 4, r
