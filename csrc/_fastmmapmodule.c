@@ -88,6 +88,7 @@ typedef struct {
     int inflight;
     int64_t lock_timeout_ns;  /* <0: wait forever */
     long long default_expire; /* seconds; 0 never; EXPIRE_NOW */
+    long long tombstone_expire; /* the same, for tombstones left by remove(key, modseq=N) */
     uint32_t ser_type;        /* FMM_T_PICKLE, FMM_T_JSON, FMM_T_CUSTOM or SER_RAW */
     uint32_t comp_type;       /* FMM_C_* */
     Py_ssize_t compress_threshold;
@@ -762,6 +763,35 @@ static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *ex
     return expire_on_from_secs(self, secs, out);
 }
 
+/* ---------- Modseq arguments ---------- */
+
+#define TOMB_FLAGS (FMM_T_TOMBSTONE | FMM_F_MODSEQ)
+
+/* A modseq= argument: NULL or None -> 0 (*has = 0); else an int in
+ * 0..2**64-1 (*has = 1).  TypeError or ValueError otherwise. */
+static int parse_modseq(PyObject *o, uint64_t *out, int *has)
+{
+    *has = 0;
+    *out = 0;
+    if (!o || o == Py_None)
+        return 0;
+    if (!PyLong_Check(o) || PyBool_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "modseq must be an int, not %.100s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "modseq must be between 0 and 2**64-1, got %R", o);
+        return -1;
+    }
+    *out = v;
+    *has = 1;
+    return 0;
+}
+
 /* ---------- Callbacks ----------
  * Write-back: entries stored while write_back is on carry FMM_F_DIRTY.
  * When the engine drops a dirty entry (eviction, expiry reclaim, expunge)
@@ -921,9 +951,10 @@ static Py_NO_INLINE PyObject *read_through(CacheObject *self, PyObject *key, con
         if (resolve_expiry(self, NULL, NULL, &exp) < 0 || encode_value(self, v, &e) < 0) {
             bad = 1;
         } else if (e.len <= (Py_ssize_t)UINT32_MAX) {
+            /* over a tombstone the store is refused: the value is still returned */
             int rc = fmm_set(self->c, page, h, k->buf, (uint32_t)k->len, e.buf, (uint32_t)e.len,
                              e.flags | (k->isstr ? FMM_F_KEYSTR : 0), exp, EVICT_FN(self), &ec);
-            if (rc && rc != FMM_ETOOBIG) {
+            if (rc && rc != FMM_ETOOBIG && rc != FMM_EREFUSED) {
                 set_error(self->state, "read-through store", rc, NULL, NULL);
                 bad = 1;
             }
@@ -944,9 +975,12 @@ static Py_NO_INLINE PyObject *read_through(CacheObject *self, PyObject *key, con
     return v;
 }
 
-/* Store; returns 1 stored, 0 too big (nothing changed), -1 error.  Runs
- * the write callbacks after the page is unlocked. */
-static int do_set(CacheObject *self, PyObject *key, PyObject *value, uint32_t expire_on)
+/* Store; returns 1 stored, 0 too big, 2 refused by the modseq rules
+ * (nothing changed in either case), -1 error.  `modseq` is NULL for a
+ * plain store.  Runs the write callbacks after the page is unlocked:
+ * write-through after a store or a too-big item (the store still gets
+ * it), write-back only for a too-big item, never after a refusal. */
+static int do_set(CacheObject *self, PyObject *key, PyObject *value, uint32_t expire_on, const uint64_t *modseq)
 {
     keybuf k;
     encoded e;
@@ -963,20 +997,26 @@ static int do_set(CacheObject *self, PyObject *key, PyObject *value, uint32_t ex
         if (lock_page(self, page) < 0)
             goto done;
         uint32_t flags = e.flags | (k.isstr ? FMM_F_KEYSTR : 0) | (self->write_back ? FMM_F_DIRTY : 0);
-        rc = fmm_set(self->c, page, h, k.buf, (uint32_t)k.len, e.buf, (uint32_t)e.len, flags, expire_on,
-                     EVICT_FN(self), &ec);
+        if (LIKELY(!modseq))
+            rc = fmm_set(self->c, page, h, k.buf, (uint32_t)k.len, e.buf, (uint32_t)e.len, flags, expire_on,
+                         EVICT_FN(self), &ec);
+        else
+            rc = fmm_set_ms(self->c, page, h, k.buf, (uint32_t)k.len, e.buf, (uint32_t)e.len,
+                            flags | FMM_F_MODSEQ, expire_on, *modseq, EVICT_FN(self), &ec);
         UNLOCK(self, page);
     }
     if (rc == 0)
         result = 1;
     else if (rc == FMM_ETOOBIG)
         result = 0;
+    else if (rc == FMM_EREFUSED)
+        result = 2;
     else
         set_error(self->state, "set", rc, NULL, NULL);
     if (flush_evicted(self, &ec) < 0)
         result = -1;
     /* write-through, or write-back of an item the cache could not hold */
-    if (result >= 0 && self->write_cb && (!self->write_back || result == 0))
+    if (self->write_cb && (result == 1 || result == 0) && (!self->write_back || result == 0))
         if (call_write_cb(self, key, value, expire_on) < 0)
             result = -1;
 done:
@@ -1035,12 +1075,12 @@ static int cache_ass_subscript(PyObject *op, PyObject *key, PyObject *value)
         uint32_t exp;
         r = -1;
         if (resolve_expiry(self, NULL, NULL, &exp) == 0) {
-            r = do_set(self, key, value, exp);
+            r = do_set(self, key, value, exp, NULL);
             if (r == 0) {
                 too_big_error(self, key);
                 r = -1;
-            } else if (r == 1) {
-                r = 0;
+            } else if (r >= 1) {
+                r = 0; /* stored, or refused by a tombstone: not an error (as set() returning False) */
             }
         }
     } else {
@@ -1099,7 +1139,7 @@ static Py_ssize_t cache_length(PyObject *op)
         fmm_page_info info;
         fmm_page_info_get(self->c, p, &info);
         UNLOCK(self, p);
-        n += info.live - info.expired;
+        n += info.live - info.expired - info.tombstones;
     }
     LOST_I(self, n);
     LEAVE(self);
@@ -1162,33 +1202,53 @@ static int parse_kw(const char *fname, PyObject *const *args, Py_ssize_t nargs, 
 }
 
 PyDoc_STRVAR(cache_set_doc,
-             "set($self, key, value, expire_time=None, *, expire_on=None)\n--\n\n"
+             "set($self, key, value, expire_time=None, *, expire_on=None, modseq=None)\n--\n\n"
              "Store value under key.  Return True if stored, False if the item can never fit in a page\n"
-             "(the old value, if any, is then kept).\n\n"
+             "or the modseq rules refused it (the old value, if any, is then kept).\n\n"
              "expire_time: seconds or a string like '30s', '5m', 'never', 'now'; None uses the cache's default.\n"
-             "expire_on: absolute unix seconds (0 = never); takes precedence over expire_time.");
+             "expire_on: absolute unix seconds (0 = never); takes precedence over expire_time.\n"
+             "modseq: an int 0..2**64-1 stored with the value; refused (False) if the key holds a newer\n"
+             "modseq, or a tombstone (left by remove(key, modseq=...)) with a newer one.  Without modseq,\n"
+             "a store over an unexpired tombstone is refused too.");
+
+/* set(key, value) with the default expiry: the hot path, no argument parsing. */
+static PyObject *cache_set_2(CacheObject *self, PyObject *key, PyObject *value)
+{
+    ENTER(self);
+    PyObject *res = NULL;
+    uint32_t exp;
+    if (resolve_expiry(self, NULL, NULL, &exp) == 0) {
+        int r = do_set(self, key, value, exp, NULL);
+        if (r >= 0)
+            res = Py_NewRef(r == 1 ? Py_True : Py_False);
+    }
+    LOST_R(self, res);
+    LEAVE(self);
+    return res;
+}
 
 static PyObject *cache_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     CacheObject *self = CacheObject_CAST(op);
-    static const char *const names[] = {"key", "value", "expire_time", "expire_on"};
-    PyObject *a[4];
-    if (LIKELY(!kwnames && nargs == 2)) {
-        a[0] = args[0];
-        a[1] = args[1];
-        a[2] = a[3] = NULL;
-    } else if (parse_kw("set", args, nargs, kwnames, names, 3, a, 4) < 0) {
+    if (LIKELY(!kwnames && nargs == 2))
+        return cache_set_2(self, args[0], args[1]);
+    static const char *const names[] = {"key", "value", "expire_time", "expire_on", "modseq"};
+    PyObject *a[5];
+    if (parse_kw("set", args, nargs, kwnames, names, 3, a, 5) < 0)
         return NULL;
-    }
     if (!a[0] || !a[1])
         return PyErr_Format(PyExc_TypeError, "set() missing required argument '%s'", a[0] ? "value" : "key");
+    uint64_t ms;
+    int has_ms;
+    if (parse_modseq(a[4], &ms, &has_ms) < 0)
+        return NULL;
     ENTER(self);
     PyObject *res = NULL;
     uint32_t exp;
     if (resolve_expiry(self, a[2], a[3], &exp) == 0) {
-        int r = do_set(self, a[0], a[1], exp);
+        int r = do_set(self, a[0], a[1], exp, has_ms ? &ms : NULL);
         if (r >= 0)
-            res = Py_NewRef(r ? Py_True : Py_False);
+            res = Py_NewRef(r == 1 ? Py_True : Py_False);
     }
     LOST_R(self, res);
     LEAVE(self);
@@ -1206,14 +1266,74 @@ static PyObject *cache_exists(PyObject *op, PyObject *key)
     return Py_NewRef(r ? Py_True : Py_False);
 }
 
-PyDoc_STRVAR(cache_remove_doc, "remove($self, key, /)\n--\n\n"
-                               "Delete key.  Return True if a live entry was removed, False if absent.");
+PyDoc_STRVAR(cache_remove_doc,
+             "remove($self, key, /, *, modseq=None, expire_time=None, expire_on=None)\n--\n\n"
+             "Delete key.  Return True if a live entry was removed, False if absent.\n\n"
+             "With modseq (an int 0..2**64-1), leave a tombstone carrying it instead: the key reads as\n"
+             "absent, and stores with an older modseq, or without one, are refused until the tombstone\n"
+             "expires (after the cache's tombstone_expire_time, or expire_time / expire_on given here).\n"
+             "A live entry with an equal or newer modseq is kept (False).  delete_cb is called when the\n"
+             "tombstone is stored.");
 
-static PyObject *cache_remove(PyObject *op, PyObject *key)
+/* remove(key, modseq=N): store a tombstone.  Returns 1 if a live value was
+ * removed, 0 if not, -1 on error. */
+static int do_remove_ms(CacheObject *self, PyObject *key, uint64_t modseq, PyObject *expire_time,
+                        PyObject *expire_on)
+{
+    keybuf k;
+    uint32_t exp;
+    if (get_key(key, &k) < 0)
+        return -1;
+    if ((!expire_time || expire_time == Py_None) && (!expire_on || expire_on == Py_None)) {
+        if (expire_on_from_secs(self, self->tombstone_expire, &exp) < 0)
+            return -1;
+    } else if (resolve_expiry(self, expire_time, expire_on, &exp) < 0) {
+        return -1;
+    }
+    uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
+    uint32_t page = fmm_page_of(self->c, h);
+    if (lock_page(self, page) < 0)
+        return -1;
+    fmm_item it;
+    evict_ctx ec = {0};
+    int live = fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, 0, &it) == 0;
+    int rc = fmm_set_ms(self->c, page, h, k.buf, (uint32_t)k.len, NULL, 0, TOMB_FLAGS | (k.isstr ? FMM_F_KEYSTR : 0),
+                        exp, modseq, EVICT_FN(self), &ec);
+    UNLOCK(self, page);
+    int result = -1;
+    if (rc == 0)
+        result = live;
+    else if (rc == FMM_ENOCHANGE)
+        result = 0;
+    else if (rc == FMM_ETOOBIG)
+        too_big_error(self, key);
+    else
+        set_error(self->state, "remove", rc, NULL, NULL);
+    if (flush_evicted(self, &ec) < 0)
+        result = -1;
+    if (rc == 0 && result >= 0 && self->delete_cb && call_delete_cb(self, key) < 0)
+        result = -1;
+    return result;
+}
+
+static PyObject *cache_remove(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     CacheObject *self = CacheObject_CAST(op);
+    static const char *const names[] = {"key", "modseq", "expire_time", "expire_on"};
+    PyObject *a[4];
+    if (parse_kw("remove", args, nargs, kwnames, names, 1, a, 4) < 0)
+        return NULL;
+    if (!a[0])
+        return PyErr_Format(PyExc_TypeError, "remove() missing required argument 'key'");
+    uint64_t ms;
+    int has_ms;
+    if (parse_modseq(a[1], &ms, &has_ms) < 0)
+        return NULL;
+    if (!has_ms && ((a[2] && a[2] != Py_None) || (a[3] && a[3] != Py_None)))
+        return PyErr_Format(PyExc_TypeError, "remove(): expire_time and expire_on apply only with modseq "
+                                             "(they set the tombstone's expiry)");
     ENTER(self);
-    int r = do_delete(self, key);
+    int r = has_ms ? do_remove_ms(self, a[0], ms, a[2], a[3]) : do_delete(self, a[0]);
     LOST_I(self, r);
     LEAVE(self);
     if (r < 0)
@@ -1221,32 +1341,67 @@ static PyObject *cache_remove(PyObject *op, PyObject *key)
     return Py_NewRef(r ? Py_True : Py_False);
 }
 
+PyDoc_STRVAR(cache_get_modseq_doc,
+             "get_modseq($self, key, /)\n--\n\n"
+             "Return the modseq of key's entry: of its value, or of the tombstone that remove(key, modseq=...)\n"
+             "left.  None if the key is absent or expired, or its entry has no modseq.  Does not count as a use.");
+
+static PyObject *cache_get_modseq(PyObject *op, PyObject *key)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    ENTER(self);
+    PyObject *res = NULL;
+    keybuf k;
+    if (get_key(key, &k) == 0) {
+        uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
+        uint32_t page = fmm_page_of(self->c, h);
+        if (lock_page(self, page) == 0) {
+            fmm_item it;
+            int found = fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, FMM_GET_TOMBSTONE, &it) == 0 &&
+                        (it.flags & FMM_F_MODSEQ);
+            uint64_t ms = it.modseq;
+            UNLOCK(self, page);
+            res = found ? PyLong_FromUnsignedLongLong(ms) : Py_NewRef(Py_None);
+        }
+    }
+    LOST_R(self, res); /* the modseq may have been read from zeros */
+    LEAVE(self);
+    return res;
+}
+
 PyDoc_STRVAR(cache_get_and_set_doc,
-             "get_and_set($self, key, fn, expire_time=None, *, expire_on=None)\n--\n\n"
+             "get_and_set($self, key, fn, expire_time=None, *, expire_on=None, modseq=None)\n--\n\n"
              "Atomically replace the value of key with fn(key, old_value_or_None) and return the new value.\n\n"
              "fn runs while the key's page is locked, so no other thread or process can change the key\n"
              "in between.  fn must not use this cache: doing so raises fastmmap.RecursiveLockError.\n"
-             "Raises ValueError (keeping the old value) if the new item can never fit in a page.");
+             "Raises ValueError (keeping the old value) if the new item can never fit in a page.\n"
+             "modseq: store the new value with this modseq.  If the modseq rules refuse the store (a newer\n"
+             "modseq, or a tombstone, holds the key), nothing changes and the current value is returned\n"
+             "(None over a tombstone) instead of fn's.");
 
 static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     CacheObject *self = CacheObject_CAST(op);
-    static const char *const names[] = {"key", "fn", "expire_time", "expire_on"};
-    PyObject *a[4];
-    if (parse_kw("get_and_set", args, nargs, kwnames, names, 3, a, 4) < 0)
+    static const char *const names[] = {"key", "fn", "expire_time", "expire_on", "modseq"};
+    PyObject *a[5];
+    if (parse_kw("get_and_set", args, nargs, kwnames, names, 3, a, 5) < 0)
         return NULL;
     if (!a[0] || !a[1])
         return PyErr_Format(PyExc_TypeError, "get_and_set() missing required argument '%s'", a[0] ? "fn" : "key");
     PyObject *key = a[0], *fn = a[1];
     if (!PyCallable_Check(fn))
         return PyErr_Format(PyExc_TypeError, "get_and_set: fn must be callable, not %.100s", Py_TYPE(fn)->tp_name);
+    uint64_t ms;
+    int has_ms;
+    if (parse_modseq(a[4], &ms, &has_ms) < 0)
+        return NULL;
     ENTER(self);
     PyObject *old = NULL, *raw = NULL, *newv = NULL, *res = NULL;
     encoded e = {0};
     evict_ctx ec = {0};
     keybuf k;
     uint32_t exp;
-    int stored = 0;
+    int stored = 0, refused = 0;
     if (get_key(key, &k) < 0 || resolve_expiry(self, a[2], a[3], &exp) < 0)
         goto out;
     uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
@@ -1279,10 +1434,12 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
         uint32_t flags = e.flags | (k.isstr ? FMM_F_KEYSTR : 0) | (self->write_back ? FMM_F_DIRTY : 0);
         int rc = e.len > (Py_ssize_t)UINT32_MAX
                      ? FMM_ETOOBIG
-                     : fmm_set(self->c, page, h, k.buf, (uint32_t)k.len, e.buf, (uint32_t)e.len, flags, exp,
-                               EVICT_FN(self), &ec);
+                     : fmm_set_ms(self->c, page, h, k.buf, (uint32_t)k.len, e.buf, (uint32_t)e.len,
+                                  flags | (has_ms ? FMM_F_MODSEQ : 0), exp, ms, EVICT_FN(self), &ec);
         if (rc == 0)
             stored = 1;
+        else if (rc == FMM_EREFUSED)
+            refused = 1;
         else if (rc == FMM_ETOOBIG)
             too_big_error(self, key);
         else
@@ -1290,11 +1447,13 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
     }
     UNLOCK(self, page);
     if (flush_evicted(self, &ec) < 0)
-        stored = 0;
+        stored = refused = 0;
     else if (stored && self->write_cb && !self->write_back && call_write_cb(self, key, newv, exp) < 0)
         stored = 0;
     if (stored)
         res = Py_NewRef(newv);
+    else if (refused)
+        res = Py_NewRef(old); /* what the key still holds */
 out:
     Py_XDECREF(e.owner);
     Py_XDECREF(raw);
@@ -1382,7 +1541,7 @@ static PyObject *cache_add(PyObject *op, PyObject *const *args, Py_ssize_t nargs
                            e.flags | (k.isstr ? FMM_F_KEYSTR : 0) | (self->write_back ? FMM_F_DIRTY : 0), exp,
                            EVICT_FN(self), &ec);
     UNLOCK(self, page);
-    if (rc == 1)
+    if (rc == 1 || rc == FMM_EREFUSED) /* present, or held by a tombstone */
         res = Py_NewRef(Py_False);
     else if (rc == 0)
         res = Py_NewRef(Py_True);
@@ -1537,8 +1696,8 @@ static PyObject *cache_touch(PyObject *op, PyObject *const *args, Py_ssize_t nar
         if (!copy)
             rc = -1;
         else
-            rc = fmm_set(self->c, page, h, k.buf, (uint32_t)k.len, PyBytes_AS_STRING(copy), it.vlen, it.flags, exp,
-                         EVICT_FN(self), &ec);
+            rc = fmm_set_ms(self->c, page, h, k.buf, (uint32_t)k.len, PyBytes_AS_STRING(copy), it.vlen, it.flags,
+                            exp, it.modseq, EVICT_FN(self), &ec); /* keeps the modseq, if any */
     }
     UNLOCK(self, page);
     if (rc > 0 || rc < -1)
@@ -1578,7 +1737,13 @@ static int collect_visit(void *vctx, const fmm_item *it)
         } else {
             Py_INCREF(raw);
         }
-        item = Py_BuildValue("(NIIIN)", key, it->last_access, it->expire_on, it->flags, raw);
+        PyObject *ms = it->flags & FMM_F_MODSEQ ? PyLong_FromUnsignedLongLong(it->modseq) : Py_NewRef(Py_None);
+        if (!ms) {
+            Py_DECREF(key);
+            Py_DECREF(raw);
+            return -1;
+        }
+        item = Py_BuildValue("(NIIINN)", key, it->last_access, it->expire_on, it->flags, raw, ms);
         if (!item)
             return -1;
     }
@@ -1590,7 +1755,7 @@ static int collect_visit(void *vctx, const fmm_item *it)
 PyDoc_STRVAR(cache__entries_doc,
              "_entries($self, mode=0, /)\n--\n\n"
              "Snapshot of live entries, page by page.  mode 0: keys; 1: tuples (key, last_access, expire_on,\n"
-             "flags, None); 2: the same with the value decoded.");
+             "flags, None, modseq or None); 2: the same with the value decoded.");
 
 static PyObject *cache__entries(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1628,8 +1793,8 @@ static PyObject *cache__entries(PyObject *op, PyObject *const *args, Py_ssize_t 
             PyObject *v = decode_value(self, flags, NULL, 0, raw);
             if (!v)
                 goto error;
-            PyObject *nt = PyTuple_Pack(5, PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1), PyTuple_GET_ITEM(t, 2),
-                                        PyTuple_GET_ITEM(t, 3), v);
+            PyObject *nt = PyTuple_Pack(6, PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1), PyTuple_GET_ITEM(t, 2),
+                                        PyTuple_GET_ITEM(t, 3), v, PyTuple_GET_ITEM(t, 5));
             Py_DECREF(v);
             if (!nt)
                 goto error;
@@ -1859,6 +2024,8 @@ static PyObject *cache_multi_set(PyObject *op, PyObject *const *args, Py_ssize_t
         uint64_t h = fmm_hash(self->c, PyBytes_AS_STRING(ck), (size_t)PyBytes_GET_SIZE(ck));
         rc = fmm_set(self->c, page, h, PyBytes_AS_STRING(ck), (uint32_t)PyBytes_GET_SIZE(ck), PyBytes_AS_STRING(vb),
                      (uint32_t)PyBytes_GET_SIZE(vb), flags, exp, EVICT_FN(self), &ec);
+        if (rc == FMM_EREFUSED)
+            rc = 0; /* a tombstone holds that key: it stays absent, as set() would leave it */
     }
     UNLOCK(self, page);
     if (rc)
@@ -2011,11 +2178,13 @@ static PyObject *cache__held_set(PyObject *op, PyObject *const *args, Py_ssize_t
         PyErr_NoMemory();
         goto out;
     }
-    if (rc && rc != FMM_ETOOBIG) {
+    if (rc && rc != FMM_ETOOBIG && rc != FMM_EREFUSED) {
         set_error(self->state, "set", rc, NULL, NULL);
         goto out;
     }
-    res = Py_BuildValue("(OIO)", rc == 0 ? Py_True : Py_False, exp, ec.list ? ec.list : Py_None);
+    /* stored: True, too big: False, refused by a tombstone: None */
+    res = Py_BuildValue("(OIO)", rc == 0 ? Py_True : rc == FMM_ETOOBIG ? Py_False : Py_None, exp,
+                        ec.list ? ec.list : Py_None);
     LOST_R(self, res);
 out:
     Py_XDECREF(ec.list);
@@ -2152,8 +2321,8 @@ out:
 
 PyDoc_STRVAR(cache__page_info_doc,
              "_page_info($self, page, /)\n--\n\n"
-             "Counters of one page: dict with num_slots, live, expired, deleted, data_start, free_data,\n"
-             "live_bytes, nreads, nhits.");
+             "Counters of one page: dict with num_slots, live, expired, tombstones, deleted, data_start,\n"
+             "free_data, live_bytes, nreads, nhits.");
 
 static PyObject *cache__page_info(PyObject *op, PyObject *arg)
 {
@@ -2172,8 +2341,8 @@ static PyObject *cache__page_info(PyObject *op, PyObject *arg)
     fmm_page_info i;
     fmm_page_info_get(self->c, (uint32_t)p, &i);
     UNLOCK(self, (uint32_t)p);
-    r = Py_BuildValue("{sIsIsIsIsIsIsIsIsI}", "num_slots", i.num_slots, "live", i.live, "expired", i.expired,
-                      "deleted", i.deleted, "data_start", i.data_start, "free_data", i.free_data, "live_bytes",
+    r = Py_BuildValue("{sIsIsIsIsIsIsIsIsIsI}", "num_slots", i.num_slots, "live", i.live, "expired", i.expired,
+                      "tombstones", i.tombstones, "deleted", i.deleted, "data_start", i.data_start, "free_data", i.free_data, "live_bytes",
                       i.live_bytes, "nreads", i.nreads, "nhits", i.nhits);
 out:
     LOST_R(self, r);
@@ -2271,17 +2440,23 @@ static PyObject *cache__open(PyObject *op, PyObject *const *args, Py_ssize_t nar
 
 PyDoc_STRVAR(cache__configure_doc,
              "_configure($self, default_expire, lock_timeout, ser_type, dumps, loads, comp_type, compress,\n"
-             "           decompress, compress_threshold, parse_expire, /)\n--\n\n"
+             "           decompress, compress_threshold, parse_expire, tombstone_expire, /)\n--\n\n"
              "Set value handling options (already validated by fastmmap.Cache).");
 
 static PyObject *cache__configure(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
     CacheObject *self = CacheObject_CAST(op);
-    if (nargs != 10)
-        return PyErr_Format(PyExc_TypeError, "_configure expected 10 arguments");
+    if (nargs != 11)
+        return PyErr_Format(PyExc_TypeError, "_configure expected 11 arguments");
     long long de = PyLong_AsLongLong(args[0]);
     if (de == -1 && PyErr_Occurred())
         return NULL;
+    long long te = de; /* tombstone_expire None: the default expiry */
+    if (args[10] != Py_None) {
+        te = PyLong_AsLongLong(args[10]);
+        if (te == -1 && PyErr_Occurred())
+            return NULL;
+    }
     double lt = -1;
     if (args[1] != Py_None) {
         lt = PyFloat_AsDouble(args[1]);
@@ -2294,6 +2469,7 @@ static PyObject *cache__configure(PyObject *op, PyObject *const *args, Py_ssize_
     if (PyErr_Occurred())
         return NULL;
     self->default_expire = de;
+    self->tombstone_expire = te;
     self->lock_timeout_ns = lt < 0 ? -1 : (int64_t)(lt * 1e9);
     self->ser_type = (uint32_t)ser;
     self->comp_type = (uint32_t)comp;
@@ -2370,7 +2546,8 @@ static PyMethodDef cache_methods[] = {
     {"get", (PyCFunction)(void (*)(void))cache_get, METH_FASTCALL, cache_get_doc},
     {"set", (PyCFunction)(void (*)(void))cache_set, METH_FASTCALL | METH_KEYWORDS, cache_set_doc},
     {"exists", cache_exists, METH_O, cache_exists_doc},
-    {"remove", cache_remove, METH_O, cache_remove_doc},
+    {"remove", (PyCFunction)(void (*)(void))cache_remove, METH_FASTCALL | METH_KEYWORDS, cache_remove_doc},
+    {"get_modseq", cache_get_modseq, METH_O, cache_get_modseq_doc},
     {"get_and_set", (PyCFunction)(void (*)(void))cache_get_and_set, METH_FASTCALL | METH_KEYWORDS,
      cache_get_and_set_doc},
     {"get_and_remove", (PyCFunction)(void (*)(void))cache_get_and_remove, METH_FASTCALL, cache_get_and_remove_doc},
@@ -2608,6 +2785,8 @@ static int fastmmap_exec(PyObject *mod)
         PyModule_AddIntConstant(mod, "C_CUSTOM", FMM_C_CUSTOM) < 0 ||
         PyModule_AddIntConstant(mod, "F_DIRTY", FMM_F_DIRTY) < 0 ||
         PyModule_AddIntConstant(mod, "F_KEYSTR", FMM_F_KEYSTR) < 0 ||
+        PyModule_AddIntConstant(mod, "F_MODSEQ", FMM_F_MODSEQ) < 0 ||
+        PyModule_AddIntConstant(mod, "T_TOMBSTONE", FMM_T_TOMBSTONE) < 0 ||
         PyModule_AddIntConstant(mod, "EXPIRE_NOW", (long)EXPIRE_NOW) < 0 ||
         PyModule_AddIntConstant(mod, "MAX_KEY_LEN", FMM_MAX_KEY_LEN) < 0 ||
         PyModule_AddIntConstant(mod, "MIN_PAGE_SIZE", FMM_MIN_PAGE_SIZE) < 0 ||

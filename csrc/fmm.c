@@ -81,6 +81,15 @@
 #define KLEN(kf) ((kf)&0xFFFFFFu)
 #define KFLAGS(kf) ((kf) >> 24)
 
+/* Modseq entries (fmm.h, "Modseq and tombstones"): the hot paths test the
+ * FMM_F_MODSEQ bit of the entry's validated snapshot (esnap.flags) and take
+ * the modseq work out of line, where the snapshot's vlen is checked to hold
+ * the modseq.  The 8-byte modseq is the start of the value area, copied
+ * with memcpy (values are not 8-aligned). */
+#define MODSEQ_LEN 8u
+#define TOMB_FLAGS (FMM_T_TOMBSTONE | FMM_F_MODSEQ)
+#define IS_TOMB(f) (((f) & (FMM_F_TYPE_MASK | FMM_F_MODSEQ)) == TOMB_FLAGS)
+
 /* ---------- On-disk structures ---------- */
 
 typedef struct file_header {
@@ -329,13 +338,17 @@ const char *fmm_strerror(int rc)
     case FMM_EREPLACED:
         return "the cache file was deleted, replaced or truncated under this handle; reopen the cache";
     case FMM_ETOOMANY: return "this thread holds page locks in too many caches";
+    case FMM_EREFUSED: return "store refused by the modseq rules (a tombstone or a newer modseq holds the key)";
+    case FMM_ENOCHANGE: return "an entry with an equal or newer modseq was kept";
     default: return rc > 0 ? strerror(rc) : "unknown fastmmap error";
     }
 }
 
 /* ---------- Entry access, bounds-checked ---------- */
 
-/* An entry as validated: its fields read once (see RD). */
+/* An entry as validated: its fields read once (see RD).  Everything that
+ * sizes or places an access to the entry (lengths, the modseq flag) comes
+ * from here after validation, never from the entry header again. */
 typedef struct esnap {
     entry *e;
     uint32_t klen, vlen, flags, size; /* size: rounded total length */
@@ -347,11 +360,14 @@ static inline int ns_ok(const fmm_cache *c, uint32_t ns)
     return is_pow2(ns) && ns >= MIN_SLOTS && ns <= c->max_slots;
 }
 
-/* Validate the entry a live slot points at and snapshot its lengths.
- * Never reads outside [data_start, free_data), and free_data is checked
- * against the page size here too: the header may have changed since the
- * lock validated it. */
-static inline int entry_ok(const fmm_cache *c, page_hdr *ph, uint32_t slot, esnap *sn)
+/* Validate the bounds of the entry a live slot points at and snapshot its
+ * lengths.  Never reads outside [data_start, free_data), and free_data is
+ * checked against the page size here too: the header may have changed
+ * since the lock validated it.  entry_ok also rejects a modseq entry too
+ * short to hold its modseq; find_slot leaves that to the callers that read
+ * the modseq or hand the entry out (in their modseq branches, off the hot
+ * path), checking the snapshot. */
+static inline int entry_bounds_ok(const fmm_cache *c, page_hdr *ph, uint32_t slot, esnap *sn)
 {
     uint32_t off = (slot & c->offmask) << 2;
     uint32_t fd = RD(ph->free_data);
@@ -372,13 +388,34 @@ static inline int entry_ok(const fmm_cache *c, page_hdr *ph, uint32_t slot, esna
     return 1;
 }
 
+/* A modseq entry's value area starts with its 8-byte modseq: a snapshot
+ * with FMM_F_MODSEQ and a vlen below 8 is corrupt. */
+static inline int sn_modseq_short(const esnap *sn) { return (sn->flags & FMM_F_MODSEQ) && sn->vlen < MODSEQ_LEN; }
+
+static inline int entry_ok(const fmm_cache *c, page_hdr *ph, uint32_t slot, esnap *sn)
+{
+    return entry_bounds_ok(c, ph, slot, sn) && !sn_modseq_short(sn);
+}
+
 static inline int expired(const entry *e, uint32_t now)
 {
     uint32_t x = RD(e->expire_on);
     return x && now >= x;
 }
 
-static inline void fill_item(fmm_item *it, const esnap *sn)
+static inline int sn_is_tomb(const esnap *sn) { return IS_TOMB(sn->flags); }
+
+/* The modseq of a modseq entry: the snapshot's vlen was checked >= 8, so
+ * the 8 bytes lie inside the validated entry. */
+static inline uint64_t sn_modseq(const esnap *sn)
+{
+    return rd64((const unsigned char *)(sn->e + 1) + sn->klen);
+}
+
+/* Fill an item from a validated snapshot; `ms` says whether the entry has
+ * a modseq (a constant where the caller knows, so that the hot path has no
+ * modseq test; with ms, the caller checked sn->vlen >= 8). */
+static inline __attribute__((always_inline)) void fill_item_ms(fmm_item *it, const esnap *sn, int ms)
 {
     const entry *e = sn->e;
     const char *k = (const char *)(e + 1);
@@ -390,6 +427,18 @@ static inline void fill_item(fmm_item *it, const esnap *sn)
     it->expire_on = e->expire_on;
     it->access = e->access;
     it->last_access = e->last_access;
+    it->modseq = 0;
+    if (ms) {
+        it->modseq = rd64((const unsigned char *)it->val);
+        it->val += MODSEQ_LEN;
+        it->vlen -= MODSEQ_LEN;
+    }
+}
+
+/* For snapshots from entry_ok (a modseq entry has its 8 bytes). */
+static inline void fill_item(fmm_item *it, const esnap *sn)
+{
+    fill_item_ms(it, sn, (sn->flags & FMM_F_MODSEQ) != 0);
 }
 
 /* Home index of a hash in a table of num_slots: the top bits of the low
@@ -770,7 +819,10 @@ int fmm_unlock(fmm_cache *c, uint32_t page)
 /* Find the slot of a key.  Returns the slot index or -1.  *ins (if not
  * NULL) receives the slot to insert into: the first deleted slot seen, or
  * the empty slot that ended the probe (-1 if the table has none).  Returns
- * -2 if a corrupt slot was found (the caller repairs the page). */
+ * -2 if a corrupt slot was found (the caller repairs the page).  On a hit,
+ * *found is the entry's bounds-checked snapshot; a modseq entry in it may
+ * still be too short for its modseq (callers check sn_modseq_short in
+ * their modseq branches). */
 static inline long find_slot(const fmm_cache *c, page_hdr *ph, uint32_t lo, const void *key, uint32_t klen,
                              long *ins, esnap *found)
 {
@@ -796,7 +848,7 @@ static inline long find_slot(const fmm_cache *c, page_hdr *ph, uint32_t lo, cons
         }
         if ((s & ~c->offmask) != tag)
             continue;
-        if (UNLIKELY(!entry_ok(c, ph, s, found)))
+        if (UNLIKELY(!entry_bounds_ok(c, ph, s, found)))
             return -2;
         if (found->klen == klen && memcmp(found->e + 1, key, klen) == 0) {
             if (ins)
@@ -809,24 +861,12 @@ static inline long find_slot(const fmm_cache *c, page_hdr *ph, uint32_t lo, cons
     return -1;
 }
 
-int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, int touch,
-            fmm_item *out)
+/* fmm_get after the key was found: expiry, LRU touch, the item. */
+static inline __attribute__((always_inline)) int get_found(fmm_cache *c, page_hdr *ph, const esnap *sn, int touch,
+                                                           fmm_item *out, int ms)
 {
-    if (UNLIKELY(c->perl))
-        return pfm_get(c->perl, page, hash, key, klen, touch, out);
-    page_hdr *ph = PH(c, page);
-    esnap sn;
-    long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &sn);
-    if (UNLIKELY(idx == -2)) {
-        repair_page(c, ph, "slot points outside the page's data");
-        return FMM_ENOTFOUND;
-    }
-    entry *e = sn.e;
+    entry *e = sn->e;
     int do_touch = touch & FMM_GET_TOUCH;
-    if (do_touch && c->stats)
-        ph->nreads++;
-    if (idx < 0)
-        return FMM_ENOTFOUND;
     uint32_t now = 0;
     if (e->expire_on || do_touch)
         now = fmm_now(c);
@@ -841,8 +881,44 @@ int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
         e->access = ++ph->clock;
         e->last_access = now;
     }
-    fill_item(out, &sn);
+    fill_item_ms(out, sn, ms);
     return 0;
+}
+
+/* The same for an entry with a modseq, out of the hot path.  The snapshot
+ * is passed by value: a pointer to fmm_get's would keep it in memory on
+ * the hot path too. */
+static __attribute__((noinline)) int get_found_ms(fmm_cache *c, page_hdr *ph, esnap sn, int touch, fmm_item *out)
+{
+    if (UNLIKELY(sn_modseq_short(&sn))) {
+        repair_page(c, ph, "modseq entry too short for its modseq");
+        return FMM_ENOTFOUND;
+    }
+    if (sn_is_tomb(&sn) && !(touch & FMM_GET_TOMBSTONE))
+        return FMM_ENOTFOUND;
+    return get_found(c, ph, &sn, touch, out, 1);
+}
+
+int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, int touch,
+            fmm_item *out)
+{
+    if (UNLIKELY(c->perl))
+        return pfm_get(c->perl, page, hash, key, klen, touch, out);
+    page_hdr *ph = PH(c, page);
+    esnap sn;
+    long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &sn);
+    if (UNLIKELY(idx == -2)) {
+        repair_page(c, ph, "slot points outside the page's data");
+        return FMM_ENOTFOUND;
+    }
+    int do_touch = touch & FMM_GET_TOUCH;
+    if (do_touch && c->stats)
+        ph->nreads++;
+    if (idx < 0)
+        return FMM_ENOTFOUND;
+    if (UNLIKELY(sn.flags & FMM_F_MODSEQ))
+        return get_found_ms(c, ph, sn, touch, out);
+    return get_found(c, ph, &sn, touch, out, 0);
 }
 
 /* ---------- Compaction and eviction ---------- */
@@ -906,9 +982,11 @@ static uint32_t slots_min(uint32_t n)
 }
 static int64_t cap_for(const fmm_cache *c, uint32_t ns) { return (int64_t)c->page_size - data_start(ns); }
 
+/* Tombstones are never reported: they hold no value to write back.  `sn`
+ * comes from entry_ok (or a kept record of one). */
 static void report(fmm_evict_fn fn, void *ctx, const esnap *sn)
 {
-    if (fn && (sn->flags & FMM_F_DIRTY)) {
+    if (fn && (sn->flags & FMM_F_DIRTY) && !sn_is_tomb(sn)) {
         fmm_item it;
         fill_item(&it, sn);
         fn(ctx, &it);
@@ -1056,14 +1134,46 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
     return 0;
 }
 
-int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
-            uint32_t vlen, uint32_t flags, uint32_t expire_on, fmm_evict_fn evict, void *ctx)
+/* The modseq rules of fmm.h against `old`, an existing entry that carries
+ * a modseq: 0 (store), FMM_EREFUSED or FMM_ENOCHANGE.  Out of line: only
+ * entries with a modseq get here. */
+static __attribute__((noinline)) int modseq_rule(fmm_cache *c, esnap old, uint32_t flags, uint64_t modseq)
 {
-    if (UNLIKELY(c->perl))
-        return pfm_set(c->perl, page, hash, key, klen, val, vlen, flags, expire_on, 0, evict, ctx);
+    /* `old` by value: a pointer to set_impl's snapshot would keep it in
+     * memory on the hot path too.  Its vlen was checked >= 8. */
+    uint32_t x = RD(old.e->expire_on);
+    if (x && fmm_now(c) >= x)
+        return 0; /* an expired entry never blocks a store */
+    uint64_t old_ms = sn_modseq(&old);
+    if (IS_TOMB(flags))
+        return modseq <= old_ms ? FMM_ENOCHANGE : 0;
+    if (!(flags & FMM_F_MODSEQ))
+        return sn_is_tomb(&old) ? FMM_EREFUSED : 0; /* a plain set drops a value's modseq */
+    return modseq < old_ms ? FMM_EREFUSED : 0;
+}
+
+/* Write an entry's value area: the modseq (if any), then the value.  The
+ * value first: `val` may overlap the old value of the same entry. */
+static inline void put_value(char *vp, const void *val, uint32_t vlen, uint32_t mslen, uint64_t modseq)
+{
+    if (vlen)
+        memmove(vp + mslen, val, vlen);
+    if (mslen)
+        memcpy(vp, &modseq, MODSEQ_LEN);
+}
+
+/* fmm_set and fmm_set_ms.  Inlined into both so that fmm_set, whose flags
+ * never carry FMM_F_MODSEQ, compiles without the modseq arithmetic. */
+static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t page, uint64_t hash,
+                                                          const void *key, uint32_t klen, const void *val,
+                                                          uint32_t vlen, uint32_t flags, uint32_t expire_on,
+                                                          uint64_t modseq, fmm_evict_fn evict, void *ctx)
+{
+    uint32_t mslen = (flags & FMM_F_MODSEQ) ? MODSEQ_LEN : 0;
     if (klen > FMM_MAX_KEY_LEN)
         return FMM_ETOOBIG;
-    uint64_t need = ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + vlen);
+    uint64_t svlen = (uint64_t)vlen + mslen; /* the stored vlen */
+    uint64_t need = ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + svlen);
     if (need > fmm_max_item(c))
         return FMM_ETOOBIG;
     page_hdr *ph = PH(c, page);
@@ -1079,6 +1189,19 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
                 return FMM_ECORRUPT; /* someone keeps writing the page under our lock */
             repair_page(c, ph, "slot points outside the page's data");
             continue;
+        }
+        /* The rules, before anything changes (after a rebuild the old
+         * entry is gone, dropped by it). */
+        if (idx >= 0 && UNLIKELY(sn.flags & FMM_F_MODSEQ)) {
+            if (UNLIKELY(sn_modseq_short(&sn))) {
+                if (++repaired > 4)
+                    return FMM_ECORRUPT;
+                repair_page(c, ph, "modseq entry too short for its modseq");
+                continue;
+            }
+            int rc = modseq_rule(c, sn, flags, modseq);
+            if (rc)
+                return rc;
         }
         /* Replacing an expired dirty entry (e.g. by read-through): it was
          * never written back, so report it like any other reclaimed one. */
@@ -1096,10 +1219,9 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
             old->access = ++ph->clock;
             old->last_access = now;
             old->expire_on = expire_on;
-            old->klen_flags = klen | ((flags & 0xFFu) << 24);
-            old->vlen = vlen;
-            if (vlen)
-                memmove((char *)(old + 1) + klen, val, vlen);
+            old->klen_flags = klen | (flags << 24);
+            old->vlen = (uint32_t)svlen;
+            put_value((char *)(old + 1) + klen, val, vlen, mslen, modseq);
             BARRIER();
             ph->dirty = 0;
             return 0;
@@ -1132,11 +1254,10 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
         e->access = ++ph->clock;
         e->last_access = now;
         e->expire_on = expire_on;
-        e->klen_flags = klen | ((flags & 0xFFu) << 24);
-        e->vlen = vlen;
+        e->klen_flags = klen | (flags << 24);
+        e->vlen = (uint32_t)svlen;
         memcpy(e + 1, key, klen);
-        if (vlen)
-            memcpy((char *)(e + 1) + klen, val, vlen);
+        put_value((char *)(e + 1) + klen, val, vlen, mslen, modseq);
         ph->free_data = off + (uint32_t)need;
         uint32_t sv = (lo & ~c->offmask) | (off >> 2);
         uint32_t *slots = SLOTS(ph);
@@ -1154,15 +1275,23 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
     }
 }
 
+int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
+            uint32_t vlen, uint32_t flags, uint32_t expire_on, fmm_evict_fn evict, void *ctx)
+{
+    /* FMM_F_MODSEQ is ignored (fmm.h): masked for both formats */
+    if (UNLIKELY(c->perl))
+        return pfm_set(c->perl, page, hash, key, klen, val, vlen, flags & 0x7Fu, expire_on, 0, evict, ctx);
+    return set_impl(c, page, hash, key, klen, val, vlen, flags & 0x7Fu, expire_on, 0, evict, ctx);
+}
+
 int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
                uint32_t vlen, uint32_t flags, uint32_t expire_on, uint64_t modseq, fmm_evict_fn evict, void *ctx)
 {
     if (UNLIKELY(c->perl))
         return pfm_set(c->perl, page, hash, key, klen, val, vlen, flags, expire_on, modseq, evict, ctx);
-    /* native modseq support is not built yet */
-    if ((flags & FMM_F_MODSEQ) || (flags & FMM_F_TYPE_MASK) == FMM_T_TOMBSTONE)
-        return FMM_EBADARG;
-    return fmm_set(c, page, hash, key, klen, val, vlen, flags, expire_on, evict, ctx);
+    if (IS_TOMB(flags & 0xFFu) && vlen)
+        return FMM_EBADARG; /* a tombstone has no value */
+    return set_impl(c, page, hash, key, klen, val, vlen, flags & 0xFFu, expire_on, modseq, evict, ctx);
 }
 
 int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, uint32_t *old_flags)
@@ -1183,7 +1312,8 @@ int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint
         repair_page(c, ph, "live count is zero but a slot holds an entry");
         return FMM_ENOTFOUND;
     }
-    int was_expired = expired(e, fmm_now(c));
+    /* an expired entry or a tombstone is removed all the same, but was not there */
+    int was_expired = expired(e, fmm_now(c)) || sn_is_tomb(&sn);
     if (old_flags)
         *old_flags = sn.flags;
     ph->dirty = 1;
@@ -1228,7 +1358,7 @@ int fmm_page_foreach(fmm_cache *c, uint32_t page, fmm_visit_fn fn, void *ctx)
             repair_page(c, ph, "slot points outside the page's data");
             return 0;
         }
-        if (expired(sn.e, now))
+        if (expired(sn.e, now) || sn_is_tomb(&sn))
             continue;
         fmm_item it;
         fill_item(&it, &sn);
@@ -1266,10 +1396,13 @@ void fmm_page_info_get(fmm_cache *c, uint32_t page, fmm_page_info *info)
         if (!entry_ok(c, ph, s, &sn))
             continue;
         info->live++;
-        if (expired(sn.e, now))
+        if (expired(sn.e, now)) {
             info->expired++;
-        else
+        } else {
             info->live_bytes += sn.size;
+            if (sn_is_tomb(&sn))
+                info->tombstones++;
+        }
     }
 }
 
@@ -1340,8 +1473,19 @@ static int deep_check(fmm_cache *c, uint32_t page, char *msg, size_t msglen)
             continue;
         }
         esnap sn;
-        if (!entry_ok(c, ph, s, &sn)) {
+        if (!entry_bounds_ok(c, ph, s, &sn)) {
             set_detail(msg, msglen, "page %u: slot %u points outside the data area (0x%08x)", page, i, s);
+            rc = FMM_ECORRUPT;
+            break;
+        }
+        if (sn_modseq_short(&sn)) {
+            set_detail(msg, msglen, "page %u: slot %u: modseq entry with a value of %u bytes (< 8)", page, i,
+                       sn.vlen);
+            rc = FMM_ECORRUPT;
+            break;
+        }
+        if (sn_is_tomb(&sn) && sn.vlen != MODSEQ_LEN) {
+            set_detail(msg, msglen, "page %u: slot %u: tombstone with a value", page, i);
             rc = FMM_ECORRUPT;
             break;
         }

@@ -157,7 +157,20 @@ extern "C" {
  *   anything else                                   -> stored
  * Native format: the modseq is the first 8 bytes of the value area (the
  * stored vlen includes them); Perl format: likewise, as 1.63 stores it
- * (FC_HASMODSEQ, FC_TOMBSTONE).  fmm_item.val/vlen never include it. */
+ * (FC_HASMODSEQ, FC_TOMBSTONE).  fmm_item.val/vlen never include it.
+ *
+ * Native format details: an entry is a tombstone only with both
+ * FMM_T_TOMBSTONE and FMM_F_MODSEQ (without the modseq, type 6 is opaque
+ * value bits, as every type is to the engine, and fmm_set_ms stores it as
+ * an ordinary value).  The Perl format has no opaque type bits (the type is
+ * mapped to Perl's flag bits): there, fmm_set_ms and fmm_set refuse type
+ * FMM_T_TOMBSTONE without FMM_F_MODSEQ with FMM_EBADARG.  An entry with FMM_F_MODSEQ
+ * and a stored vlen below 8, or a tombstone with a value, is corrupt (fmm_check_page reports it; a lookup that meets the former
+ * repairs the page).  The size limits (FMM_ETOOBIG) are checked before the
+ * rules; a stored tombstone takes 8 value bytes.  Tombstones are ordinary
+ * entries for eviction (least recently used first) and expiry, but they are
+ * invisible to fmm_get (without FMM_GET_TOMBSTONE), fmm_page_foreach and
+ * the eviction callback, and fmm_delete removes one as FMM_ENOTFOUND. */
 
 typedef struct fmm_cache fmm_cache;
 
@@ -209,6 +222,8 @@ typedef struct fmm_page_info {
     uint32_t live_bytes;  /* bytes of live, unexpired entries */
     uint32_t nreads;
     uint32_t nhits;
+    uint32_t tombstones;  /* of the live, unexpired entries, tombstones (invisible:
+                             live - expired - tombstones entries can be read) */
 } fmm_page_info;
 
 /* Called for each entry removed by eviction, expiry reclaim or expunge
@@ -339,8 +354,10 @@ int fmm_held(const fmm_cache *c, uint32_t page);
  * @param[in] touch  FMM_GET_* bits: FMM_GET_TOUCH makes a hit update the
  *                   entry's LRU position (and the statistics when
  *                   enabled); 0 is a pure peek.  FMM_GET_EXPIRED returns
- *                   expired entries too.
- * @return 0 with *out filled, or FMM_ENOTFOUND (absent or expired).
+ *                   expired entries too.  FMM_GET_TOMBSTONE returns
+ *                   tombstones too (vlen 0, out->modseq set).
+ * @return 0 with *out filled, or FMM_ENOTFOUND (absent, expired or a
+ *         tombstone).
  */
 int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash,
             const void *key, uint32_t klen, int touch, fmm_item *out);
@@ -352,7 +369,8 @@ int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash,
  * The old entry for the key, if any, is replaced only once the new one is
  * known to fit: on FMM_ETOOBIG nothing changes.
  *
- * @param[in] flags      entry flags (FMM_F_*), 8 bits.
+ * @param[in] flags      entry flags (FMM_F_*), 8 bits; FMM_F_MODSEQ is ignored
+ *                       (use fmm_set_ms), so no tombstone is stored.
  * @param[in] expire_on  absolute unix seconds, 0 = never.
  * @param[in] evict      called for dirty entries removed to make room (may be NULL).
  * @return 0 or FMM_ETOOBIG; FMM_EREFUSED if an unexpired tombstone holds
@@ -371,8 +389,9 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash,
  *                    fmm_set, except that an existing unexpired tombstone
  *                    refuses the store.
  * @return 0 (stored), FMM_ENOCHANGE (accepted, existing entry kept),
- *         FMM_EREFUSED (refused, nothing changed), FMM_ETOOBIG or
- *         FMM_EBADARG.
+ *         FMM_EREFUSED (refused, nothing changed), FMM_ETOOBIG, or
+ *         FMM_EBADARG (a tombstone with vlen > 0; Perl format: also type
+ *         FMM_T_TOMBSTONE without FMM_F_MODSEQ).
  */
 int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash,
                const void *key, uint32_t klen, const void *val, uint32_t vlen,
@@ -382,8 +401,8 @@ int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash,
 /**
  * @brief Delete a key from a locked page.
  * @param[out] old_flags  flags of the deleted entry (may be NULL).
- * @return 0, or FMM_ENOTFOUND if absent or expired (an expired entry is
- *         deleted all the same).
+ * @return 0, or FMM_ENOTFOUND if absent, expired or a tombstone (an
+ *         expired entry or a tombstone is deleted all the same).
  */
 int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash,
                const void *key, uint32_t klen, uint32_t *old_flags);

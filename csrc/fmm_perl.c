@@ -790,10 +790,13 @@ void pfm_page_info_get(pfm_cache *p, uint32_t page, fmm_page_info *info)
         if (!e)
             continue;
         info->live++;
-        if (is_expired(e, now))
+        if (is_expired(e, now)) {
             info->expired++;
-        else
+        } else {
             info->live_bytes += (uint32_t)ROUND4(E_HDR + (uint64_t)e->klen + e->vlen);
+            if (e->flags & FC_TOMBSTONE) /* unexpired only, as the native count */
+                info->tombstones++;
+        }
     }
 }
 

@@ -46,6 +46,12 @@
  *   - every item handed out (get, foreach, eviction callback) lies inside
  *     its page;
  *   - a set that returns 0 is immediately readable with the same bytes;
+ *     a store with a modseq (flag byte bit 0x80; type 6 with it: a
+ *     tombstone) returns what the modseq rules of fmm.h give for the entry
+ *     a peek under the same lock found, and a refused store (or one that
+ *     kept an equal or newer entry) leaves that entry as it was;
+ *   - tombstones are never handed out by fmm_get without
+ *     FMM_GET_TOMBSTONE, by foreach or to the eviction callback;
  *     expunge(ALL) and init_page leave a page that passes fmm_check_page;
  *   - while the file has not been damaged: every page passes
  *     fmm_check_page after every operation, no page is ever repaired, and
@@ -179,13 +185,18 @@ static char g_dir[256];
 static char g_path[300];
 static pthread_mutex_t g_mutex_template; /* what a fresh page mutex looks like */
 static uint8_t g_val[4 * MAX_PS];
+static uint8_t g_old[MAX_PS]; /* the value a store found, to check a refusal left it */
 static uint8_t g_key[2 * MAX_PS];
 
 typedef struct {
-    int present;
+    int present;              /* a value, or a tombstone (flags say which) */
     uint32_t vlen, flags, expire_on;
     uint8_t fill;
+    uint64_t modseq;          /* when flags & FMM_F_MODSEQ */
 } model_t;
+
+#define TOMB_FLAGS (FMM_T_TOMBSTONE | FMM_F_MODSEQ)
+#define IS_TOMB(f) (((f) & (FMM_F_TYPE_MASK | FMM_F_MODSEQ)) == TOMB_FLAGS)
 
 static struct {
     fmm_cache *c;
@@ -320,7 +331,11 @@ static void check_item(uint32_t p, const fmm_item *it, const char *who)
     const unsigned char *lo = page_ptr(p) + FMM_PAGE_HEADER_SIZE, *hi = page_ptr(p) + S.ps;
     const unsigned char *k = (const unsigned char *)it->key, *v = (const unsigned char *)it->val;
     EXPECT(k >= lo && k <= hi && it->klen <= (size_t)(hi - k), "%s: key outside page %u", who, p);
-    EXPECT(v == k + it->klen, "%s: value does not follow the key", who);
+    EXPECT(v == k + it->klen + (it->flags & FMM_F_MODSEQ ? 8 : 0), "%s: value does not follow the key (and modseq)",
+           who);
+    EXPECT((it->flags & FMM_F_MODSEQ) || it->modseq == 0, "%s: modseq %llu without the flag", who,
+           (unsigned long long)it->modseq);
+    EXPECT(!IS_TOMB(it->flags) || it->vlen == 0, "%s: tombstone with a %u-byte value", who, it->vlen);
     EXPECT(it->vlen <= (size_t)(hi - v), "%s: value runs past page %u", who, p);
     EXPECT(it->flags <= 0xFF, "%s: flags 0x%x", who, it->flags);
     /* Touch every byte: ASan reports a poisoned one. */
@@ -338,6 +353,8 @@ static void check_item(uint32_t p, const fmm_item *it, const char *who)
     EXPECT(it->vlen == m->vlen && it->flags == m->flags && it->expire_on == m->expire_on,
            "%s: key %d is (vlen %u flags 0x%x expire %u), stored (vlen %u flags 0x%x expire %u)", who, ki, it->vlen,
            it->flags, it->expire_on, m->vlen, m->flags, m->expire_on);
+    EXPECT(it->modseq == (m->flags & FMM_F_MODSEQ ? m->modseq : 0), "%s: key %d has modseq %llu, stored %llu", who,
+           ki, (unsigned long long)it->modseq, (unsigned long long)m->modseq);
     for (uint32_t i = 0; i < it->vlen; i++)
         EXPECT(v[i] == m->fill, "%s: key %d value byte %u is 0x%02x, stored 0x%02x", who, ki, i, v[i], m->fill);
 }
@@ -353,6 +370,7 @@ static void on_evict(void *ctx, const fmm_item *it)
     visit_ctx *v = ctx;
     check_item(v->page, it, "evict callback");
     EXPECT(it->flags & FMM_F_DIRTY, "evict callback for a clean entry");
+    EXPECT(!IS_TOMB(it->flags), "evict callback for a tombstone");
     int ki = key_index(it->key, it->klen);
     if (ki >= 0)
         S.model[ki].present = 0;
@@ -364,6 +382,7 @@ static int on_visit(void *ctx, const fmm_item *it)
     visit_ctx *v = ctx;
     check_item(v->page, it, "foreach");
     EXPECT(!(it->expire_on && S.now >= it->expire_on), "foreach visited an expired entry");
+    EXPECT(!IS_TOMB(it->flags), "foreach visited a tombstone");
     v->seen++;
     EXPECT(v->seen <= S.ps / 4, "foreach visited %u entries", v->seen);
     return v->stop_after && v->seen >= v->stop_after ? 7 : 0;
@@ -431,32 +450,80 @@ static void unlock_page(uint32_t p)
 
 /* ---------- Operations ---------- */
 
+/* The modseq rules of fmm.h, written again from the table: what a store
+ * (flags, modseq) over the existing entry `old` returns. */
+static int expected_rule(const fmm_item *old, uint32_t flags, uint64_t modseq)
+{
+    if (!(old->flags & FMM_F_MODSEQ) || (old->expire_on && S.now >= old->expire_on))
+        return 0;
+    int old_tomb = IS_TOMB(old->flags);
+    if (IS_TOMB(flags))
+        return modseq <= old->modseq ? FMM_ENOCHANGE : 0;
+    if (!(flags & FMM_F_MODSEQ))
+        return old_tomb ? FMM_EREFUSED : 0;
+    return modseq < old->modseq ? FMM_EREFUSED : 0;
+}
+
+/* Store under the locked page p: with fmm_set_ms if flags has FMM_F_MODSEQ
+ * (type 6 then makes a tombstone, whose value is dropped unless vlen % 7 is
+ * 3, to reach FMM_EBADARG), else fmm_set. */
 static void do_set(uint32_t p, uint64_t hash, const uint8_t *key, uint32_t klen, uint32_t vlen, uint32_t flags,
-                   uint32_t expire_on, int ki)
+                   uint32_t expire_on, uint64_t modseq, int ki)
 {
     uint8_t fill = S.seq++;
+    int ms = (flags & FMM_F_MODSEQ) != 0;
+    int tomb = IS_TOMB(flags);
+    if (tomb && vlen % 7 != 3)
+        vlen = 0;
+    if (!ms)
+        modseq = 0;
     memset(g_val, fill, vlen);
     visit_ctx ev = {p, 0, 0};
-    uint64_t need = ((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + vlen + 3) & ~(uint64_t)3;
-    int rc = fmm_set(S.c, p, hash, key, klen, g_val, vlen, flags, expire_on, on_evict, &ev);
-    if (need > fmm_max_item(S.c)) {
-        EXPECT(rc == FMM_ETOOBIG, "fmm_set of %llu bytes (max %u): %d", (unsigned long long)need,
-               fmm_max_item(S.c), rc);
+    uint64_t need = ((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + vlen + (ms ? 8 : 0) + 3) & ~(uint64_t)3;
+    /* what is there now (a peek: no LRU change), for the rules */
+    fmm_item old;
+    int have = fmm_get(S.c, p, hash, key, klen, FMM_GET_EXPIRED | FMM_GET_TOMBSTONE, &old) == 0;
+    if (have) {
+        check_item(p, &old, "peek before set");
+        memcpy(g_old, old.val, old.vlen);
+    }
+    int want = tomb && vlen ? FMM_EBADARG
+               : need > fmm_max_item(S.c) ? FMM_ETOOBIG
+               : have ? expected_rule(&old, flags, modseq)
+               : 0;
+    int rc = ms ? fmm_set_ms(S.c, p, hash, key, klen, g_val, vlen, flags, expire_on, modseq, on_evict, &ev)
+                : fmm_set(S.c, p, hash, key, klen, g_val, vlen, flags, expire_on, on_evict, &ev);
+    TRACE("set key %d (flags 0x%x modseq %llu vlen %u, %s): %d, want %d\n", ki, flags, (unsigned long long)modseq,
+          vlen, have ? "over an entry" : "new", rc, want);
+    EXPECT(rc == want, "fmm_set%s of %llu bytes (max %u), flags 0x%x modseq %llu over %s: %d %s, want %d", ms ? "_ms" : "",
+           (unsigned long long)need, fmm_max_item(S.c), flags, (unsigned long long)modseq,
+           have ? "an entry" : "nothing", rc, fmm_strerror(rc), want);
+    fmm_item it;
+    if (rc != 0) {
+        /* nothing changed */
+        int now_have = fmm_get(S.c, p, hash, key, klen, FMM_GET_EXPIRED | FMM_GET_TOMBSTONE, &it) == 0;
+        EXPECT(now_have == have, "a refused store changed whether the key is there");
+        if (have) {
+            check_item(p, &it, "get after a refused set");
+            EXPECT(it.vlen == old.vlen && it.flags == old.flags && it.modseq == old.modseq &&
+                       it.expire_on == old.expire_on && memcmp(it.val, g_old, it.vlen) == 0,
+                   "a refused store changed the entry");
+        }
         return;
     }
-    EXPECT(rc == 0, "fmm_set of %llu bytes (max %u): %d %s", (unsigned long long)need, fmm_max_item(S.c), rc,
-           fmm_strerror(rc));
-    if (ki >= 0) {
-        S.model[ki] = (model_t){1, vlen, flags, expire_on, fill};
-    }
-    fmm_item it;
-    rc = fmm_get(S.c, p, hash, key, klen, FMM_GET_EXPIRED, &it);
+    if (ki >= 0)
+        S.model[ki] = (model_t){1, vlen, flags, expire_on, fill, modseq};
+    rc = fmm_get(S.c, p, hash, key, klen, FMM_GET_EXPIRED | FMM_GET_TOMBSTONE, &it);
     EXPECT(rc == 0, "key just stored is not found: %d", rc);
     check_item(p, &it, "get after set");
     EXPECT(it.klen == klen && memcmp(it.key, key, klen) == 0, "get after set: another key");
-    EXPECT(it.vlen == vlen && it.flags == flags && it.expire_on == expire_on, "get after set: other metadata");
+    EXPECT(it.vlen == vlen && it.flags == flags && it.expire_on == expire_on && it.modseq == modseq,
+           "get after set: other metadata");
     for (uint32_t i = 0; i < vlen; i++)
         EXPECT((uint8_t)it.val[i] == fill, "get after set: value byte %u", i);
+    if (tomb)
+        EXPECT(fmm_get(S.c, p, hash, key, klen, FMM_GET_EXPIRED, &it) == FMM_ENOTFOUND,
+               "a tombstone read without FMM_GET_TOMBSTONE");
 }
 
 static uint32_t pick_key(rd_t *r, uint8_t *buf, int *ki)
@@ -498,9 +565,14 @@ static void op_key(rd_t *r, int kind, uint8_t op)
         uint32_t vlen = value_len(u8(r));
         uint32_t flags = u8(r);
         uint32_t expire_on = pick_expire(u8(r));
-        do_set(p, hash, key, klen, vlen, flags, expire_on, ki);
+        uint64_t modseq = 0;
+        if (flags & FMM_F_MODSEQ) { /* small numbers, so that they compare; sometimes the extremes */
+            uint8_t m = u8(r);
+            modseq = m < 240 ? m % 16 : m & 1 ? UINT64_MAX - (m & 7) : (1ull << 63) + (m & 7);
+        }
+        do_set(p, hash, key, klen, vlen, flags, expire_on, modseq, ki);
     } else if (kind == 1) { /* get */
-        int touch = u8(r) & 3;
+        int touch = u8(r) & 7;
         fmm_item it;
         int rc = fmm_get(S.c, p, hash, key, klen, touch, &it);
         EXPECT(rc == 0 || rc == FMM_ENOTFOUND, "fmm_get: %d", rc);
@@ -509,18 +581,25 @@ static void op_key(rd_t *r, int kind, uint8_t op)
             EXPECT(it.klen == klen && memcmp(it.key, key, klen) == 0, "get returned another key");
             if (!(touch & FMM_GET_EXPIRED))
                 EXPECT(!(it.expire_on && S.now >= it.expire_on), "get returned an expired entry");
+            if (!(touch & FMM_GET_TOMBSTONE))
+                EXPECT(!IS_TOMB(it.flags), "get returned a tombstone");
         }
     } else { /* delete */
         uint32_t old_flags = 0xdead;
+        fmm_item old;
+        int have = fmm_get(S.c, p, hash, key, klen, FMM_GET_EXPIRED | FMM_GET_TOMBSTONE, &old) == 0;
+        int gone = !have || (old.expire_on && S.now >= old.expire_on) || IS_TOMB(old.flags);
         int rc = fmm_delete(S.c, p, hash, key, klen, &old_flags);
         EXPECT(rc == 0 || rc == FMM_ENOTFOUND, "fmm_delete: %d", rc);
+        if (S.clean) /* expired entries and tombstones are removed as "not found" */
+            EXPECT(rc == (gone ? FMM_ENOTFOUND : 0), "fmm_delete of %s: %d", have ? "an entry" : "nothing", rc);
         if (rc == 0)
             EXPECT(old_flags <= 0xFF, "fmm_delete: old flags 0x%x", old_flags);
         if (ki >= 0)
             S.model[ki].present = 0;
         fmm_item it;
         if (S.clean)
-            EXPECT(fmm_get(S.c, p, hash, key, klen, FMM_GET_EXPIRED, &it) == FMM_ENOTFOUND,
+            EXPECT(fmm_get(S.c, p, hash, key, klen, FMM_GET_EXPIRED | FMM_GET_TOMBSTONE, &it) == FMM_ENOTFOUND,
                    "key found after delete");
     }
     unlock_page(p);
@@ -540,7 +619,7 @@ static void op_fill(rd_t *r)
         if (lock_page(p, 0))
             continue;
         do_set(p, hash, key, klen, value_len((uint8_t)(vb + i * 13) % 200), (fb + i) & 0xFF,
-               i % 4 == 0 ? pick_expire(eb) : 0, (int)k);
+               i % 4 == 0 ? pick_expire(eb) : 0, (uint64_t)((eb + i) & 7), (int)k);
         unlock_page(p);
     }
 }
@@ -598,11 +677,11 @@ static void op_page(rd_t *r, int kind, uint8_t op)
         uint32_t ns = info.num_slots;
         EXPECT(ns >= 4 && (ns & (ns - 1)) == 0 && info.data_start == FMM_PAGE_HEADER_SIZE + 4 * ns &&
                    info.data_start <= S.ps && info.free_data <= S.ps && info.live <= ns &&
-                   info.expired <= info.live &&
+                   info.expired <= info.live && info.tombstones <= info.live - info.expired &&
                    /* damaged slots can count one entry twice */
                    (!S.clean || info.live_bytes <= S.ps - info.data_start),
-               "page_info: slots %u live %u expired %u data_start %u free_data %u live_bytes %u", ns, info.live,
-               info.expired, info.data_start, info.free_data, info.live_bytes);
+               "page_info: slots %u live %u expired %u tombstones %u data_start %u free_data %u live_bytes %u", ns,
+               info.live, info.expired, info.tombstones, info.data_start, info.free_data, info.live_bytes);
         if (arg & 1)
             fmm_page_clear_stats(S.c, p);
         break;
@@ -646,7 +725,8 @@ static void op_big(rd_t *r)
     uint32_t p = page_of_key(key, klen, &hash);
     if (lock_page(p, 0))
         return;
-    do_set(p, hash, key, klen, vlen, u8(r), 0, ki);
+    uint8_t flags = u8(r);
+    do_set(p, hash, key, klen, vlen, flags, 0, (uint64_t)((flags >> 3) & 3), ki);
     unlock_page(p);
 }
 

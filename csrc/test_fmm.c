@@ -1564,6 +1564,433 @@ static void test_evict_callback(void)
     fmm_close(c);
 }
 
+/* ------------------------------------------------------------------ modseq and tombstones */
+
+#define TOMB (FMM_T_TOMBSTONE | FMM_F_MODSEQ)
+
+/* fmm_set_ms on a key (a C string), page locked around it. */
+static int kset_ms(fmm_cache *c, const char *k, const void *v, uint32_t vlen, uint32_t flags, uint32_t exp,
+                   uint64_t modseq, fmm_evict_fn fn, void *ctx)
+{
+    uint32_t klen = (uint32_t)strlen(k);
+    uint64_t h = fmm_hash(c, k, klen);
+    uint32_t p = fmm_page_of(c, h);
+    int rc = fmm_lock(c, p, -1);
+    if (rc)
+        return rc;
+    rc = fmm_set_ms(c, p, h, k, klen, v, vlen, flags, exp, modseq, fn, ctx);
+    fmm_unlock(c, p);
+    return rc;
+}
+static int kms(fmm_cache *c, const char *k, const char *v, uint64_t modseq)
+{
+    return kset_ms(c, k, v, (uint32_t)strlen(v), FMM_T_STR | FMM_F_MODSEQ, 0, modseq, NULL, NULL);
+}
+static int ktomb(fmm_cache *c, const char *k, uint64_t modseq, uint32_t exp)
+{
+    return kset_ms(c, k, NULL, 0, TOMB, exp, modseq, NULL, NULL);
+}
+
+/* The entry of k as fmm_get(touch) sees it: rc; flags, modseq and value
+ * (NUL-terminated, at most 63 bytes) copied out. */
+typedef struct {
+    uint32_t flags, vlen, expire_on;
+    uint64_t modseq;
+    char val[64];
+} msview;
+static int kview(fmm_cache *c, const char *k, int touch, msview *out)
+{
+    uint32_t klen = (uint32_t)strlen(k);
+    uint64_t h = fmm_hash(c, k, klen);
+    uint32_t p = fmm_page_of(c, h);
+    memset(out, 0, sizeof *out);
+    int rc = fmm_lock(c, p, -1);
+    if (rc)
+        return rc;
+    fmm_item it;
+    memset(&it, 0xAB, sizeof it);
+    rc = fmm_get(c, p, h, k, klen, touch, &it);
+    if (rc == 0) {
+        out->flags = it.flags;
+        out->vlen = it.vlen;
+        out->expire_on = it.expire_on;
+        out->modseq = it.modseq;
+        size_t n = it.vlen < sizeof out->val - 1 ? it.vlen : sizeof out->val - 1;
+        memcpy(out->val, it.val, n);
+        /* the value follows the key, after the 8-byte modseq if there is one */
+        if (it.klen != klen || memcmp(it.key, k, klen) != 0 ||
+            it.val != it.key + it.klen + (it.flags & FMM_F_MODSEQ ? 8 : 0) ||
+            (!(it.flags & FMM_F_MODSEQ) && it.modseq != 0))
+            rc = -1;
+    }
+    fmm_unlock(c, p);
+    return rc;
+}
+/* 1 if k reads (fmm_get without FMM_GET_TOMBSTONE) as value v with this modseq
+ * (0 and no FMM_F_MODSEQ flag when ms_flag is 0). */
+static int kis_ms(fmm_cache *c, const char *k, const char *v, int ms_flag, uint64_t modseq)
+{
+    msview m;
+    return kview(c, k, 0, &m) == 0 && m.vlen == strlen(v) && strcmp(m.val, v) == 0 &&
+           !!(m.flags & FMM_F_MODSEQ) == ms_flag && m.modseq == modseq;
+}
+/* 1 if k holds a tombstone with this modseq (and reads as absent). */
+static int kis_tomb(fmm_cache *c, const char *k, uint64_t modseq)
+{
+    msview m;
+    return kview(c, k, 0, &m) == FMM_ENOTFOUND && kview(c, k, FMM_GET_EXPIRED, &m) == FMM_ENOTFOUND &&
+           kview(c, k, FMM_GET_TOMBSTONE, &m) == 0 && m.flags == TOMB && m.vlen == 0 && m.modseq == modseq;
+}
+
+/* Every row of the rules table in fmm.h. */
+static void test_modseq_rules(void)
+{
+    fmm_cache *c = open_anon(8192, 4);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    /* existing tombstone, store without modseq -> refused */
+    CHECK_EQ(ktomb(c, "t1", 5, 0), 0);
+    CHECK(kis_tomb(c, "t1", 5));
+    CHECK(!khas(c, "t1"));
+    CHECK_RC(ksets(c, "t1", "plain"), FMM_EREFUSED);
+    CHECK_RC(kset_ms(c, "t1", "x", 1, FMM_T_BYTES, 0, 99, NULL, NULL), FMM_EREFUSED); /* modseq ignored w/o flag */
+    CHECK(kis_tomb(c, "t1", 5));
+    /* existing tombstone, store with modseq < old -> refused */
+    CHECK_RC(kms(c, "t1", "older", 4), FMM_EREFUSED);
+    CHECK_RC(kms(c, "t1", "oldest", 0), FMM_EREFUSED);
+    CHECK(kis_tomb(c, "t1", 5));
+    /* existing tombstone, store with modseq >= old -> stored (equal, then newer) */
+    CHECK_EQ(kms(c, "t1", "equal", 5), 0);
+    CHECK(kis_ms(c, "t1", "equal", 1, 5));
+    CHECK_EQ(ktomb(c, "t2", 5, 0), 0);
+    CHECK_EQ(kms(c, "t2", "newer", 6), 0);
+    CHECK(kis_ms(c, "t2", "newer", 1, 6));
+    /* existing tombstone, tombstone with modseq <= old -> no change; > old -> stored */
+    CHECK_EQ(ktomb(c, "t3", 5, 0), 0);
+    CHECK_RC(ktomb(c, "t3", 5, 0), FMM_ENOCHANGE);
+    CHECK_RC(ktomb(c, "t3", 4, 0), FMM_ENOCHANGE);
+    CHECK(kis_tomb(c, "t3", 5));
+    CHECK_EQ(ktomb(c, "t3", 6, 0), 0);
+    CHECK(kis_tomb(c, "t3", 6));
+    /* existing value, tombstone with modseq <= old -> no change (value kept); > old -> deleted */
+    CHECK_EQ(kms(c, "v1", "val", 5), 0);
+    CHECK_RC(ktomb(c, "v1", 5, 0), FMM_ENOCHANGE);
+    CHECK_RC(ktomb(c, "v1", 1, 0), FMM_ENOCHANGE);
+    CHECK(kis_ms(c, "v1", "val", 1, 5));
+    CHECK_EQ(ktomb(c, "v1", 6, 0), 0);
+    CHECK(kis_tomb(c, "v1", 6));
+    /* existing value, store with modseq < old -> refused (value kept); >= old -> stored */
+    CHECK_EQ(kms(c, "v2", "five", 5), 0);
+    CHECK_RC(kms(c, "v2", "four", 4), FMM_EREFUSED);
+    CHECK(kis_ms(c, "v2", "five", 1, 5));
+    CHECK_EQ(kms(c, "v2", "five again", 5), 0);
+    CHECK(kis_ms(c, "v2", "five again", 1, 5));
+    CHECK_EQ(kms(c, "v2", "seven", 7), 0);
+    CHECK(kis_ms(c, "v2", "seven", 1, 7));
+    /* existing value, store without modseq -> stored, modseq dropped */
+    CHECK_EQ(ksets(c, "v2", "plain"), 0);
+    CHECK(kis_ms(c, "v2", "plain", 0, 0));
+    CHECK_EQ(kms(c, "v2", "one", 1), 0); /* nothing to compare with any more */
+    CHECK(kis_ms(c, "v2", "one", 1, 1));
+    /* anything else -> stored: no entry, or an entry without a modseq */
+    CHECK_EQ(kms(c, "n1", "fresh", 3), 0);
+    CHECK(kis_ms(c, "n1", "fresh", 1, 3));
+    CHECK_EQ(ktomb(c, "n2", 3, 0), 0);
+    CHECK(kis_tomb(c, "n2", 3));
+    CHECK_EQ(ksets(c, "n3", "plain"), 0);
+    CHECK_EQ(kms(c, "n3", "ms", 0), 0);
+    CHECK(kis_ms(c, "n3", "ms", 1, 0));
+    CHECK_EQ(ksets(c, "n4", "plain"), 0);
+    CHECK_EQ(ktomb(c, "n4", 0, 0), 0);
+    CHECK(kis_tomb(c, "n4", 0));
+    /* the full 64-bit range, compared unsigned */
+    CHECK_EQ(kms(c, "big", "max", UINT64_MAX), 0);
+    CHECK(kis_ms(c, "big", "max", 1, UINT64_MAX));
+    CHECK_RC(kms(c, "big", "less", UINT64_MAX - 1), FMM_EREFUSED);
+    CHECK_RC(ktomb(c, "big", UINT64_MAX, 0), FMM_ENOCHANGE);
+    CHECK_EQ(kms(c, "big2", "2^63", 1ull << 63), 0);
+    CHECK_RC(kms(c, "big2", "2^62", 1ull << 62), FMM_EREFUSED);
+    /* bad arguments: a tombstone with a value; FMM_F_MODSEQ is ignored by fmm_set */
+    CHECK_RC(kset_ms(c, "bad", "v", 1, TOMB, 0, 1, NULL, NULL), FMM_EBADARG);
+    CHECK(!khas(c, "bad"));
+    CHECK_EQ(kset_full(c, "nf", "v", 1, FMM_F_MODSEQ | FMM_T_STR, 0, NULL, NULL), 0);
+    CHECK(kis_ms(c, "nf", "v", 0, 0));
+    CHECK_EQ(kset_full(c, "nf2", "", 0, TOMB, 0, NULL, NULL), 0); /* type 6 without the modseq: opaque */
+    msview m;
+    CHECK_EQ(kview(c, "nf2", 0, &m), 0);
+    CHECK_EQ(m.flags, FMM_T_TOMBSTONE);
+    /* sizes are checked before the rules, and a refused store changes nothing */
+    {
+        uint32_t big = fmm_max_item(c);
+        char *v = calloc(1, big);
+        CHECK_RC(kset_ms(c, "t3", v, big, FMM_F_MODSEQ, 0, 100, NULL, NULL), FMM_ETOOBIG);
+        CHECK(kis_tomb(c, "t3", 6));
+        /* fits without the modseq's 8 bytes, not with them (a page-sized
+         * item: it evicts whatever shares its page) */
+        uint32_t vl = big - FMM_ENTRY_HEADER_SIZE - 2 - 6;
+        CHECK_EQ(kset(c, "tb", v, vl), 0);
+        CHECK_RC(kset_ms(c, "tb", v, vl, FMM_F_MODSEQ, 0, 1, NULL, NULL), FMM_ETOOBIG);
+        CHECK_EQ(kset_ms(c, "tb", v, vl - 8, FMM_F_MODSEQ, 0, 1, NULL, NULL), 0);
+        free(v);
+    }
+    CHECK_EQ(check_all_pages(c), 0);
+    fmm_close(c);
+}
+
+/* Expired entries never block; fmm_delete removes a tombstone as "not
+ * found"; fmm_get's flags; the in-place and compaction paths keep it. */
+static void test_modseq_expiry_delete(void)
+{
+    fmm_cache *c = open_anon(8192, 2);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    const uint32_t T = 1700000000u;
+    fmm_set_time(c, T);
+    CHECK_EQ(ktomb(c, "t", 10, T + 3), 0);
+    CHECK_RC(ksets(c, "t", "early"), FMM_EREFUSED);
+    fmm_set_time(c, T + 2);
+    CHECK_RC(kms(c, "t", "early", 9), FMM_EREFUSED);
+    fmm_set_time(c, T + 3); /* the tombstone has expired: anything goes */
+    msview m;
+    CHECK_RC(kview(c, "t", FMM_GET_TOMBSTONE, &m), FMM_ENOTFOUND);
+    CHECK_EQ(kview(c, "t", FMM_GET_TOMBSTONE | FMM_GET_EXPIRED, &m), 0);
+    CHECK_EQ(m.modseq, 10);
+    CHECK_EQ(ksets(c, "t", "late"), 0);
+    CHECK(kiss(c, "t", "late"));
+    /* an expired modseq value does not block an older modseq */
+    CHECK_EQ(kset_ms(c, "v", "x", 1, FMM_F_MODSEQ, T + 5, 50, NULL, NULL), 0);
+    CHECK_RC(kms(c, "v", "y", 49), FMM_EREFUSED);
+    fmm_set_time(c, T + 5);
+    CHECK_EQ(kms(c, "v", "y", 1), 0);
+    CHECK(kis_ms(c, "v", "y", 1, 1));
+    /* expired tombstone over an expired one: stored (a new tombstone) */
+    CHECK_EQ(ktomb(c, "e", 7, T + 6), 0);
+    fmm_set_time(c, T + 6);
+    CHECK_EQ(ktomb(c, "e", 1, 0), 0);
+    CHECK(kis_tomb(c, "e", 1));
+    /* fmm_delete over a tombstone: removes it, reports not found */
+    CHECK_EQ(ktomb(c, "d", 3, 0), 0);
+    {
+        const char *k = "d";
+        uint64_t h = fmm_hash(c, k, 1);
+        uint32_t p = fmm_page_of(c, h);
+        fmm_page_info before, after;
+        page_info(c, p, &before);
+        CHECK_EQ(fmm_lock(c, p, -1), 0);
+        uint32_t of = 0;
+        CHECK_RC(fmm_delete(c, p, h, k, 1, &of), FMM_ENOTFOUND);
+        CHECK_EQ(of, TOMB);
+        CHECK_RC(fmm_delete(c, p, h, k, 1, &of), FMM_ENOTFOUND);
+        fmm_unlock(c, p);
+        page_info(c, p, &after);
+        CHECK_EQ(after.live, before.live - 1);
+        CHECK_EQ(after.tombstones, before.tombstones - 1);
+    }
+    CHECK_RC(kview(c, "d", FMM_GET_TOMBSTONE, &m), FMM_ENOTFOUND);
+    CHECK_EQ(ksets(c, "d", "back"), 0);
+    /* a modseq value deletes normally */
+    CHECK_EQ(kms(c, "dv", "x", 3), 0);
+    CHECK_EQ(kdel(c, "dv"), 0);
+    CHECK(!khas(c, "dv"));
+    /* touch on a tombstone with FMM_GET_TOMBSTONE|FMM_GET_TOUCH works; the
+     * item is empty, points inside the page */
+    CHECK_EQ(ktomb(c, "tt", 4, 0), 0);
+    CHECK_EQ(kview(c, "tt", FMM_GET_TOMBSTONE | FMM_GET_TOUCH, &m), 0);
+    CHECK_EQ(m.vlen, 0);
+    /* in place (same rounded size), and value sizes around the 8-byte prefix */
+    CHECK_EQ(ksets(c, "ip", "0123456789abcdef"), 0);          /* 16 value bytes, no modseq */
+    CHECK_EQ(kms(c, "ip", "01234567", 21), 0);                 /* 8 + 8 bytes: rewritten in place */
+    CHECK(kis_ms(c, "ip", "01234567", 1, 21));
+    CHECK_EQ(kms(c, "ip", "abcdefgh", 21), 0);
+    CHECK(kis_ms(c, "ip", "abcdefgh", 1, 21));
+    CHECK_EQ(ksets(c, "ip", "0123456789ABCDEF"), 0);
+    CHECK(kis_ms(c, "ip", "0123456789ABCDEF", 0, 0));
+    CHECK_EQ(kms(c, "ip", "", 22), 0);
+    CHECK(kis_ms(c, "ip", "", 1, 22));
+    CHECK_EQ(ktomb(c, "ip", 23, 0), 0);
+    CHECK(kis_tomb(c, "ip", 23));
+    /* keys of every length 1..8: the modseq lands at every alignment */
+    for (int n = 1; n <= 8; n++) {
+        char k[9];
+        memset(k, 'a' + n, (size_t)n);
+        k[n] = 0;
+        uint64_t ms = 0x0102030405060708ull * (uint64_t)n;
+        CHECK_EQ(kms(c, k, "v", ms), 0);
+        CHECK(kis_ms(c, k, "v", 1, ms));
+    }
+    /* survives compaction: overwrite other keys until the page is rebuilt */
+    char k[16], v[200];
+    memset(v, 'z', sizeof v);
+    for (int i = 0; i < 400; i++) {
+        snprintf(k, sizeof k, "f%d", i % 7);
+        CHECK_EQ(kset(c, k, v, 150 + (uint32_t)(i % 3) * 8), 0);
+    }
+    CHECK(kis_tomb(c, "ip", 23));
+    for (int n = 1; n <= 8; n++) { /* little live data: nothing was evicted */
+        memset(k, 'a' + n, (size_t)n);
+        k[n] = 0;
+        CHECK(kis_ms(c, k, "v", 1, 0x0102030405060708ull * (uint64_t)n));
+    }
+    CHECK_EQ(check_all_pages(c), 0);
+    fmm_close(c);
+}
+
+typedef struct {
+    int n, tombs, modseqs;
+    uint64_t last_modseq;
+    int bad;
+} msev;
+static void msev_record(void *ctx, const fmm_item *it)
+{
+    msev *e = ctx;
+    e->n++;
+    if ((it->flags & (FMM_F_TYPE_MASK | FMM_F_MODSEQ)) == TOMB)
+        e->tombs++;
+    if (it->flags & FMM_F_MODSEQ) {
+        e->modseqs++;
+        e->last_modseq = it->modseq;
+        if (it->vlen != 1 || it->val[0] != 'w')
+            e->bad++;
+    }
+}
+static int msvisit(void *ctx, const fmm_item *it)
+{
+    msev_record(ctx, it);
+    return 0;
+}
+
+/* Tombstones are invisible to foreach and the eviction callback, counted in
+ * page info, and evicted like any entry. */
+static void test_modseq_visibility_eviction(void)
+{
+    fmm_cache *c = open_anon(8192, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    CHECK_EQ(kset_ms(c, "dt", NULL, 0, TOMB | FMM_F_DIRTY, 0, 5, NULL, NULL), 0);
+    CHECK_EQ(kset_ms(c, "dv", "w", 1, FMM_F_MODSEQ | FMM_F_DIRTY, 0, 6, NULL, NULL), 0);
+    CHECK_EQ(ksets(c, "plain", "p"), 0);
+    msev e;
+    memset(&e, 0, sizeof e);
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    CHECK_EQ(fmm_page_foreach(c, 0, msvisit, &e), 0);
+    fmm_page_info info;
+    fmm_page_info_get(c, 0, &info);
+    fmm_unlock(c, 0);
+    CHECK_EQ(e.n, 2);
+    CHECK_EQ(e.tombs, 0);
+    CHECK_EQ(e.modseqs, 1);
+    CHECK_EQ(e.last_modseq, 6);
+    CHECK_EQ(e.bad, 0);
+    CHECK_EQ(info.live, 3);
+    CHECK_EQ(info.tombstones, 1);
+    CHECK_EQ(info.expired, 0);
+    CHECK_EQ(count_entries(c), 2);
+    /* expunge(ALL) reports the dirty value with its modseq, never the tombstone */
+    memset(&e, 0, sizeof e);
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    CHECK_EQ(fmm_expunge(c, 0, FMM_EXPUNGE_ALL, msev_record, &e), 0);
+    fmm_unlock(c, 0);
+    CHECK_EQ(e.n, 1);
+    CHECK_EQ(e.tombs, 0);
+    CHECK_EQ(e.last_modseq, 6);
+    CHECK_EQ(e.bad, 0);
+    /* an expired dirty tombstone is not reported by purge either */
+    const uint32_t T = 1700000000u;
+    fmm_set_time(c, T);
+    CHECK_EQ(kset_ms(c, "dt", NULL, 0, TOMB | FMM_F_DIRTY, T + 1, 5, NULL, NULL), 0);
+    fmm_set_time(c, T + 1);
+    memset(&e, 0, sizeof e);
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    fmm_page_info_get(c, 0, &info);
+    CHECK_EQ(info.expired, 1);
+    CHECK_EQ(info.tombstones, 0);
+    CHECK_EQ(fmm_expunge(c, 0, FMM_EXPUNGE_EXPIRED, msev_record, &e), 0);
+    fmm_page_info_get(c, 0, &info);
+    fmm_unlock(c, 0);
+    CHECK_EQ(e.n, 0);
+    CHECK_EQ(info.live, 0);
+    fmm_set_time(c, 0);
+    /* LRU eviction drops tombstones like values (and never reports them,
+     * dirty or not) */
+    CHECK_EQ(kset_ms(c, "old-tomb", NULL, 0, TOMB | FMM_F_DIRTY, 0, 9, NULL, NULL), 0);
+    char k[16], v[100];
+    memset(v, 'v', sizeof v);
+    memset(&e, 0, sizeof e);
+    for (int i = 0; i < 300; i++) {
+        snprintf(k, sizeof k, "e%d", i);
+        CHECK_EQ(kset_ms(c, k, v, 80, FMM_F_DIRTY, 0, 0, msev_record, &e), 0);
+    }
+    CHECK(e.n > 0);
+    CHECK_EQ(e.tombs, 0);
+    msview m;
+    CHECK_RC(kview(c, "old-tomb", FMM_GET_TOMBSTONE, &m), FMM_ENOTFOUND);
+    CHECK_EQ(ksets(c, "old-tomb", "stored now"), 0);
+    CHECK_EQ(check_all_pages(c), 0);
+    fmm_close(c);
+}
+
+/* fmm_check_page accepts modseq entries and tombstones, and rejects a
+ * modseq entry too short for its modseq, or a tombstone with a value; a
+ * lookup that meets the short entry repairs the page. */
+static void test_modseq_check_page(void)
+{
+    fmm_cache *c = open_anon(4096, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    CHECK_EQ(kms(c, "a", "value", 1), 0);
+    CHECK_EQ(ktomb(c, "b", 2, 0), 0);
+    CHECK_EQ(kms(c, "c", "", 3), 0);
+    CHECK_EQ(check_all_pages(c), 0);
+    /* the entry header is the 20 bytes before the key; vlen is its last word */
+    const char *keys[] = {"a", "b"};
+    const uint32_t bad_vlen[] = {7, 12};
+    for (int t = 0; t < 2; t++) {
+        const char *k = keys[t];
+        uint64_t h = fmm_hash(c, k, 1);
+        CHECK_EQ(fmm_lock(c, 0, -1), 0);
+        fmm_item it;
+        CHECK_EQ(fmm_get(c, 0, h, k, 1, FMM_GET_TOMBSTONE, &it), 0);
+        unsigned char *vlenp = (unsigned char *)it.key - 4;
+        uint32_t saved;
+        memcpy(&saved, vlenp, 4);
+        memcpy(vlenp, &bad_vlen[t], 4);
+        char msg[256] = "";
+        CHECK_RC(fmm_check_page(c, 0, msg, sizeof msg), FMM_ECORRUPT);
+        CHECK(strstr(msg, t == 0 ? "modseq" : "tombstone") != NULL);
+        memcpy(vlenp, &saved, 4);
+        CHECK_EQ(fmm_check_page(c, 0, msg, sizeof msg), 0);
+        fmm_unlock(c, 0);
+    }
+    /* the short one met by fmm_get, then by fmm_set_ms: each repairs */
+    for (int how = 0; how < 2; how++) {
+        CHECK_EQ(kms(c, "a", "value", 1), 0);
+        uint64_t h = fmm_hash(c, "a", 1);
+        uint64_t r0 = fmm_repairs(c);
+        CHECK_EQ(fmm_lock(c, 0, -1), 0);
+        fmm_item it;
+        CHECK_EQ(fmm_get(c, 0, h, "a", 1, 0, &it), 0);
+        uint32_t four = 4;
+        memcpy((unsigned char *)it.key - 4, &four, 4);
+        if (how == 0)
+            CHECK_RC(fmm_get(c, 0, h, "a", 1, FMM_GET_TOUCH, &it), FMM_ENOTFOUND);
+        else
+            CHECK_EQ(fmm_set_ms(c, 0, h, "a", 1, "new", 3, FMM_F_MODSEQ, 0, 0, NULL, NULL), 0);
+        char msg[256];
+        CHECK_EQ(fmm_check_page(c, 0, msg, sizeof msg), 0);
+        fmm_unlock(c, 0);
+        CHECK_EQ(fmm_repairs(c), r0 + 1);
+        CHECK_EQ(khas(c, "a"), how);
+    }
+    fmm_close(c);
+    /* strerror knows the new codes */
+    CHECK(strstr(fmm_strerror(FMM_EREFUSED), "modseq") != NULL);
+    CHECK(strstr(fmm_strerror(FMM_ENOCHANGE), "modseq") != NULL);
+}
+
 static void test_lru_clock_renumbering(void)
 {
     fmm_cache *c = open_anon(8192, 1);
@@ -2633,6 +3060,10 @@ static const test TESTS[] = {
     T(test_expunge_dirty_foreach),
     T(test_evict_callback),
     T(test_lru_clock_renumbering),
+    T(test_modseq_rules),
+    T(test_modseq_expiry_delete),
+    T(test_modseq_visibility_eviction),
+    T(test_modseq_check_page),
     T(test_locking_rules),
     T(test_threads_counter),
     T(test_cross_process_counter),

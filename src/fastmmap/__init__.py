@@ -212,6 +212,7 @@ class Cache(CacheBase):
         num_pages: int | None = None,
         start_slots: int | None = None,
         expire_time: _ExpireTime = 0,
+        tombstone_expire_time: _ExpireTime | None = None,
         enable_stats: bool = False,
         permissions: int = 0o600,
         unlink_on_exit: bool | None = None,
@@ -243,6 +244,10 @@ class Cache(CacheBase):
         perms = _options.parse_permissions(permissions)
         timeout = _options.parse_lock_timeout(lock_timeout)
         default_expire = _options.parse_expire_time(expire_time)
+        tombstone_expire = (
+            None if tombstone_expire_time is None
+            else _options.parse_expire_time(tombstone_expire_time, "tombstone_expire_time")
+        )
         ser_type, dumps, loads = _resolve_serializer(serializer)
         if perl:
             if ser_type == _C.T_PICKLE:
@@ -302,7 +307,7 @@ class Cache(CacheBase):
             raise
         self._configure(
             default_expire, timeout, ser_type, dumps, loads, comp_type, compress, decompress,
-            compress_threshold, _options.parse_expire_time,
+            compress_threshold, _options.parse_expire_time, tombstone_expire,
         )
         self._set_callbacks(
             context, read_cb, write_cb, delete_cb, write_action == "write_back",
@@ -324,7 +329,8 @@ class Cache(CacheBase):
         self._unlink_on_exit = (bool(created) if unlink_on_exit is None else bool(unlink_on_exit)) and not anonymous
         self._empty_on_exit = bool(empty_on_exit)
         self._reopen_options: dict[str, Any] = dict(
-            expire_time=expire_time, enable_stats=enable_stats, lock_timeout=lock_timeout,
+            expire_time=expire_time, tombstone_expire_time=tombstone_expire_time,
+            enable_stats=enable_stats, lock_timeout=lock_timeout,
             serializer=serializer, compressor=compressor, compress_threshold=compress_threshold,
             context=context, read_cb=read_cb, write_cb=write_cb, delete_cb=delete_cb,
             write_action=write_action, cache_not_found=cache_not_found, allow_recursive=allow_recursive,
@@ -416,17 +422,24 @@ class Cache(CacheBase):
         return LockedPage(self, page_key)
 
     def get_keys(self, mode: int = 0) -> list[Any]:
-        """List live entries.
+        """List live entries (tombstones are never listed).
 
-        mode 0: the keys; 1: dicts with key, last_access, expire_on and flags;
-        2: the same plus the decoded value.
+        mode 0: the keys; 1: dicts with key, last_access, expire_on and flags,
+        and modseq for an entry stored with one; 2: the same plus the decoded
+        value.
         """
         entries = self._entries(mode)
         if mode == 0:
             return entries
         fields = ("key", "last_access", "expire_on", "flags", "value")
         n = 5 if mode == 2 else 4
-        return [dict(zip(fields[:n], e[:n])) for e in entries]
+        out = []
+        for e in entries:
+            d = dict(zip(fields[:n], e[:n]))
+            if e[5] is not None:
+                d["modseq"] = e[5]
+            out.append(d)
+        return out
 
     # ----- mapping protocol -----
 
@@ -558,10 +571,13 @@ class _Held:
         self, key: _Key, page_key: _Key | None, value: Any, expire_time: _ExpireTime | None = None
     ) -> None:
         self._check()
+        # stored: True; too big: False; refused by a tombstone (modseq rules): None
         stored, expire_on, evicted = self._cache._held_set(self._page, key, page_key, value, expire_time)
         c = self._cache
         if evicted:
             self._pending.append(("evicted", evicted))
+        if stored is None:
+            return  # the key stays absent, as after cache.set() returning False
         if page_key is None and c._write_cb is not None and (not c._write_back or not stored):
             self._pending.append(("write", key, value, expire_on))
         if not stored:

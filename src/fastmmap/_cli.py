@@ -320,8 +320,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             "page_size": c.page_size,
             "num_pages": n,
             "cache_size": c.cache_size,
-            "entries": sum(i["live"] - i["expired"] for i in pages),
+            "entries": sum(i["live"] - i["expired"] - i["tombstones"] for i in pages),
             "expired_entries": sum(i["expired"] for i in pages),
+            "tombstones": sum(i["tombstones"] for i in pages),
             "deleted_slots": sum(i["deleted"] for i in pages),
             "slots": sum(i["num_slots"] for i in pages),
             "live_bytes": live_bytes,
@@ -338,7 +339,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         return 0
     print(f"file            {out['file']}")
     print(f"geometry        {n} pages x {_fmt_size(out['page_size'])} = {_fmt_size(out['cache_size'])}")
-    print(f"entries         {out['entries']} live, {out['expired_entries']} expired")
+    print(f"entries         {out['entries']} live, {out['expired_entries']} expired, "
+          f"{out['tombstones']} tombstones")
     print(f"slots           {out['slots']} ({out['deleted_slots']} deleted)")
     print(f"fill            {out['fill']:.1%} of data areas ({_fmt_size(live_bytes)} live)")
     if reads:

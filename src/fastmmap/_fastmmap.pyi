@@ -65,9 +65,14 @@ C_ZLIB: Final = 8
 C_LZ4: Final = 16
 C_CUSTOM: Final = 24
 
+#: A tombstone's type code (with F_MODSEQ); never seen by get_keys().
+T_TOMBSTONE: Final = 6
+
 # Entry flags.
 F_DIRTY: Final = 32
 F_KEYSTR: Final = 64
+#: The entry carries a modseq.
+F_MODSEQ: Final = 128
 
 #: default_expire meaning "expire at once".
 EXPIRE_NOW: Final = -1
@@ -146,6 +151,7 @@ class CacheBase:
         expire_time: _ExpireTime | None = None,
         *,
         expire_on: _ExpireOn | None = None,
+        modseq: int | None = None,
     ) -> bool: ...
     def add(
         self,
@@ -162,10 +168,20 @@ class CacheBase:
         expire_time: _ExpireTime | None = None,
         *,
         expire_on: _ExpireOn | None = None,
+        modseq: int | None = None,
     ) -> _T: ...
     def get_and_remove(self, key: _Key, default: Any = None, /) -> Any: ...
     def exists(self, key: _Key, /) -> bool: ...
-    def remove(self, key: _Key, /) -> bool: ...
+    def remove(
+        self,
+        key: _Key,
+        /,
+        *,
+        modseq: int | None = None,
+        expire_time: _ExpireTime | None = None,
+        expire_on: _ExpireOn | None = None,
+    ) -> bool: ...
+    def get_modseq(self, key: _Key, /) -> int | None: ...
     def expire(self, key: _Key, /) -> None: ...
     def touch(
         self,
@@ -218,6 +234,7 @@ class CacheBase:
         decompress: _Codec | None,
         compress_threshold: int,
         parse_expire: Callable[[Any], int] | None,
+        tombstone_expire: int | None,
         /,
     ) -> None: ...
     def _set_callbacks(
@@ -231,14 +248,14 @@ class CacheBase:
         allow_recursive: bool,
         /,
     ) -> None: ...
-    # mode 0: the keys; 1: (key, last_access, expire_on, flags, None);
-    # 2: the same with the decoded value last.
+    # mode 0: the keys; 1: (key, last_access, expire_on, flags, None, modseq or None);
+    # 2: the same with the decoded value in place of the None.
     @overload
     def _entries(self, mode: Literal[0] = 0, /) -> list[_Key]: ...
     @overload
-    def _entries(self, mode: Literal[1], /) -> list[tuple[_Key, int, int, int, None]]: ...
+    def _entries(self, mode: Literal[1], /) -> list[tuple[_Key, int, int, int, None, int | None]]: ...
     @overload
-    def _entries(self, mode: Literal[2], /) -> list[tuple[_Key, int, int, int, Any]]: ...
+    def _entries(self, mode: Literal[2], /) -> list[tuple[_Key, int, int, int, Any, int | None]]: ...
     @overload
     def _entries(self, mode: int, /) -> list[Any]: ...
     def _page_info(self, page: int, /) -> dict[str, int]: ...
@@ -254,6 +271,6 @@ class CacheBase:
         value: Any,
         expire_time: _ExpireTime | None,
         /,
-    ) -> tuple[bool, int, list[_Evicted] | None]: ...
+    ) -> tuple[bool | None, int, list[_Evicted] | None]: ...
     def _held_delete(self, page: int, key: _Key, page_key: _Key | None, /) -> bool: ...
     def _flush_evicted(self, entries: list[_Evicted] | None, /) -> None: ...
