@@ -11,12 +11,13 @@
  * fmm.c is static.
  *
  * ---------------------------------------------------------------------------
- * File format (native, version 1).  All fields native-endian; the file is a
+ * File format (native, version 2; version 1 files, with the page-header
+ * fields at 64..100, are rejected as BadFileError: reopen with init_file).  All fields native-endian; the file is a
  * shared-memory file, not an exchange format.
  *
  *   offset 0      file header, FMM_HEADER_SIZE (4096) bytes, first 128 used:
  *                   char     magic[8]      "FASTMMAP"
- *                   uint32   version       1
+ *                   uint32   version       2
  *                   uint32   state         FMM_STATE_READY once initialised
  *                   uint32   header_size   4096
  *                   uint32   page_size     power of two, 1 KiB .. 1 GiB
@@ -31,9 +32,15 @@
  *
  * Page layout:
  *   0    page header, FMM_PAGE_HEADER_SIZE (128) bytes:
- *          pthread_mutex_t lock (robust, process-shared, error-checking),
- *          padded to 64 bytes; then uint32 magic, dirty, num_slots, live,
- *          deleted, free_data, clock, nreads, nhits.
+ *          0   pthread_mutex_t lock (robust, process-shared, error-checking),
+ *              40 bytes with glibc on x86_64;
+ *          40  uint16 magic 0x5046, uint16 dirty,
+ *          44  uint32 num_slots, 48 live, 52 deleted, 56 free_data, 60 clock,
+ *          64  uint32 nreads, 68 nhits (only with enable_stats), 72..127 zero.
+ *          The mutex and the fields every operation reads (40..63) share
+ *          the first 64-byte cache line.  Where pthread_mutex_t is larger
+ *          than 40 bytes it is padded to 64 and every field moves 24 bytes
+ *          up (the file is native to its platform).
  *   128  slot table: num_slots (a power of two) uint32 slots.
  *          0 = empty (ends a probe), 1 = deleted (probe continues),
  *          otherwise (hash32 & ~offmask) | (entry_offset >> 2), where
@@ -97,7 +104,7 @@ extern "C" {
 #define FMM_MAX_PAGES        (1u << 24)
 #define FMM_MAX_KEY_LEN      ((1u << 24) - 1)
 #define FMM_STATE_READY      0x52454459u  /* "READ" */
-#define FMM_FORMAT_VERSION   1u
+#define FMM_FORMAT_VERSION   2u  /* 2: hot page-header fields share the mutex's cache line */
 
 /* ---------- Error codes ----------
  * 0 is success.  Negative values are engine codes below; positive values

@@ -30,7 +30,7 @@
  * damage has to be caught by fmm_open (FMM_EBADFILE; then init_file=1 must
  * recreate the file).
  *
- * The first 64 bytes of each page (the process-shared mutex) are never
+ * The first PH_MUTEX bytes of each page (the process-shared mutex) are never
  * damaged at random: a mutex cannot be validated, the engine trusts it.
  * The lock-word op instead puts a mutex into the states a dead or vanished
  * owner leaves behind (owner-died bit; the TID of a thread that does not
@@ -108,12 +108,12 @@
 #define HDR_SEED 48
 #define HDR_CHECK 56 /* xxh64 (seed 0) of bytes 0..55 */
 #define HDR_USED 72  /* bytes 0..71: the fields, check and repair count */
-#define PH_MUTEX 64  /* the mutex, padded to 64 bytes */
-#define PH_MAGIC 64
-#define PH_DIRTY 68
-#define PH_NUM_SLOTS 72
-#define PH_FIELDS_END 100
-#define PAGE_MAGIC 0x464d4d50u /* "FMMP", the value fmm.c writes */
+/* the mutex: 40 bytes (glibc, x86_64), padded to 64 where it is larger */
+#define PH_MUTEX ((uint32_t)(sizeof(pthread_mutex_t) <= 40 ? 40 : 64))
+#define PH_MAGIC PH_MUTEX             /* uint16, then uint16 dirty */
+#define PH_NUM_SLOTS (PH_MUTEX + 4)
+#define PH_FIELDS_END (PH_MUTEX + 32) /* after nreads, nhits */
+#define PAGE_MAGIC 0x5046u /* "FP", the value fmm.c writes */
 #define MAX_PAGES 256  /* damage can make a valid file of more, smaller pages */
 #define MAX_PS 65536    /* ... or of fewer, bigger ones */
 #define NKEYS 64
@@ -902,7 +902,7 @@ static void damage_one(rd_t *r, file_t *f, uint32_t ps, uint32_t np)
         f_page_write(f, pg, ps, rel, &v, 4);
         break;
     }
-    case 2: { /* a page header field: magic, dirty, num_slots, live, deleted, free_data, clock, nreads, nhits */
+    case 2: { /* a page header field: magic+dirty, num_slots, live, deleted, free_data, clock, nreads, nhits */
         uint32_t rel = PH_MAGIC + (u8(r) % ((PH_FIELDS_END - PH_MAGIC) / 4)) * 4;
         uint32_t v = pick_u32(r);
         f_page_write(f, pg, ps, rel, &v, 4);
@@ -992,7 +992,7 @@ static void damage_one(rd_t *r, file_t *f, uint32_t ps, uint32_t np)
 }
 
 /* If the header now describes pages that start elsewhere, or the file was
- * cut short (and maybe extended again with zeros), the first 64 bytes of a
+ * cut short (and maybe extended again with zeros), the first PH_MUTEX bytes of a
  * page may not be a mutex: put fresh ones there (a mutex can't be
  * validated, the engine trusts it).  Returns 1 if it did. */
 static int fresh_mutexes(file_t *f, uint32_t ps, uint32_t np)

@@ -1,9 +1,9 @@
 /*
  * test_fmm.c -- the engine's own test driver: plain C11 + POSIX, no Python,
  * no framework.  Uses only what fmm.h declares, plus the page-header layout
- * that fmm.h documents (mutex padded to 64 bytes, then uint32 magic at 64,
- * dirty 68, num_slots 72, live 76, deleted 80, free_data 84, ...) for the
- * crash and corruption tests.
+ * that fmm.h documents (the mutex in bytes 0..39, then uint16 magic at 40,
+ * uint16 dirty 42, uint32 num_slots 44, live 48, deleted 52, free_data 56,
+ * clock 60, ...) for the crash and corruption tests.
  *
  * Build and run (what `make ctest` does):
  *   cc -std=gnu11 -g -O1 -fsanitize=address,undefined -fno-sanitize-recover=all \
@@ -45,6 +45,13 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+/* The documented page-header layout (fmm.h): the mutex takes the first 40
+ * bytes (glibc, x86_64; 64 where pthread_mutex_t is larger), then the
+ * fields. */
+#define PH_FIELDS ((uint32_t)(sizeof(pthread_mutex_t) <= 40 ? 40 : 64))
+#define PH_DIRTY (PH_FIELDS + 2)      /* uint16 */
+#define PH_NUM_SLOTS (PH_FIELDS + 4)  /* uint32 */
 
 /* ------------------------------------------------------------------ harness */
 
@@ -2336,7 +2343,7 @@ static void test_cross_process_counter(void)
 }
 
 /* Fork a child that locks `page`, optionally marks it dirty through the
- * documented header layout (uint32 dirty at offset 68), and exits without
+ * documented header layout (uint16 dirty at offset PH_DIRTY), and exits without
  * unlocking. */
 static int die_holding(fmm_cache *c, uint32_t page, int dirty)
 {
@@ -2346,8 +2353,8 @@ static int die_holding(fmm_cache *c, uint32_t page, int dirty)
         if (fmm_lock(c, page, -1) != 0)
             _exit(2);
         if (dirty) {
-            uint32_t one = 1;
-            memcpy(fmm_page_ptr(c, page) + 68, &one, sizeof one);
+            uint16_t one = 1;
+            memcpy(fmm_page_ptr(c, page) + PH_DIRTY, &one, sizeof one);
         }
         _exit(0);
     }
@@ -2503,17 +2510,18 @@ static uint32_t get32(const unsigned char *pg, uint32_t off)
     return v;
 }
 
-/* One random act of corruption somewhere in [64, ps). */
+/* One random act of corruption somewhere in [PH_FIELDS, ps): anywhere but
+ * the mutex. */
 static void scribble(unsigned char *pg, uint32_t ps, uint64_t *s)
 {
-    uint32_t ns = get32(pg, 72);
+    uint32_t ns = get32(pg, PH_NUM_SLOTS);
     uint32_t max_slots = (ps - FMM_PAGE_HEADER_SIZE) / 4;
     if (ns == 0 || ns > max_slots)
         ns = max_slots;
     uint32_t ds = FMM_PAGE_HEADER_SIZE + 4 * ns;
     switch (rng_below(s, 7)) {
     case 0: { /* random bytes over a random range */
-        uint32_t off = 64 + rng_below(s, ps - 64);
+        uint32_t off = PH_FIELDS + rng_below(s, ps - PH_FIELDS);
         uint32_t lim = (uint32_t[]){4, 32, 512, ps}[rng_below(s, 4)];
         uint32_t len = 1 + rng_below(s, lim);
         if (len > ps - off)
@@ -2523,7 +2531,7 @@ static void scribble(unsigned char *pg, uint32_t ps, uint64_t *s)
         break;
     }
     case 1: { /* a page-header field, with a plausible or a wild value */
-        uint32_t off = 64 + 4 * rng_below(s, 16);
+        uint32_t off = PH_FIELDS + 4 * rng_below(s, 16);
         uint32_t cur = get32(pg, off), v;
         switch (rng_below(s, 6)) {
         case 0: v = (uint32_t)rng_next(s); break;
@@ -2567,15 +2575,15 @@ static void scribble(unsigned char *pg, uint32_t ps, uint64_t *s)
         break;
     }
     case 6: /* num_slots: any power of two, however large */
-        put32(pg, 72, 1u << rng_below(s, 32));
+        put32(pg, PH_NUM_SLOTS, 1u << rng_below(s, 32));
         break;
     case 4: { /* one flipped bit */
-        uint32_t off = 64 + rng_below(s, ps - 64);
+        uint32_t off = PH_FIELDS + rng_below(s, ps - PH_FIELDS);
         pg[off] ^= (unsigned char)(1u << rng_below(s, 8));
         break;
     }
     default: { /* zeroed range */
-        uint32_t off = 64 + rng_below(s, ps - 64);
+        uint32_t off = PH_FIELDS + rng_below(s, ps - PH_FIELDS);
         uint32_t len = 1 + rng_below(s, 64);
         if (len > ps - off)
             len = ps - off;

@@ -61,9 +61,9 @@ def test_keys_and_get(cache_file):
 def test_check_ok_and_corrupt(cache_file):
     r = run("check", cache_file)
     assert r.returncode == 0 and "all pages valid" in r.stdout
-    # Corrupt page 0's free_data field (page header offset 84): check reports it.
+    # Corrupt page 0's free_data field (page header offset 56): check reports it.
     with open(cache_file, "r+b") as f:
-        f.seek(4096 + 84)
+        f.seek(4096 + 56)
         f.write((12345).to_bytes(4, "little"))
     r = run("check", cache_file)
     assert r.returncode == 1

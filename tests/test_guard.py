@@ -268,7 +268,7 @@ def _damage(path, rng, until, stats):
             elif r < 0.08:  # a page's lock (a glibc pthread_mutex_t: 40 bytes)
                 off = 4096 + rng.randrange(NUM_PAGES) * PAGE_SIZE + rng.randrange(0, 40)
             elif r < 0.13:  # the rest of a page header: magic, dirty marker, counters
-                off = 4096 + rng.randrange(NUM_PAGES) * PAGE_SIZE + rng.randrange(64, 128)
+                off = 4096 + rng.randrange(NUM_PAGES) * PAGE_SIZE + rng.randrange(40, 128)
             elif r < 0.25:  # a slot table
                 off = 4096 + rng.randrange(NUM_PAGES) * PAGE_SIZE + 128 + rng.randrange(0, 512)
             else:  # anywhere: entries, their headers and payloads

@@ -58,10 +58,10 @@ WORKER_NICENESS = 10
 F_OPS, F_HITS, F_INBODY, N_FIELDS = 0, 1, 2, 3
 
 # Offsets in the file, for the post-mortem look at a killed worker's page
-# (see fmm.h): page headers start at 4096; the page's `dirty` word is at 68
-# and, with glibc, the robust mutex's owner TID at 8.
+# (see fmm.h): page headers start at 4096; the page's uint16 `dirty` is at 42
+# (after glibc's 40-byte mutex on x86_64) and the robust mutex's owner TID at 8.
 FILE_HEADER = 4096
-PH_DIRTY = 68
+PH_DIRTY = 42
 GLIBC_MUTEX_OWNER = 8
 
 
@@ -253,7 +253,7 @@ def run_storm(tmp_path, seconds: float, capsys) -> dict:
         # lower bounds.
         for p in range(NUM_PAGES):
             off = FILE_HEADER + p * PAGE_SIZE
-            (dirty,) = struct.unpack_from("I", view, off + PH_DIRTY)
+            (dirty,) = struct.unpack_from("H", view, off + PH_DIRTY)
             (owner,) = struct.unpack_from("i", view, off + GLIBC_MUTEX_OWNER)  # read after dirty
             if owner == pid:
                 stats["kills_holding_lock"] += 1
