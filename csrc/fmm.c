@@ -620,7 +620,7 @@ static int link_ok(void *p, int self)
  * with EPERM and leave the mutex on our robust list (where a later lock of
  * it corrupts the list); a damaged list link makes it write through a wild
  * pointer. */
-static void scrub_held(int i)
+static __attribute__((noinline)) void scrub_held_slow(int i)
 {
     pthread_mutex_t *m = tl_held[i].m;
     if (!tl_tid)
@@ -637,6 +637,19 @@ static void scrub_held(int i)
     void *n = __atomic_load_n(&m->__data.__list.__next, __ATOMIC_RELAXED);
     if (UNLIKELY(n != tl_held[i].lnext) && !link_ok(n, i))
         __atomic_store_n(&m->__data.__list.__next, tl_held[i].lnext, __ATOMIC_RELAXED);
+}
+
+/* The common case, inline: all four words as glibc left them. */
+static inline __attribute__((always_inline)) void scrub_held(int i)
+{
+    pthread_mutex_t *m = tl_held[i].m;
+    uint32_t lw = __atomic_load_n((uint32_t *)&m->__data.__lock, __ATOMIC_RELAXED);
+    int owner = __atomic_load_n(&m->__data.__owner, __ATOMIC_RELAXED);
+    void *p = __atomic_load_n(&m->__data.__list.__prev, __ATOMIC_RELAXED);
+    void *n = __atomic_load_n(&m->__data.__list.__next, __ATOMIC_RELAXED);
+    if (UNLIKELY(((lw & ~(uint32_t)FUTEX_WAITERS) != tl_tid) | (owner != (int)tl_tid) | (p != tl_head) |
+                 (n != tl_held[i].lnext)))
+        scrub_held_slow(i);
 }
 
 /* A mutex left "not recoverable" (glibc's state after an owner died and the
@@ -669,11 +682,9 @@ static int revive_mutex(page_hdr *ph)
  * it is noticed by its waiters within this time. */
 #define WAIT_SLICE_NS 200000000LL
 
-static int lock_mutex(fmm_cache *c, pthread_mutex_t *m, int64_t timeout_ns)
+static __attribute__((noinline)) int lock_mutex_wait(fmm_cache *c, pthread_mutex_t *m, int64_t timeout_ns)
 {
-    int rc = pthread_mutex_trylock(m);
-    if (rc != EBUSY || timeout_ns == 0)
-        return rc;
+    int rc;
     do {
         int64_t t = timeout_ns < 0 || timeout_ns > WAIT_SLICE_NS ? WAIT_SLICE_NS : timeout_ns;
         struct timespec ts;
@@ -691,6 +702,15 @@ static int lock_mutex(fmm_cache *c, pthread_mutex_t *m, int64_t timeout_ns)
             timeout_ns -= t;
     } while (timeout_ns != 0);
     return ETIMEDOUT;
+}
+
+/* The uncontended lock inline; waiting out of line. */
+static inline __attribute__((always_inline)) int lock_mutex(fmm_cache *c, pthread_mutex_t *m, int64_t timeout_ns)
+{
+    int rc = pthread_mutex_trylock(m);
+    if (LIKELY(rc != EBUSY) || timeout_ns == 0)
+        return rc;
+    return lock_mutex_wait(c, m, timeout_ns);
 }
 
 int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
@@ -818,7 +838,9 @@ int fmm_unlock(fmm_cache *c, uint32_t page)
     if (i >= 0) {
         if (tl_held[i].page == page)
             scrub_held(i);
-        tl_held[i] = tl_held[--tl_n];
+        int last = --tl_n;
+        if (UNLIKELY(i != last))
+            tl_held[i] = tl_held[last];
     }
     pthread_mutex_unlock(&ph->lock.m);
     return fmm_lost(c) ? FMM_EREPLACED : 0;
@@ -907,11 +929,9 @@ static inline __attribute__((always_inline)) int get_found(fmm_cache *c, page_hd
     /* The caller copies the value next (after allocating its buffer):
      * start loading its cache lines now.  The snapshot bounded the entry to
      * the page; prefetching never faults anyway. */
-    {
-        const char *v = out->val, *vend = v + (out->vlen < 512 ? out->vlen : 512);
-        for (const char *l = (const char *)((uintptr_t)v & ~(uintptr_t)63); l < vend; l += 64)
-            __builtin_prefetch(l, 0, 3);
-    }
+    __builtin_prefetch(out->val, 0, 3);
+    if (out->vlen > 64)
+        __builtin_prefetch(out->val + 64, 0, 3);
     return 0;
 }
 
