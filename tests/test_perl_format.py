@@ -781,3 +781,26 @@ def test_truncated_under_us_raises_not_crashes(share: str) -> None:
     with pytest.raises(fastmmap.FileReplacedError):
         c.set("k1", b"again")
     c.close()
+
+
+def test_modseq_entries_as_perl_before_163_sees_them(share: str) -> None:
+    """The README's warning, checked: Perl 1.57 knows no modseq flag, so it
+    reads the 8 modseq bytes as part of the value, and a tombstone as a
+    value.  (Perl 1.63 reads both as Python does; Debian ships 1.57.)"""
+    c = open_perl_format(share)
+    assert c.set("v", b"payload", modseq=7) is True
+    assert c.set("gone", b"x", modseq=1) is True
+    assert c.remove("gone", modseq=2) is True
+    assert c.get("gone") is None and c.get_modseq("gone") == 2 and c.get("v") == b"payload"
+    out = perl_json(
+        "my $c = opened(share_file => $ARGV[0]);"
+        "print $J->encode([$Cache::FastMmap::VERSION, hexs($c->get('v')), hexs($c->get('gone'))]);",
+        share,
+    )
+    version, v, gone = out  # type: ignore[misc]
+    if version < "1.63":
+        assert bytes.fromhex(v) == (7).to_bytes(8, sys.byteorder) + b"payload"
+        assert bytes.fromhex(gone) == (2).to_bytes(8, sys.byteorder)
+    else:
+        assert bytes.fromhex(v) == b"payload" and gone is None
+    c.close()
