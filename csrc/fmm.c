@@ -247,11 +247,44 @@ uint64_t fmm_xxh64(const void *data, size_t len, uint64_t seed)
 
 uint32_t fmm_perl_hash(const void *key, size_t klen) { return pfm_hash32(key, klen); }
 
+/* The high and low halves of the 128-bit product, folded: one multiply
+ * mixes every bit of both inputs into every bit of the result. */
+static inline uint64_t mum64(uint64_t a, uint64_t b)
+{
+    __uint128_t r = (__uint128_t)a * b;
+    return (uint64_t)r ^ (uint64_t)(r >> 64);
+}
+
+uint64_t fmm_key_hash(const void *key, size_t len, uint64_t seed)
+{
+    if (len > 16)
+        return fmm_xxh64(key, len, seed);
+    /* Keys of up to 16 bytes (most cache keys): two overlapping loads cover
+     * the bytes, two multiply-folds mix them with the seed and the length.
+     * About 15 instructions where XXH64 takes about 70 for 16 bytes. */
+    const unsigned char *p = key;
+    uint64_t a, b;
+    if (len >= 8) {
+        a = rd64(p);
+        b = rd64(p + len - 8);
+    } else if (len >= 4) {
+        a = rd32(p);
+        b = rd32(p + len - 4);
+    } else if (len) {
+        a = ((uint64_t)p[0] << 16) | ((uint64_t)p[len >> 1] << 8) | p[len - 1];
+        b = 0;
+    } else {
+        a = b = 0;
+    }
+    uint64_t h = mum64(a ^ 0xa0761d6478bd642fULL, b ^ seed ^ 0xe7037ed1a0b428dbULL);
+    return mum64(h ^ 0x8ebc6af09c88c6e3ULL, (uint64_t)len ^ seed ^ 0x589965cc75374cc3ULL);
+}
+
 uint64_t fmm_hash(const fmm_cache *c, const void *key, size_t klen)
 {
     if (UNLIKELY(c->perl))
         return pfm_hash32(key, klen);
-    return fmm_xxh64(key, klen, c->seed);
+    return fmm_key_hash(key, klen, c->seed);
 }
 
 uint32_t fmm_page_of(const fmm_cache *c, uint64_t hash)

@@ -12,7 +12,8 @@
  *
  * ---------------------------------------------------------------------------
  * File format (native, version 2; version 1 files, with the page-header
- * fields at 64..100, are rejected as BadFileError: reopen with init_file).  All fields native-endian; the file is a
+ * fields at 64..100 and XXH64 for every key, are rejected as BadFileError:
+ * reopen with init_file).  All fields native-endian; the file is a
  * shared-memory file, not an exchange format.
  *
  *   offset 0      file header, FMM_HEADER_SIZE (4096) bytes, first 128 used:
@@ -60,9 +61,11 @@
  *   uint32 vlen        value length
  * The key's hash is not stored: compaction recomputes it from the key.
  *
- * Hash: XXH64 of the key bytes, seeded with the file's hash_seed.  The page
- * is chosen from the high 32 bits (multiply-shift), the slot from the low
- * 32 bits, so the two choices are independent.
+ * Hash: fmm_key_hash of the key bytes, seeded with the file's hash_seed: for
+ * keys of up to 16 bytes two 64x64->128-bit multiply-folds of the key's
+ * words, the seed and the length; for longer keys XXH64.  The page is chosen
+ * from the high 32 bits (multiply-shift), the slot from the low 32 bits, so
+ * the two choices are independent.
  *
  * LRU: each page has a 32-bit logical clock, incremented on every hit and
  * every store; an entry's access field is the clock value of its last use,
@@ -104,7 +107,7 @@ extern "C" {
 #define FMM_MAX_PAGES        (1u << 24)
 #define FMM_MAX_KEY_LEN      ((1u << 24) - 1)
 #define FMM_STATE_READY      0x52454459u  /* "READ" */
-#define FMM_FORMAT_VERSION   2u  /* 2: hot page-header fields share the mutex's cache line */
+#define FMM_FORMAT_VERSION   2u  /* 2: hot page-header fields share the mutex's cache line; short-key hash */
 
 /* ---------- Error codes ----------
  * 0 is success.  Negative values are engine codes below; positive values
@@ -290,6 +293,8 @@ uint64_t fmm_repairs(const fmm_cache *c);
 
 /** @brief XXH64 with an explicit seed (exposed for tests). */
 uint64_t fmm_xxh64(const void *data, size_t len, uint64_t seed);
+/** @brief The native format's key hash (see the file format above). */
+uint64_t fmm_key_hash(const void *key, size_t len, uint64_t seed);
 /** @brief Cache::FastMmap's 32-bit hash of the key bytes (format PERL;
  * exposed for tests): h = 0x92f7e3b1, then h = rotl32(h, 4) + byte. */
 uint32_t fmm_perl_hash(const void *key, size_t klen);

@@ -916,7 +916,7 @@ static void damage_one(rd_t *r, file_t *f, uint32_t ps, uint32_t np)
         if (sel % 3 == 1) {
             uint8_t key[16];
             uint32_t klen = make_key((sel >> 2) % NKEYS, key);
-            uint32_t lo = (uint32_t)fmm_xxh64(key, klen, S.seed);
+            uint32_t lo = (uint32_t)fmm_key_hash(key, klen, S.seed);
             v = (lo & ~offmask) | ((pick_u32(r) >> 2) & offmask);
         } else if (sel % 3 == 2) {
             f_read(f, pg + FMM_PAGE_HEADER_SIZE + 4 * (off_t)((idx + 1 + sel / 3) % ns), &v, 4);
