@@ -715,6 +715,59 @@ static int revive_mutex(page_hdr *ph)
  * it is noticed by its waiters within this time. */
 #define WAIT_SLICE_NS 200000000LL
 
+#ifdef __GLIBC__
+static int64_t mono_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Wait for a held page mutex.  The mutex is always taken with
+ * pthread_mutex_trylock (so glibc keeps its robust-list bookkeeping and
+ * owner-died handling), but the sleeping is a futex wait of our own on the
+ * lock word, done the way glibc's robust lock does it (set FUTEX_WAITERS,
+ * then FUTEX_WAIT on the value seen).  Why not pthread_mutex_clocklock: if
+ * the file is truncated while we sleep, the SIGBUS guard swaps zero memory
+ * in under the lock word, and glibc's timed robust lock treats the futex
+ * call's unexpected result as fatal and aborts the process.  Here any
+ * result just means "look again", and the lost flag ends the wait. */
+static __attribute__((noinline)) int lock_mutex_wait(fmm_cache *c, pthread_mutex_t *m, int64_t timeout_ns)
+{
+    uint32_t *word = (uint32_t *)&m->__data.__lock;
+    int64_t deadline = timeout_ns > 0 ? mono_now_ns() + timeout_ns : 0;
+    for (;;) {
+        int rc = pthread_mutex_trylock(m);
+        if (rc != EBUSY) {
+            if (rc == 0 || rc == EOWNERDEAD)
+                /* as glibc does after a wait: others may still sleep, so
+                 * that our unlock wakes one */
+                __atomic_fetch_or(word, FUTEX_WAITERS, __ATOMIC_RELAXED);
+            return rc;
+        }
+        if (fmm_lost(c))
+            return ETIMEDOUT; /* fmm_lock reports FMM_EREPLACED */
+        int64_t slice = WAIT_SLICE_NS;
+        if (timeout_ns > 0) {
+            int64_t left = deadline - mono_now_ns();
+            if (left <= 0)
+                return ETIMEDOUT;
+            if (left < slice)
+                slice = left;
+        }
+        uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
+        if ((v & FUTEX_TID_MASK) == 0 && !(v & FUTEX_WAITERS))
+            continue; /* free (or owner died, no one waiting): trylock takes it */
+        if (!(v & FUTEX_WAITERS)) {
+            if (!__atomic_compare_exchange_n(word, &v, v | FUTEX_WAITERS, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                continue;
+            v |= FUTEX_WAITERS;
+        }
+        struct timespec rel = {(time_t)(slice / 1000000000LL), (long)(slice % 1000000000LL)};
+        syscall(SYS_futex, word, FUTEX_WAIT, v, &rel, NULL, 0); /* any result: look again */
+    }
+}
+#else
 static __attribute__((noinline)) int lock_mutex_wait(fmm_cache *c, pthread_mutex_t *m, int64_t timeout_ns)
 {
     int rc;
@@ -736,6 +789,7 @@ static __attribute__((noinline)) int lock_mutex_wait(fmm_cache *c, pthread_mutex
     } while (timeout_ns != 0);
     return ETIMEDOUT;
 }
+#endif
 
 /* The uncontended lock inline; waiting out of line. */
 static inline __attribute__((always_inline)) int lock_mutex(fmm_cache *c, pthread_mutex_t *m, int64_t timeout_ns)
