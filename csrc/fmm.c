@@ -732,11 +732,16 @@ static int64_t mono_now_ns(void)
  * in under the lock word, and glibc's timed robust lock treats the futex
  * call's unexpected result as fatal and aborts the process.  Here any
  * result just means "look again", and the lost flag ends the wait. */
-static __attribute__((noinline)) int lock_mutex_wait(fmm_cache *c, pthread_mutex_t *m, int64_t timeout_ns)
+static __attribute__((noinline)) int lock_mutex_wait(fmm_cache *c, page_hdr *ph, int64_t timeout_ns, int *damaged)
 {
+    pthread_mutex_t *m = &ph->lock.m;
     uint32_t *word = (uint32_t *)&m->__data.__lock;
     int64_t deadline = timeout_ns > 0 ? mono_now_ns() + timeout_ns : 0;
     for (;;) {
+        /* the kind word may have been damaged while we slept: glibc reads
+         * it on every call (a priority-protect kind makes it abort) */
+        if (UNLIKELY(restore_mutex_kind(ph)))
+            *damaged = 1;
         int rc = pthread_mutex_trylock(m);
         if (rc != EBUSY) {
             if (rc == 0 || rc == EOWNERDEAD)
@@ -768,8 +773,10 @@ static __attribute__((noinline)) int lock_mutex_wait(fmm_cache *c, pthread_mutex
     }
 }
 #else
-static __attribute__((noinline)) int lock_mutex_wait(fmm_cache *c, pthread_mutex_t *m, int64_t timeout_ns)
+static __attribute__((noinline)) int lock_mutex_wait(fmm_cache *c, page_hdr *ph, int64_t timeout_ns, int *damaged)
 {
+    pthread_mutex_t *m = &ph->lock.m;
+    (void)damaged;
     int rc;
     do {
         int64_t t = timeout_ns < 0 || timeout_ns > WAIT_SLICE_NS ? WAIT_SLICE_NS : timeout_ns;
@@ -792,12 +799,13 @@ static __attribute__((noinline)) int lock_mutex_wait(fmm_cache *c, pthread_mutex
 #endif
 
 /* The uncontended lock inline; waiting out of line. */
-static inline __attribute__((always_inline)) int lock_mutex(fmm_cache *c, pthread_mutex_t *m, int64_t timeout_ns)
+static inline __attribute__((always_inline)) int lock_mutex(fmm_cache *c, page_hdr *ph, int64_t timeout_ns,
+                                                         int *damaged)
 {
-    int rc = pthread_mutex_trylock(m);
+    int rc = pthread_mutex_trylock(&ph->lock.m);
     if (LIKELY(rc != EBUSY) || timeout_ns == 0)
         return rc;
-    return lock_mutex_wait(c, m, timeout_ns);
+    return lock_mutex_wait(c, ph, timeout_ns, damaged);
 }
 
 int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
@@ -820,10 +828,10 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
     page_hdr *ph = PH(c, page);
     int rc;
     int kind_damaged = restore_mutex_kind(ph);
-    rc = lock_mutex(c, &ph->lock.m, timeout_ns);
+    rc = lock_mutex(c, ph, timeout_ns, &kind_damaged);
     if (UNLIKELY(rc == ENOTRECOVERABLE) && revive_mutex(ph)) {
         kind_damaged = 1;
-        rc = lock_mutex(c, &ph->lock.m, timeout_ns);
+        rc = lock_mutex(c, ph, timeout_ns, &kind_damaged);
     }
     switch (rc) {
     case 0:
