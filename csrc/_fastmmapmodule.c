@@ -355,6 +355,41 @@ typedef struct {
 
 /* Serialize and compress a value (no page lock held, except inside
  * get_and_set and lock blocks, by design). */
+/* A serializer's result (a new reference, or NULL with an error set) as
+ * bytes: str is taken as UTF-8, anything else is a TypeError.  Steals it. */
+static PyObject *serialized_bytes(PyObject *out)
+{
+    if (!out)
+        return NULL;
+    if (PyUnicode_Check(out)) {
+        PyObject *b = PyUnicode_AsUTF8String(out);
+        Py_DECREF(out);
+        return b;
+    }
+    if (!PyBytes_Check(out)) {
+        PyErr_Format(PyExc_TypeError, "the serializer returned %.100s, expected bytes", Py_TYPE(out)->tp_name);
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+/* self->compress applied to the encoded bytes: a new bytes reference, or
+ * NULL with an error set (a non-bytes result is a TypeError). */
+static PyObject *compressed(CacheObject *self, const encoded *e)
+{
+    PyObject *src = e->owner ? Py_NewRef(e->owner) : PyBytes_FromStringAndSize(e->buf, e->len);
+    if (!src)
+        return NULL;
+    PyObject *z = PyObject_CallOneArg(self->compress, src);
+    Py_DECREF(src);
+    if (z && !PyBytes_Check(z)) {
+        PyErr_Format(PyExc_TypeError, "the compressor returned %.100s, expected bytes", Py_TYPE(z)->tp_name);
+        Py_CLEAR(z);
+    }
+    return z;
+}
+
 static int encode_perl(CacheObject *self, PyObject *v, encoded *e);
 
 static int encode_value(CacheObject *self, PyObject *v, encoded *e)
@@ -388,42 +423,16 @@ static int encode_value(CacheObject *self, PyObject *v, encoded *e)
         } else {
             out = PyObject_CallOneArg(self->dumps, v);
         }
-        if (!out)
+        if (!(out = serialized_bytes(out)))
             return -1;
-        if (PyUnicode_Check(out)) {
-            PyObject *b = PyUnicode_AsUTF8String(out);
-            Py_DECREF(out);
-            if (!b)
-                return -1;
-            out = b;
-        }
-        if (!PyBytes_Check(out)) {
-            PyErr_Format(PyExc_TypeError, "the serializer returned %.100s, expected bytes", Py_TYPE(out)->tp_name);
-            Py_DECREF(out);
-            return -1;
-        }
         e->owner = out;
         e->buf = PyBytes_AS_STRING(out);
         e->len = PyBytes_GET_SIZE(out);
         e->flags = self->ser_type;
     }
     if (self->comp_type != FMM_C_NONE && e->len >= self->compress_threshold) {
-        PyObject *src = e->owner;
-        PyObject *tmp = NULL;
-        if (!src) {
-            src = tmp = PyBytes_FromStringAndSize(e->buf, e->len);
-            if (!tmp)
-                return -1;
-        }
-        PyObject *z = PyObject_CallOneArg(self->compress, src);
-        Py_XDECREF(tmp);
+        PyObject *z = compressed(self, e);
         if (!z) {
-            Py_CLEAR(e->owner);
-            return -1;
-        }
-        if (!PyBytes_Check(z)) {
-            PyErr_Format(PyExc_TypeError, "the compressor returned %.100s, expected bytes", Py_TYPE(z)->tp_name);
-            Py_DECREF(z);
             Py_CLEAR(e->owner);
             return -1;
         }
@@ -469,37 +478,17 @@ static int encode_perl(CacheObject *self, PyObject *v, encoded *e)
             return -1;
         }
     } else {
-        PyObject *out = PyObject_CallOneArg(self->dumps, v);
+        PyObject *out = serialized_bytes(PyObject_CallOneArg(self->dumps, v));
         if (!out)
             return -1;
-        if (PyUnicode_Check(out)) {
-            PyObject *b = PyUnicode_AsUTF8String(out);
-            Py_DECREF(out);
-            if (!b)
-                return -1;
-            out = b;
-        }
-        if (!PyBytes_Check(out)) {
-            PyErr_Format(PyExc_TypeError, "the serializer returned %.100s, expected bytes", Py_TYPE(out)->tp_name);
-            Py_DECREF(out);
-            return -1;
-        }
         e->owner = out;
         e->buf = PyBytes_AS_STRING(out);
         e->len = PyBytes_GET_SIZE(out);
         e->flags = self->ser_type;
     }
     if (self->comp_type != FMM_C_NONE) {
-        PyObject *src = e->owner ? Py_NewRef(e->owner) : PyBytes_FromStringAndSize(e->buf, e->len);
-        if (!src)
-            return -1;
-        PyObject *z = PyObject_CallOneArg(self->compress, src);
-        Py_DECREF(src);
-        if (!z || !PyBytes_Check(z)) {
-            if (z) {
-                PyErr_Format(PyExc_TypeError, "the compressor returned %.100s, expected bytes", Py_TYPE(z)->tp_name);
-                Py_DECREF(z);
-            }
+        PyObject *z = compressed(self, e);
+        if (!z) {
             Py_CLEAR(e->owner);
             return -1;
         }
