@@ -106,6 +106,7 @@ typedef struct {
     int allow_recursive;      /* unlock the page around read_cb */
     int perl;                 /* a Cache::FastMmap-format file (format="perl") */
     const int *lost;          /* fmm_lost_flag(c): the file was truncated under us */
+    const volatile unsigned char *probe; /* fmm_probe_addr(c), read before `lost` */
     PyObject *weakreflist;
 } CacheObject;
 
@@ -183,7 +184,7 @@ static Py_NO_INLINE PyObject *replaced_error(CacheObject *self)
     return NULL;
 }
 /* the handle's file was truncated under its mapping (fmm_lost, inline) */
-#define IS_LOST(self) (__atomic_load_n((self)->lost, __ATOMIC_ACQUIRE) != 0)
+#define IS_LOST(self) ((void)*(self)->probe, __atomic_load_n((self)->lost, __ATOMIC_ACQUIRE) != 0)
 #define LOST_R(self, r)                               \
     do {                                              \
         if (UNLIKELY(IS_LOST(self))) {          \
@@ -202,6 +203,7 @@ static Py_NO_INLINE PyObject *replaced_error(CacheObject *self)
 /* ---------- Lifetime guards ---------- */
 
 static const int never_lost = 0;
+static const unsigned char no_probe = 0;
 
 static void really_close(CacheObject *self)
 {
@@ -209,6 +211,7 @@ static void really_close(CacheObject *self)
         fmm_cache *c = self->c;
         self->c = NULL;
         self->lost = &never_lost;
+        self->probe = &no_probe;
         fmm_close(c);
     }
 }
@@ -2423,6 +2426,7 @@ static PyObject *cache__open(PyObject *op, PyObject *const *args, Py_ssize_t nar
     }
     self->c = c;
     self->lost = fmm_lost_flag(c);
+    self->probe = fmm_probe_addr(c);
     self->perl = cfg.format == FMM_FORMAT_PERL;
     return Py_NewRef(created ? Py_True : Py_False);
 }
@@ -2596,6 +2600,7 @@ static PyObject *cache_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObje
     self->ser_type = FMM_T_PICKLE;
     self->comp_type = FMM_C_NONE;
     self->lost = &never_lost;
+    self->probe = &no_probe;
     return (PyObject *)self;
 }
 

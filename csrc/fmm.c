@@ -358,6 +358,12 @@ uint64_t fmm_repairs(const fmm_cache *c)
 const char *fmm_errdetail(const fmm_cache *c) { return c->perl ? pfm_errdetail(c->perl) : c->err; }
 int fmm_lost(const fmm_cache *c) { return UNLIKELY(__atomic_load_n(&c->lost, __ATOMIC_ACQUIRE) != 0); }
 const int *fmm_lost_flag(const fmm_cache *c) { return &c->lost; }
+const volatile unsigned char *fmm_probe_addr(const fmm_cache *c)
+{
+    if (c->perl)
+        return pfm_page_ptr(c->perl, 0) + (size_t)c->page_size * c->num_pages - 1;
+    return c->base + c->map_len - 1;
+}
 unsigned char *fmm_page_ptr(fmm_cache *c, uint32_t page)
 {
     if (UNLIKELY(c->perl))

@@ -500,6 +500,13 @@ int fmm_lost(const fmm_cache *c);
 /** @brief Address of the flag fmm_lost reads (non-zero: lost), valid until
  * fmm_close, for callers that check it inline on a hot path. */
 const int *fmm_lost_flag(const fmm_cache *c);
+/** @brief The mapping's last byte, valid until fmm_close.  A file cut to a
+ * size inside an OS page reads as zeros past its new end without any
+ * SIGBUS; reading this byte after an operation faults if the file now ends
+ * before its last OS page, so the guard sets the lost flag and the zeros
+ * the operation may have read are never returned.  (A cut inside the last
+ * OS page itself is not seen this way.) */
+const volatile unsigned char *fmm_probe_addr(const fmm_cache *c);
 
 /* ---------- Test hooks ---------- */
 
