@@ -889,6 +889,40 @@ static PyObject *do_get(CacheObject *self, PyObject *key)
         return NULL;
     uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
     uint32_t page = fmm_page_of(self->c, h);
+    /* Lock-free first (fmm_get_optimistic): a hit whose LRU stamp is fresh,
+     * or a miss with no read_cb, needs no lock and writes nothing.  A copy
+     * made while a writer changed the page is thrown away and read again;
+     * after two such tries, or when the engine says so, take the lock. */
+    for (int tries = 0; tries < 2; tries++) {
+        fmm_item it;
+        uint32_t tok;
+        int rc = fmm_get_optimistic(self->c, page, h, k.buf, (uint32_t)k.len, FMM_GET_TOUCH, &it, &tok);
+        if (rc == FMM_ENOTFOUND) {
+            if (self->read_cb)
+                break; /* read-through runs under the page lock */
+            if (fmm_read_valid(self->c, page, tok))
+                return NULL;
+            continue;
+        }
+        if (rc != 0)
+            break;
+        PyObject *raw, *r;
+        int err;
+        r = value_under_lock(&it, &raw, &err);
+        if (UNLIKELY(!fmm_read_valid(self->c, page, tok))) {
+            /* torn: whatever was built from it (or failed on it) goes */
+            Py_XDECREF(r);
+            Py_XDECREF(raw);
+            if (err)
+                PyErr_Clear();
+            continue;
+        }
+        if (raw) {
+            r = decode_value(self, it.flags, NULL, 0, raw);
+            Py_DECREF(raw);
+        }
+        return r;
+    }
     if (lock_page(self, page) < 0)
         return NULL;
     fmm_item it;
@@ -1102,8 +1136,12 @@ static int cache_contains(PyObject *op, PyObject *key)
     if (get_key(key, &k) == 0) {
         uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
         uint32_t page = fmm_page_of(self->c, h);
-        if (lock_page(self, page) == 0) {
-            fmm_item it;
+        fmm_item it;
+        uint32_t tok;
+        int rc = fmm_get_optimistic(self->c, page, h, k.buf, (uint32_t)k.len, 0, &it, &tok);
+        if ((rc == 0 || rc == FMM_ENOTFOUND) && fmm_read_valid(self->c, page, tok)) {
+            r = rc == 0;
+        } else if (lock_page(self, page) == 0) {
             r = fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, 0, &it) == 0;
             UNLOCK(self, page);
         }

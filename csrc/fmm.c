@@ -115,7 +115,7 @@ typedef struct file_header {
  * at offsets 24 bytes further, on the second line.  The statistics counters
  * (written only with enable_stats) come after the hot line. */
 #define LOCK_BYTES (sizeof(pthread_mutex_t) <= 40 ? 40 : 64)
-#define PAGE_HDR_FIELDS 32u /* bytes of fields after the mutex, spare excluded */
+#define PAGE_HDR_FIELDS 36u /* bytes of fields after the mutex, spare excluded */
 typedef struct page_hdr {
     union {
         pthread_mutex_t m;
@@ -125,12 +125,13 @@ typedef struct page_hdr {
     uint16_t dirty;     /* 42 */
     uint32_t num_slots; /* 44 */
     uint32_t live;      /* 48 */
-    uint32_t deleted;   /* 52 */
+    uint32_t seq;       /* 52: odd while the page is locked (see "Lock-free reads") */
     uint32_t free_data; /* 56 */
     uint32_t clock;     /* 60 */
-    uint32_t nreads;    /* 64 */
-    uint32_t nhits;     /* 68 */
-    uint32_t spare[(FMM_PAGE_HEADER_SIZE - LOCK_BYTES - PAGE_HDR_FIELDS) / 4]; /* 72..127 */
+    uint32_t deleted;   /* 64 */
+    uint32_t nreads;    /* 68 */
+    uint32_t nhits;     /* 72 */
+    uint32_t spare[(FMM_PAGE_HEADER_SIZE - LOCK_BYTES - PAGE_HDR_FIELDS) / 4]; /* 76..127 */
 } page_hdr;
 
 typedef struct entry {
@@ -143,7 +144,7 @@ typedef struct entry {
 } entry;
 
 _Static_assert(sizeof(pthread_mutex_t) <= 64, "mutex must fit 64 bytes");
-_Static_assert(offsetof(page_hdr, nreads) == LOCK_BYTES + 24, "hot page-header fields end at the mutex + 24");
+_Static_assert(offsetof(page_hdr, deleted) == LOCK_BYTES + 24, "hot page-header fields end at the mutex + 24");
 _Static_assert(sizeof(page_hdr) == FMM_PAGE_HEADER_SIZE, "page header size");
 _Static_assert(sizeof(entry) == FMM_ENTRY_HEADER_SIZE, "entry header size");
 _Static_assert(sizeof(file_header) <= FMM_HEADER_SIZE, "file header size");
@@ -389,6 +390,7 @@ const char *fmm_strerror(int rc)
     case FMM_ETOOMANY: return "this thread holds page locks in too many caches";
     case FMM_EREFUSED: return "store refused by the modseq rules (a tombstone or a newer modseq holds the key)";
     case FMM_ENOCHANGE: return "an entry with an equal or newer modseq was kept";
+    case FMM_EAGAIN: return "a lock-free read must be retried under the page lock";
     default: return rc > 0 ? strerror(rc) : "unknown fastmmap error";
     }
 }
@@ -804,6 +806,35 @@ static __attribute__((noinline)) int lock_mutex_wait(fmm_cache *c, page_hdr *ph,
 }
 #endif
 
+/* ---------- Lock-free reads: the page's sequence word ----------
+ * A seqlock beside the mutex.  Whoever locks a page makes `seq` odd before
+ * touching anything else and even again (one higher) just before
+ * unlocking, so every locked section, reads included, moves it on.  A
+ * reader without the lock (fmm_get_optimistic) notes an even seq, probes
+ * and copies, then checks that seq has not moved: if it has, what it read
+ * may be torn, and it throws the copy away.  The reader writes nothing to
+ * the page, so readers on two cores never pull its cache lines back and
+ * forth.  A writer killed while holding the page leaves seq odd, which
+ * sends readers to the locked path: the robust mutex's EOWNERDEAD repair
+ * runs there and the unlock makes seq even again.  `seq | 1` (not +1) at
+ * lock time keeps the parity right after such a death.  The data is read
+ * and written with plain accesses between the fences, as the Linux
+ * kernel's seqlocks do; every offset and length the reader follows is
+ * bounds-checked as under the lock, so a torn read is wrong data, never an
+ * access outside the page, and it never survives the seq check. */
+static inline void seq_enter(page_hdr *ph)
+{
+    __atomic_store_n(&ph->seq, RD(ph->seq) | 1u, __ATOMIC_RELAXED);
+    /* the odd seq is visible before any store of the locked section */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+static inline void seq_leave(page_hdr *ph)
+{
+    /* every store of the locked section is visible before the even seq */
+    __atomic_store_n(&ph->seq, (RD(ph->seq) | 1u) + 1u, __ATOMIC_RELEASE);
+}
+
 /* The uncontended lock inline; waiting out of line. */
 static inline __attribute__((always_inline)) int lock_mutex(fmm_cache *c, page_hdr *ph, int64_t timeout_ns,
                                                          int *damaged)
@@ -839,6 +870,8 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
         kind_damaged = 1;
         rc = lock_mutex(c, ph, timeout_ns, &kind_damaged);
     }
+    if (LIKELY(rc == 0 || rc == EOWNERDEAD))
+        seq_enter(ph);
     switch (rc) {
     case 0:
         break;
@@ -943,6 +976,7 @@ int fmm_unlock(fmm_cache *c, uint32_t page)
         if (UNLIKELY(i != last))
             tl_held[i] = tl_held[last];
     }
+    seq_leave(ph);
     pthread_mutex_unlock(&ph->lock.m);
     return fmm_lost(c) ? FMM_EREPLACED : 0;
 }
@@ -1023,7 +1057,9 @@ static inline __attribute__((always_inline)) int get_found(fmm_cache *c, page_hd
     if (do_touch) {
         if (c->stats)
             ph->nhits++;
-        e->access = ++ph->clock;
+        /* reads stamp the current clock; only stores advance it (see
+         * "LRU" in fmm.h) */
+        e->access = ph->clock;
         e->last_access = now;
     }
     fill_item_ms(out, sn, ms);
@@ -1070,6 +1106,67 @@ int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
     if (UNLIKELY(sn.flags & FMM_F_MODSEQ))
         return get_found_ms(c, ph, sn, touch, out);
     return get_found(c, ph, &sn, touch, out, 0);
+}
+
+/* 1 if a hit read without the lock needs no new LRU stamp: the entry was
+ * stamped this second, and its stamp is within the newest 1/2^STAMP_SHIFT
+ * of the clock span the page can hold.  Stores advance the clock, so a page
+ * that churns spans about as many ticks as it holds entries: `live` scaled
+ * by how full the data area is (live * cap / used), which for a full page
+ * is `live`, and for a page far from full is large (its entries are far
+ * from eviction).  Otherwise the reader takes the locked path, which
+ * stamps the entry.  Measured on the Zipf(0.99) read-through benchmark
+ * (gap to an exact LRU's hit rate): a stamp on every read 2.85 points, 1/16
+ * 2.85-2.88, 1/8 2.91-2.93, 1/4 (of `live`, unscaled) 3.06-3.10. */
+#define STAMP_SHIFT 4
+static inline int stamp_fresh(const fmm_cache *c, const page_hdr *ph, const entry *e, uint32_t now)
+{
+    if (RD(e->last_access) != now)
+        return 0;
+    uint64_t age = (uint32_t)(RD(ph->clock) - RD(e->access));
+    uint32_t ns = RD(ph->num_slots);
+    uint32_t ds = data_start(ns < c->max_slots ? ns : c->max_slots); /* torn reads stay bounded */
+    uint32_t fd = RD(ph->free_data);
+    uint64_t used = fd > ds ? fd - ds : 0, cap = c->page_size > ds ? c->page_size - ds : 0;
+    /* age * used <= live * cap / 2^STAMP_SHIFT; no product reaches 2^63 */
+    return age * used <= ((uint64_t)RD(ph->live) * cap) >> STAMP_SHIFT;
+}
+
+int fmm_get_optimistic(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, int touch,
+                       fmm_item *out, uint32_t *token)
+{
+    if (UNLIKELY(c->perl || c->stats || tl_n != 0))
+        return FMM_EAGAIN;
+    page_hdr *ph = PH(c, page);
+    uint32_t s0 = __atomic_load_n(&ph->seq, __ATOMIC_ACQUIRE);
+    *token = s0;
+    /* odd: a writer holds the page (or died holding it) */
+    if (UNLIKELY((s0 & 1u) | (RD(ph->magic) != PAGE_MAGIC) | (RD(ph->dirty) != 0)))
+        return FMM_EAGAIN;
+    esnap sn;
+    long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &sn);
+    if (idx < 0)
+        return UNLIKELY(idx == -2) ? FMM_EAGAIN : FMM_ENOTFOUND; /* -2: the locked path repairs */
+    if (UNLIKELY(sn.flags & FMM_F_MODSEQ))
+        return FMM_EAGAIN; /* tombstone rules, short-modseq repair: the locked path */
+    entry *e = sn.e;
+    uint32_t now = fmm_now(c);
+    if (expired(e, now))
+        return FMM_ENOTFOUND;
+    if (UNLIKELY((touch & FMM_GET_TOUCH) && !stamp_fresh(c, ph, e, now)))
+        return FMM_EAGAIN;
+    fill_item_ms(out, &sn, 0);
+    __builtin_prefetch(out->val, 0, 3);
+    if (out->vlen > 64)
+        __builtin_prefetch(out->val + 64, 0, 3);
+    return 0;
+}
+
+int fmm_read_valid(const fmm_cache *c, uint32_t page, uint32_t token)
+{
+    /* the reads of the probe and the copy complete before seq is read again */
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return __atomic_load_n(&PH(c, page)->seq, __ATOMIC_RELAXED) == token;
 }
 
 /* ---------- Compaction and eviction ---------- */
@@ -1254,13 +1351,17 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
     memset(nsl, 0, 4u * nslots);
     uint32_t pos = ds;
     uint32_t nmask = nslots - 1;
+    uint32_t rank = 0; /* sorted: stamps renumbered 1..rank, equal stamps kept equal */
     for (uint32_t i = first; i < n; i++) {
         uint32_t s = ks[i].slot;
         entry *e = (entry *)((char *)ph + ((s & c->offmask) << 2));
         uint32_t lo = ks[i].hash;
         memcpy(scratch + pos, e, ks[i].size);
-        if (sorted)
-            ((entry *)(scratch + pos))->access = i - first + 1;
+        if (sorted) {
+            if (i == first || ks[i].access != ks[i - 1].access)
+                rank++;
+            ((entry *)(scratch + pos))->access = rank;
+        }
         uint32_t idx = home_index(lo, nslots);
         while (nsl[idx] != SLOT_EMPTY)
             idx = (idx + 1) & nmask;
@@ -1277,7 +1378,7 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
     ph->deleted = 0;
     ph->free_data = pos;
     if (sorted)
-        ph->clock = n - first;
+        ph->clock = rank;
     BARRIER();
     ph->dirty = 0;
     free(ks);

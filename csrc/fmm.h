@@ -11,14 +11,15 @@
  * fmm.c is static.
  *
  * ---------------------------------------------------------------------------
- * File format (native, version 2; version 1 files, with the page-header
- * fields at 64..100 and XXH64 for every key, are rejected as BadFileError:
- * reopen with init_file).  All fields native-endian; the file is a
- * shared-memory file, not an exchange format.
+ * File format (native, version 3; files of older versions are rejected as
+ * BadFileError: reopen with init_file.  Version 2 had no sequence word, and
+ * its processes would write pages without moving it; version 1 also had the
+ * page-header fields at 64..100 and XXH64 for every key).  All fields
+ * native-endian; the file is a shared-memory file, not an exchange format.
  *
  *   offset 0      file header, FMM_HEADER_SIZE (4096) bytes, first 128 used:
  *                   char     magic[8]      "FASTMMAP"
- *                   uint32   version       2
+ *                   uint32   version       3
  *                   uint32   state         FMM_STATE_READY once initialised
  *                   uint32   header_size   4096
  *                   uint32   page_size     power of two, 1 KiB .. 1 GiB
@@ -36,8 +37,9 @@
  *          0   pthread_mutex_t lock (robust, process-shared, error-checking),
  *              40 bytes with glibc on x86_64;
  *          40  uint16 magic 0x5046, uint16 dirty,
- *          44  uint32 num_slots, 48 live, 52 deleted, 56 free_data, 60 clock,
- *          64  uint32 nreads, 68 nhits (only with enable_stats), 72..127 zero.
+ *          44  uint32 num_slots, 48 live, 52 seq, 56 free_data, 60 clock,
+ *          64  uint32 deleted, 68 nreads, 72 nhits (only with
+ *              enable_stats), 76..127 zero.
  *          The mutex and the fields every operation reads (40..63) share
  *          the first 64-byte cache line.  Where pthread_mutex_t is larger
  *          than 40 bytes it is padded to 64 and every field moves 24 bytes
@@ -67,10 +69,26 @@
  * from the high 32 bits (multiply-shift), the slot from the low 32 bits, so
  * the two choices are independent.
  *
- * LRU: each page has a 32-bit logical clock, incremented on every hit and
- * every store; an entry's access field is the clock value of its last use,
- * so order is exact.  Compaction renumbers live entries 1..n, so the clock
- * never wraps.
+ * LRU: each page has a 32-bit logical clock, incremented on every store;
+ * an entry's access field is the clock value of its last use (a store
+ * takes the new value, a read the current one).  Order is exact between
+ * stores; reads between two stores to a page rank equal, and a read needs
+ * no new stamp while the entry's stamp is from this second and within the
+ * newest 1/16 of the clock span the page holds (`live` ticks for a full
+ * page, proportionally more for a page whose data area is less full).
+ * That lets most reads skip the lock (below) and write nothing.  Eviction
+ * takes the oldest stamps first (ties in slot-table order) and renumbers
+ * the stamps it keeps densely, 1..k with equal stamps kept equal, setting
+ * the clock to k, so the clock never wraps.  (Versions 1 and
+ * 2 advanced the clock on every hit as well: exact order, but every read
+ * wrote the page.)
+ *
+ * Lock-free reads: `seq` is a sequence word.  fmm_lock makes it odd before
+ * the holder changes anything, fmm_unlock makes it even (one higher) before
+ * releasing the mutex.  fmm_get_optimistic reads a page without the lock:
+ * it notes an even seq, probes, the caller copies, and fmm_read_valid
+ * checks that seq did not move; any change means the copy may be torn and
+ * is discarded.  Readers write nothing to the page.
  *
  * Locks and crash repair: the page mutex is a robust, process-shared
  * pthread mutex.  `dirty` is set before the first byte of a mutation and
@@ -107,7 +125,7 @@ extern "C" {
 #define FMM_MAX_PAGES        (1u << 24)
 #define FMM_MAX_KEY_LEN      ((1u << 24) - 1)
 #define FMM_STATE_READY      0x52454459u  /* "READ" */
-#define FMM_FORMAT_VERSION   2u  /* 2: hot page-header fields share the mutex's cache line; short-key hash */
+#define FMM_FORMAT_VERSION   3u  /* 3: the page sequence word for lock-free reads; 2: hot page-header fields share the mutex's cache line, short-key hash */
 
 /* ---------- Error codes ----------
  * 0 is success.  Negative values are engine codes below; positive values
@@ -127,6 +145,7 @@ extern "C" {
 #define FMM_EREFUSED    (-30012) /* fmm_set_ms: the modseq rules refused the store */
 #define FMM_ENOCHANGE   (-30013) /* fmm_set_ms: accepted, but an equal or newer
                                     modseq entry already there was kept */
+#define FMM_EAGAIN      (-30014) /* fmm_get_optimistic: take the lock and use fmm_get */
 
 /* ---------- Entry flags (8 bits, stored with the key length) ----------
  * Engine-level flags are opaque to the engine except FMM_F_DIRTY, which
@@ -373,6 +392,35 @@ int fmm_held(const fmm_cache *c, uint32_t page);
  */
 int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash,
             const void *key, uint32_t klen, int touch, fmm_item *out);
+
+/**
+ * @brief Look up a key without locking its page (native format).
+ *
+ * Reads the page under its sequence word (see "Lock-free reads" above) and
+ * writes nothing.  On 0, *out points into the page as with fmm_get; the
+ * caller copies what it needs and then calls fmm_read_valid(token): only if
+ * that returns 1 is the copy (or a FMM_ENOTFOUND) a true result; if 0,
+ * discard it and try again (or take the locked path).  Nothing read through
+ * *out may be trusted before that check, and every length in it is
+ * bounded by the page.
+ *
+ * @param[in] touch  FMM_GET_TOUCH: the read counts as a use, so a hit
+ *                   whose LRU stamp is stale is FMM_EAGAIN (the locked
+ *                   fmm_get stamps it); 0: a peek.
+ * @return 0 (a hit), FMM_ENOTFOUND (absent or
+ *         expired, to be confirmed by fmm_read_valid), or FMM_EAGAIN: use
+ *         fmm_lock + fmm_get instead.  EAGAIN when a writer holds the page,
+ *         (with FMM_GET_TOUCH) the hit's LRU stamp is stale, the entry
+ *         has a modseq, statistics
+ *         are on, the calling thread holds any page lock, the file is in
+ *         Perl's format, or the probe met a damaged slot (which the locked
+ *         path repairs).
+ */
+int fmm_get_optimistic(fmm_cache *c, uint32_t page, uint64_t hash,
+                       const void *key, uint32_t klen, int touch, fmm_item *out, uint32_t *token);
+
+/** @brief 1 if the page did not change since fmm_get_optimistic gave @p token. */
+int fmm_read_valid(const fmm_cache *c, uint32_t page, uint32_t token);
 
 /**
  * @brief Store a key in a locked page, compacting and evicting (least
