@@ -1012,14 +1012,15 @@ static int do_set(CacheObject *self, PyObject *key, PyObject *value, uint32_t ex
     encoded e;
     if (get_key(key, &k) < 0)
         return -1;
+    uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
+    uint32_t page = fmm_page_of(self->c, h);
+    fmm_prefetch(self->c, page, h);
     if (encode_value(self, value, &e) < 0)
         return -1;
     int result = -1;
     evict_ctx ec = {0};
     int rc = FMM_ETOOBIG;
     if (e.len <= (Py_ssize_t)UINT32_MAX) {
-        uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
-        uint32_t page = fmm_page_of(self->c, h);
         if (lock_page(self, page) < 0)
             goto done;
         uint32_t flags = e.flags | (k.isstr ? FMM_F_KEYSTR : 0) | (self->write_back ? FMM_F_DIRTY : 0);

@@ -419,6 +419,14 @@ int fmm_get(fmm_cache *c, uint32_t page, uint64_t hash,
 int fmm_get_optimistic(fmm_cache *c, uint32_t page, uint64_t hash,
                        const void *key, uint32_t klen, int touch, fmm_item *out, uint32_t *token);
 
+/**
+ * @brief Start loading, for writing, the cache lines a store to @p page
+ * will need first (its header, and the entry the key's home slot points
+ * at), before fmm_lock.  A hint: reads nothing it trusts, changes nothing
+ * in the file.  No-op for Perl-format files.
+ */
+void fmm_prefetch(fmm_cache *c, uint32_t page, uint64_t hash);
+
 /** @brief 1 if the page did not change since fmm_get_optimistic gave @p token. */
 int fmm_read_valid(const fmm_cache *c, uint32_t page, uint32_t token);
 
