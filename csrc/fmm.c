@@ -1141,7 +1141,7 @@ static inline void note_ns(fmm_cache *c, uint32_t page, uint32_t ns)
 
 /* The entry a hinted probe's home slot points at, if its tag matches; else
  * NULL.  The slot is read without the lock: only an address comes out. */
-static inline const void *hinted_entry(const fmm_cache *c, page_hdr *ph, uint32_t page, uint32_t lo)
+static inline const char *hinted_entry(const fmm_cache *c, page_hdr *ph, uint32_t page, uint32_t lo)
 {
     if (UNLIKELY(c->ns_hint == NULL))
         return NULL;
@@ -1219,9 +1219,17 @@ void fmm_prefetch(fmm_cache *c, uint32_t page, uint64_t hash)
         return;
     page_hdr *ph = PH(c, page);
     prefetch_w(ph);
-    const void *e = hinted_entry(c, ph, page, (uint32_t)hash);
-    if (e)
+    const char *e = hinted_entry(c, ph, page, (uint32_t)hash);
+    if (e) {
+        /* the entry's first three lines: a 16-byte key and a 100-byte
+         * value span them (the unlock waits for every line written) */
+        const char *end = (const char *)ph + c->page_size;
         prefetch_w(e);
+        if (e + 64 < end)
+            prefetch_w(e + 64);
+        if (e + 128 < end)
+            prefetch_w(e + 128);
+    }
 }
 
 int fmm_read_valid(const fmm_cache *c, uint32_t page, uint32_t token)
