@@ -35,6 +35,7 @@
 #include <ftw.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -3477,6 +3478,422 @@ static void test_optimistic_basic(void)
     fmm_close(c);
 }
 
+/* ---- self-checking values, for readers racing writers ----
+ * A value is a uint32 length (of the whole value), a uint32 check (XXH64
+ * of the payload, seeded from the key and the length), then the payload:
+ * a copy torn between two versions, or taken from another key's entry,
+ * does not check out. */
+#define SC_HDR 8u
+#define SC_KEYS 24
+
+static uint32_t sc_check(const char *k, uint32_t klen, const unsigned char *pl, uint32_t n)
+{
+    return (uint32_t)fmm_xxh64(pl, n, fmm_xxh64(k, klen, 0x5C5Cu) ^ n);
+}
+
+static void sc_fill(unsigned char *v, uint32_t vlen, const char *k, uint32_t klen, uint64_t *s)
+{
+    for (uint32_t i = SC_HDR; i < vlen; i += 8) {
+        uint64_t r = rng_next(s);
+        memcpy(v + i, &r, vlen - i < 8 ? vlen - i : 8);
+    }
+    uint32_t chk = sc_check(k, klen, v + SC_HDR, vlen - SC_HDR);
+    memcpy(v, &vlen, 4);
+    memcpy(v + 4, &chk, 4);
+}
+
+static int sc_ok(const unsigned char *v, uint32_t vlen, const char *k, uint32_t klen)
+{
+    uint32_t len, chk;
+    if (vlen < SC_HDR)
+        return 0;
+    memcpy(&len, v, 4);
+    memcpy(&chk, v + 4, 4);
+    return len == vlen && chk == sc_check(k, klen, v + SC_HDR, vlen - SC_HDR);
+}
+
+/* What the readers saw. */
+typedef struct opt_count {
+    long accepted;      /* copies fmm_read_valid accepted (each must check out) */
+    long rejected;      /* copies it rejected */
+    long rejected_torn; /* of those, copies that did not check out */
+    long misses;        /* misses it accepted */
+    long miss_rejected; /* misses it rejected */
+    long eagain;        /* FMM_EAGAIN */
+    long locked;        /* reads that then took the lock */
+    long bad;           /* accepted copies that did not check out, items
+                           outside the page, unexpected return codes */
+    long reads;
+} opt_count;
+
+static void opt_add(opt_count *to, const opt_count *n)
+{
+    to->accepted += n->accepted;
+    to->rejected += n->rejected;
+    to->rejected_torn += n->rejected_torn;
+    to->misses += n->misses;
+    to->miss_rejected += n->miss_rejected;
+    to->eagain += n->eagain;
+    to->locked += n->locked;
+    to->bad += n->bad;
+    to->reads += n->reads;
+}
+
+static void sc_bad(opt_count *n, const char *k, const char *what)
+{
+    if (n->bad++ < 5)
+        fprintf(stderr, "    key %s: %s\n", k, what);
+}
+
+/* One read of key k as a caller does it: lock-free (copy, then validate),
+ * and on FMM_EAGAIN with touch (or every 4th peek) through the lock.
+ * vbuf and kbuf hold a page each.  Every 64th read yields the CPU between
+ * the probe and the copy: on a machine with few cores (and under valgrind,
+ * which runs one thread at a time) readers and writers rarely overlap
+ * otherwise, and the copy then follows a pointer that the writers may have
+ * moved or overwritten meanwhile. */
+static void sc_read(fmm_cache *c, const char *k, int touch, unsigned char *vbuf, char *kbuf, opt_count *n)
+{
+    const uint32_t ps = fmm_page_size(c);
+    uint32_t klen = (uint32_t)strlen(k);
+    uint64_t h = fmm_hash(c, k, klen);
+    uint32_t p = fmm_page_of(c, h);
+    fmm_item it;
+    uint32_t tok = 0;
+    int rc = fmm_get_optimistic(c, p, h, k, klen, touch, &it, &tok);
+    if (n->reads++ % 64 == 63)
+        sched_yield();
+    if (rc == FMM_EAGAIN) {
+        n->eagain++;
+        if (!touch && n->eagain % 4)
+            return;
+        if (fmm_lock(c, p, -1) != 0) {
+            sc_bad(n, k, "fmm_lock failed");
+            return;
+        }
+        n->locked++;
+        rc = fmm_get(c, p, h, k, klen, touch, &it);
+        if (rc == 0 && (it.klen != klen || memcmp(it.key, k, klen) != 0 ||
+                        !sc_ok((const unsigned char *)it.val, it.vlen, k, klen)))
+            sc_bad(n, k, "a value read under the lock does not check out");
+        else if (rc != 0 && rc != FMM_ENOTFOUND)
+            sc_bad(n, k, "fmm_get failed");
+        fmm_unlock(c, p);
+        return;
+    }
+    uint32_t vlen = 0, kl = 0;
+    if (rc == 0) {
+        /* torn or not, the item lies inside the page */
+        const char *lo = (const char *)fmm_page_ptr(c, p), *hi = lo + ps;
+        vlen = it.vlen;
+        kl = it.klen;
+        if (it.key < lo || it.key > hi || kl > (size_t)(hi - it.key) || it.val < lo || it.val > hi ||
+            vlen > (size_t)(hi - it.val)) {
+            sc_bad(n, k, "fmm_get_optimistic gave an item outside the page");
+            return;
+        }
+        memcpy(vbuf, it.val, vlen);
+        memcpy(kbuf, it.key, kl);
+    }
+    /* checked before the validation, so that torn copies are counted */
+    int good = rc == 0 && kl == klen && memcmp(kbuf, k, klen) == 0 && sc_ok(vbuf, vlen, k, klen);
+    int valid = fmm_read_valid(c, p, tok);
+    if (rc == FMM_ENOTFOUND) {
+        if (valid)
+            n->misses++;
+        else
+            n->miss_rejected++;
+        return;
+    }
+    if (rc != 0) {
+        sc_bad(n, k, "unexpected return code");
+        return;
+    }
+    if (valid) {
+        n->accepted++;
+        if (!good)
+            sc_bad(n, k, "a copy fmm_read_valid accepted does not check out");
+    } else {
+        n->rejected++;
+        n->rejected_torn += !good;
+    }
+}
+
+/* Most stores rewrite a key at its home size (in place, when the entry is
+ * there), the rest at a random size up to maxv (appends, compaction,
+ * eviction); a few delete.  Values are stored dirty, so that the eviction
+ * callback counts (and checks) what eviction drops: ev[0] good, ev[1] bad. */
+static uint32_t sc_home_len(uint32_t i) { return SC_HDR + (i * 37u) % 120u; }
+
+static void sc_evicted(void *ctx, const fmm_item *it)
+{
+    long *ev = ctx;
+    ev[sc_ok((const unsigned char *)it->val, it->vlen, it->key, it->klen) ? 0 : 1]++;
+}
+
+static int sc_write_step(fmm_cache *c, uint64_t *s, unsigned char *vbuf, uint32_t maxv, long ev[2])
+{
+    char k[16];
+    uint32_t i = rng_below(s, SC_KEYS);
+    snprintf(k, sizeof k, "sc%02u", i);
+    uint32_t op = rng_below(s, 16);
+    if (op == 0) {
+        int rc = kdel(c, k);
+        return rc == 0 || rc == FMM_ENOTFOUND ? 0 : rc;
+    }
+    uint32_t vlen = op < 13 ? sc_home_len(i) : SC_HDR + rng_below(s, maxv - SC_HDR);
+    sc_fill(vbuf, vlen, k, (uint32_t)strlen(k), s);
+    return kset_full(c, k, vbuf, vlen, FMM_F_DIRTY, 0, sc_evicted, ev);
+}
+
+static int sc_prefill(fmm_cache *c, uint64_t *s, unsigned char *vbuf)
+{
+    int errors = 0;
+    char k[16];
+    for (uint32_t i = 0; i < SC_KEYS; i++) {
+        snprintf(k, sizeof k, "sc%02u", i);
+        sc_fill(vbuf, sc_home_len(i), k, (uint32_t)strlen(k), s);
+        errors += kset(c, k, vbuf, sc_home_len(i)) != 0;
+    }
+    return errors;
+}
+
+/* Every key is absent or checks out under the lock. */
+static int sc_verify_locked(fmm_cache *c)
+{
+    int bad = 0;
+    char k[16];
+    for (uint32_t i = 0; i < SC_KEYS; i++) {
+        snprintf(k, sizeof k, "sc%02u", i);
+        uint32_t klen = (uint32_t)strlen(k);
+        uint64_t h = fmm_hash(c, k, klen);
+        uint32_t p = fmm_page_of(c, h);
+        if (fmm_lock(c, p, -1) != 0)
+            return -1;
+        fmm_item it;
+        int rc = fmm_get(c, p, h, k, klen, 0, &it);
+        bad += rc == 0 ? !sc_ok((const unsigned char *)it.val, it.vlen, k, klen) : rc != FMM_ENOTFOUND;
+        fmm_unlock(c, p);
+    }
+    return bad;
+}
+
+typedef struct sc_thr {
+    fmm_cache *c;
+    const int *stop;
+    uint64_t seed;
+    long ops;
+    long ev[2];  /* writers: evicted entries that checked out, that did not */
+    int errors;  /* writers */
+    opt_count n; /* readers */
+} sc_thr;
+
+static void *sc_writer(void *arg)
+{
+    sc_thr *t = arg;
+    uint32_t ps = fmm_page_size(t->c);
+    unsigned char *vbuf = malloc(ps);
+    if (!vbuf) {
+        t->errors++;
+        return NULL;
+    }
+    uint64_t s = t->seed;
+    while (!__atomic_load_n(t->stop, __ATOMIC_RELAXED)) {
+        if (sc_write_step(t->c, &s, vbuf, ps / 8, t->ev) != 0)
+            t->errors++;
+        if (++t->ops % 32 == 0)
+            sched_yield(); /* valgrind's thread lock is unfair: let the readers run */
+    }
+    free(vbuf);
+    return NULL;
+}
+
+static void *sc_reader(void *arg)
+{
+    sc_thr *t = arg;
+    uint32_t ps = fmm_page_size(t->c);
+    unsigned char *vbuf = malloc(ps);
+    char *kbuf = malloc(ps);
+    uint64_t s = t->seed;
+    char k[16];
+    while (vbuf && kbuf && !__atomic_load_n(t->stop, __ATOMIC_RELAXED)) {
+        snprintf(k, sizeof k, "sc%02u", rng_below(&s, SC_KEYS));
+        sc_read(t->c, k, (t->ops & 1) ? FMM_GET_TOUCH : 0, vbuf, kbuf, &t->n);
+        t->ops++;
+    }
+    if (!vbuf || !kbuf)
+        t->n.bad++;
+    free(vbuf);
+    free(kbuf);
+    return NULL;
+}
+
+static void sleep_s(double s)
+{
+    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+static void print_opt_count(const char *who, const opt_count *n, long wops, long evicted, double secs)
+{
+    printf("     %s: %.2fs, %ld writes, %ld evictions; copies accepted %ld, rejected %ld (%ld of them torn); "
+           "misses accepted %ld, rejected %ld; EAGAIN %ld (%ld then locked)\n",
+           who, secs, wops, evicted, n->accepted, n->rejected, n->rejected_torn, n->misses, n->miss_rejected,
+           n->eagain, n->locked);
+}
+
+/* Writer threads rewrite self-checking values (in place, at new sizes,
+ * compacting and evicting in one small page) while reader threads read
+ * without the lock: every copy fmm_read_valid accepts must check out, and
+ * both accepted and rejected copies must occur.  Runs in rounds of about a
+ * second until both have been seen (at most 20 s). */
+static void test_optimistic_torn_threads(void)
+{
+    enum { NW = 3, NR = 2 };
+    fmm_cache *c = open_anon(4096, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    unsigned char vbuf[4096];
+    uint64_t s = 4242;
+    CHECK_EQ(sc_prefill(c, &s, vbuf), 0);
+    opt_count tot = {0};
+    long wops = 0, ev[2] = {0, 0};
+    int werrors = 0, started_all = 1, rounds = 0;
+    double t0 = now_s();
+    do {
+        int stop = 0;
+        sc_thr w[NW], r[NR];
+        pthread_t wt[NW], rt[NR];
+        int wok[NW], rok[NR];
+        for (int i = 0; i < NW; i++) {
+            w[i] = (sc_thr){c, &stop, 1000u * (unsigned)rounds + (unsigned)i + 1, 0, {0, 0}, 0, {0}};
+            wok[i] = pthread_create(&wt[i], NULL, sc_writer, &w[i]) == 0;
+            started_all &= wok[i];
+        }
+        for (int i = 0; i < NR; i++) {
+            r[i] = (sc_thr){c, &stop, 7000u * (unsigned)rounds + (unsigned)i + 77, 0, {0, 0}, 0, {0}};
+            rok[i] = pthread_create(&rt[i], NULL, sc_reader, &r[i]) == 0;
+            started_all &= rok[i];
+        }
+        sleep_s(rounds ? 0.5 : 1.0);
+        __atomic_store_n(&stop, 1, __ATOMIC_RELAXED);
+        for (int i = 0; i < NW; i++)
+            if (wok[i]) {
+                pthread_join(wt[i], NULL);
+                wops += w[i].ops;
+                ev[0] += w[i].ev[0];
+                ev[1] += w[i].ev[1];
+                werrors += w[i].errors;
+            }
+        for (int i = 0; i < NR; i++)
+            if (rok[i]) {
+                pthread_join(rt[i], NULL);
+                opt_add(&tot, &r[i].n);
+            }
+        rounds++;
+    } while (started_all && (tot.accepted == 0 || tot.rejected == 0) && now_s() - t0 < 20.0);
+    print_opt_count("threads", &tot, wops, ev[0] + ev[1], now_s() - t0);
+    CHECK(started_all);
+    CHECK_EQ(werrors, 0);
+    CHECK(ev[0] > 0); /* the page did evict */
+    CHECK_EQ(ev[1], 0);
+    CHECK_EQ(tot.bad, 0);
+    CHECK(tot.accepted > 0);
+    CHECK(tot.rejected > 0);
+    CHECK_EQ(sc_verify_locked(c), 0);
+    CHECK_EQ(check_all_pages(c), 0);
+    CHECK_EQ(fmm_repairs(c), 0);
+    fmm_close(c);
+}
+
+/* The same across processes on a shared file: forked writers (one on the
+ * inherited mapping, one on its own fmm_open of the path), the parent
+ * reading without the lock. */
+static void test_optimistic_cross_process(void)
+{
+    enum { NW = 2 };
+    char path[PATH_MAX];
+    tpath(path, "opt-xproc.fmm");
+    fmm_cache *c = open_geom(path, 4096, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    unsigned char vbuf[4096];
+    char kbuf[4096];
+    uint64_t s = 99;
+    CHECK_EQ(sc_prefill(c, &s, vbuf), 0);
+    struct xshared {
+        int stop;
+        long writes[NW];
+        long ev[NW][2];
+    } *sh = mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    CHECK(sh != MAP_FAILED);
+    if (sh == MAP_FAILED) {
+        fmm_close(c);
+        return;
+    }
+    memset(sh, 0, sizeof *sh);
+    pid_t pids[NW];
+    fflush(NULL);
+    for (int i = 0; i < NW; i++) {
+        pids[i] = fork();
+        if (pids[i] == 0) {
+            fmm_cache *cc = c;
+            if (i == 1) {
+                fmm_config zero = {0};
+                if (fmm_open(path, &zero, &cc, NULL, NULL, 0) != 0)
+                    _exit(2);
+            }
+            uint64_t ws = 31u + (unsigned)i;
+            double end = now_s() + 60.0; /* if the parent never says stop */
+            while (!__atomic_load_n(&sh->stop, __ATOMIC_RELAXED)) {
+                if (sc_write_step(cc, &ws, vbuf, 4096 / 8, sh->ev[i]) != 0)
+                    _exit(3);
+                sh->writes[i]++;
+                if (now_s() > end)
+                    _exit(4);
+            }
+            _exit(0);
+        }
+        CHECK(pids[i] > 0);
+    }
+    opt_count n = {0};
+    double t0 = now_s();
+    for (long i = 0;; i++) {
+        snprintf((char *)vbuf, 16, "sc%02u", rng_below(&s, SC_KEYS));
+        char k[16];
+        memcpy(k, vbuf, sizeof k);
+        sc_read(c, k, (i & 1) ? FMM_GET_TOUCH : 0, vbuf, kbuf, &n);
+        if ((i & 255) == 0) {
+            double t = now_s() - t0;
+            if (t > 20.0 || (t > 1.0 && n.accepted > 0 && n.rejected > 0))
+                break;
+        }
+    }
+    __atomic_store_n(&sh->stop, 1, __ATOMIC_RELAXED);
+    long wops = 0, ev[2] = {0, 0};
+    for (int i = 0; i < NW; i++)
+        if (pids[i] > 0) {
+            CHECK_EQ(wait_child(pids[i]), 0);
+            wops += sh->writes[i];
+            ev[0] += sh->ev[i][0];
+            ev[1] += sh->ev[i][1];
+        }
+    print_opt_count("processes", &n, wops, ev[0] + ev[1], now_s() - t0);
+    CHECK(ev[0] > 0);
+    CHECK_EQ(ev[1], 0);
+    CHECK_EQ(n.bad, 0);
+    CHECK(n.accepted > 0);
+    CHECK(n.rejected > 0);
+    CHECK_EQ(sc_verify_locked(c), 0);
+    CHECK_EQ(check_all_pages(c), 0);
+    CHECK_EQ(fmm_repairs(c), 0);
+    munmap(sh, sizeof *sh);
+    fmm_close(c);
+}
+
 /* A writer that dies holding a page leaves its seq odd: lock-free reads of
  * that page are FMM_EAGAIN until a locker repairs it (EOWNERDEAD) and
  * unlocks; other pages stay readable meanwhile. */
@@ -3621,7 +4038,9 @@ static const test TESTS[] = {
     T(test_guard_truncate),
     T(test_guard_chains_foreign),
     T(test_optimistic_basic),
+    T(test_optimistic_torn_threads),
     T(test_optimistic_after_killed_writer),
+    T(test_optimistic_cross_process),
 };
 
 int main(void)
