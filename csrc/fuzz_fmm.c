@@ -56,7 +56,19 @@
  *   - while the file has not been damaged: every page passes
  *     fmm_check_page after every operation, no page is ever repaired, and
  *     what get and foreach return agrees with a model of the last value
- *     stored under each key (eviction may drop keys, never change them).
+ *     stored under each key (eviction may drop keys, never change them);
+ *   - lock-free reads: every get is first done with fmm_get_optimistic
+ *     (no lock held, only that page unpoisoned), and so are all modelled
+ *     keys of a page after bytes were damaged while open and after every
+ *     reopen.  What it hands out lies inside its page, fmm_read_valid
+ *     accepts it (no lock was taken in between: nothing moved seq), and
+ *     after the page is locked it is invalid.  While the file is
+ *     undamaged, the result is what the locked path finds: a hit with the
+ *     same bytes, a miss where there is nothing (or an expired entry), and
+ *     FMM_EAGAIN only where fmm.h allows it (statistics on, a modseq
+ *     entry, a touch of a stale LRU stamp; always for a touch of an entry
+ *     stamped in another second).  With a page lock held, every lock-free
+ *     read is FMM_EAGAIN.
  *
  * A violated oracle aborts with a message (libFuzzer reports it as a crash).
  * FUZZ_FMM_TRACE=1 in the environment prints each step of an input.
@@ -552,6 +564,105 @@ static uint32_t pick_expire(uint8_t e)
     return 0xFFFFFFF0u | (e & 15);
 }
 
+/* ---------- Lock-free reads ---------- */
+
+/* What a lock-free read found (the value copied to g_optval). */
+typedef struct {
+    int rc;
+    uint32_t tok, vlen, flags, expire_on, last_access;
+} opt_t;
+static uint8_t g_optval[MAX_PS];
+
+/* Read key (page p, this thread holding no lock) as the binding does:
+ * fmm_get_optimistic, copy, fmm_read_valid.  Only page p is unpoisoned,
+ * and only for the read and the copy. */
+static void opt_get(uint32_t p, uint64_t hash, const uint8_t *key, uint32_t klen, int touch, opt_t *o)
+{
+    fmm_item it;
+    uint32_t tok = 0xFFFFFFFFu;
+    open_page(p);
+    int rc = fmm_get_optimistic(S.c, p, hash, key, klen, touch, &it, &tok);
+    TRACE("lock-free get (page %u, touch %d): %d, token %u\n", p, touch, rc, tok);
+    EXPECT(rc == 0 || rc == FMM_ENOTFOUND || rc == FMM_EAGAIN, "fmm_get_optimistic: %d %s", rc, fmm_strerror(rc));
+    if (S.cfg.enable_stats)
+        EXPECT(rc == FMM_EAGAIN, "fmm_get_optimistic with statistics on: %d", rc);
+    memset(o, 0, sizeof *o);
+    o->rc = rc;
+    o->tok = tok;
+    if (rc == 0) {
+        check_item(p, &it, "lock-free get"); /* inside the page; in clean mode, the model's value */
+        EXPECT(it.klen == klen && memcmp(it.key, key, klen) == 0, "lock-free get returned another key");
+        EXPECT(!(it.flags & FMM_F_MODSEQ), "lock-free get returned a modseq entry (flags 0x%x)", it.flags);
+        EXPECT(!(it.expire_on && S.now >= it.expire_on), "lock-free get returned an expired entry");
+        EXPECT(!touch || it.last_access == S.now, "lock-free touch of an entry stamped at %u, now %u",
+               it.last_access, S.now);
+        memcpy(g_optval, it.val, it.vlen);
+        o->vlen = it.vlen;
+        o->flags = it.flags;
+        o->expire_on = it.expire_on;
+        o->last_access = it.last_access;
+    }
+    if (rc != FMM_EAGAIN) {
+        EXPECT(!(tok & 1u), "fmm_get_optimistic gave an odd token %u", tok);
+        EXPECT(fmm_read_valid(S.c, p, tok) == 1, "fmm_read_valid: seq moved with no lock taken");
+    }
+    shut_page(p);
+}
+
+/* Lock-free reads of every modelled key that lives on page p (all pages if
+ * p is S.np): after damage, nothing read may lie outside its page. */
+static void opt_sweep(uint32_t p)
+{
+    for (uint32_t k = 0; k < NKEYS && !S.stop; k++) {
+        uint8_t key[16];
+        uint32_t klen = make_key(k, key);
+        uint64_t hash;
+        uint32_t q = page_of_key(key, klen, &hash);
+        if (p < S.np && q != p)
+            continue;
+        opt_t o;
+        opt_get(q, hash, key, klen, k & 1 ? FMM_GET_TOUCH : 0, &o);
+    }
+}
+
+/* After locking page p: the token of a lock-free read taken before is
+ * invalid, a lock-free read now is FMM_EAGAIN, and (undamaged file) the
+ * lock-free result agrees with the locked path. */
+static void opt_check_locked(uint32_t p, uint64_t hash, const uint8_t *key, uint32_t klen, int touch, const opt_t *o)
+{
+    if (o->rc != FMM_EAGAIN)
+        EXPECT(fmm_read_valid(S.c, p, o->tok) == 0, "fmm_read_valid after the page was locked");
+    fmm_item it;
+    uint32_t tok;
+    int rc = fmm_get_optimistic(S.c, p, hash, key, klen, touch, &it, &tok);
+    EXPECT(rc == FMM_EAGAIN, "fmm_get_optimistic with a page lock held: %d", rc);
+    if (!S.clean)
+        return;
+    /* what is there, expired entries and tombstones included (a peek) */
+    int found = fmm_get(S.c, p, hash, key, klen, FMM_GET_EXPIRED | FMM_GET_TOMBSTONE, &it) == 0;
+    int ms = found && (it.flags & FMM_F_MODSEQ);
+    int live = found && !(it.expire_on && S.now >= it.expire_on);
+    int want_hit = live && !ms;
+    if (S.cfg.enable_stats)
+        return; /* always FMM_EAGAIN, checked above */
+    if (o->rc == 0) {
+        EXPECT(want_hit, "lock-free hit, but the locked path finds %s", found ? "an expired or modseq entry" : "nothing");
+        EXPECT(it.vlen == o->vlen && it.flags == o->flags && it.expire_on == o->expire_on &&
+                   memcmp(it.val, g_optval, it.vlen) == 0,
+               "lock-free hit (vlen %u flags 0x%x) differs from the locked one (vlen %u flags 0x%x)", o->vlen,
+               o->flags, it.vlen, it.flags);
+    } else if (o->rc == FMM_ENOTFOUND) {
+        EXPECT(!found || (!live && !ms), "lock-free miss, but the locked path finds %s",
+               ms ? "a modseq entry" : "a live entry");
+    } else { /* FMM_EAGAIN: a modseq entry, or a touch whose stamp is stale */
+        EXPECT(ms || (touch && want_hit), "lock-free read FMM_EAGAIN without a reason (%s, touch %d)",
+               found ? (live ? "a live entry" : "an expired entry") : "no entry", touch);
+    }
+    if (touch && want_hit && it.last_access != S.now)
+        EXPECT(o->rc == FMM_EAGAIN, "lock-free touch of an entry stamped at %u, now %u: %d", it.last_access, S.now,
+               o->rc);
+}
+
 static void op_key(rd_t *r, int kind, uint8_t op)
 {
     uint8_t *key = g_key;
@@ -559,6 +670,14 @@ static void op_key(rd_t *r, int kind, uint8_t op)
     uint32_t klen = pick_key(r, key, &ki);
     uint64_t hash;
     uint32_t p = page_of_key(key, klen, &hash);
+    int touch = 0;
+    opt_t o = {FMM_EAGAIN, 0, 0, 0, 0, 0};
+    if (kind == 1) {
+        /* a get: first without the lock (its byte is read first: locking
+         * reads none, so inputs keep their meaning) */
+        touch = u8(r) & 7;
+        opt_get(p, hash, key, klen, touch & FMM_GET_TOUCH, &o);
+    }
     if (lock_page(p, op >> 5))
         return;
     if (kind == 0) { /* set */
@@ -572,7 +691,7 @@ static void op_key(rd_t *r, int kind, uint8_t op)
         }
         do_set(p, hash, key, klen, vlen, flags, expire_on, modseq, ki);
     } else if (kind == 1) { /* get */
-        int touch = u8(r) & 7;
+        opt_check_locked(p, hash, key, klen, touch & FMM_GET_TOUCH, &o);
         fmm_item it;
         int rc = fmm_get(S.c, p, hash, key, klen, touch, &it);
         EXPECT(rc == 0 || rc == FMM_ENOTFOUND, "fmm_get: %d", rc);
@@ -710,6 +829,19 @@ static void op_nested(rd_t *r, uint8_t op)
     int rc = fmm_lock(S.c, q, 0);
     EXPECT(rc == FMM_ELOCKED, "second lock (pages %u then %u): %d", p, q, rc);
     EXPECT(fmm_held(S.c, q) == (p == q), "fmm_held of the other page");
+    /* no lock-free read while this thread holds a page lock, of any page */
+    uint8_t key[16];
+    uint32_t klen = make_key((p * 7 + q) % NKEYS, key);
+    uint64_t hash;
+    uint32_t kp = page_of_key(key, klen, &hash);
+    if (kp != p)
+        open_page(kp);
+    fmm_item it;
+    uint32_t tok;
+    rc = fmm_get_optimistic(S.c, kp, hash, key, klen, 0, &it, &tok);
+    EXPECT(rc == FMM_EAGAIN, "fmm_get_optimistic of page %u with page %u locked: %d", kp, p, rc);
+    if (kp != p)
+        shut_page(kp);
     unlock_page(p);
 }
 
@@ -817,6 +949,7 @@ static void op_runtime_damage(rd_t *r)
     memcpy(page_ptr(p) + off, &v, 4);
     shut_page(p);
     S.clean = 0;
+    opt_sweep(p); /* read the damaged page without its lock */
 }
 
 /* ---------- Damage to the closed file, then reopen ---------- */
@@ -902,7 +1035,7 @@ static void damage_one(rd_t *r, file_t *f, uint32_t ps, uint32_t np)
         f_page_write(f, pg, ps, rel, &v, 4);
         break;
     }
-    case 2: { /* a page header field: magic+dirty, num_slots, live, deleted, free_data, clock, nreads, nhits */
+    case 2: { /* a page header field: magic+dirty, num_slots, live, seq, free_data, clock, deleted, nreads */
         uint32_t rel = PH_MAGIC + (u8(r) % ((PH_FIELDS_END - PH_MAGIC) / 4)) * 4;
         uint32_t v = pick_u32(r);
         f_page_write(f, pg, ps, rel, &v, 4);
@@ -1088,6 +1221,7 @@ static void op_reopen(rd_t *r)
             direct_init = 0; /* fmm_open would wait a second for that lock */
     int rc = reopen(direct_init, (ctl >> 3) & 1, ps, np);
     if (rc == 0) {
+        opt_sweep(S.np); /* pages are not validated until locked: read them without a lock first */
         if (direct_init) {
             /* re-initialised in place: every page is fresh, the damage is gone */
             for (uint32_t p = 0; p < S.np && !S.stop; p++) {

@@ -2,8 +2,9 @@
  * test_fmm.c -- the engine's own test driver: plain C11 + POSIX, no Python,
  * no framework.  Uses only what fmm.h declares, plus the page-header layout
  * that fmm.h documents (the mutex in bytes 0..39, then uint16 magic at 40,
- * uint16 dirty 42, uint32 num_slots 44, live 48, deleted 52, free_data 56,
- * clock 60, ...) for the crash and corruption tests.
+ * uint16 dirty 42, uint32 num_slots 44, live 48, seq 52, free_data 56,
+ * clock 60, deleted 64, ...) for the crash, corruption and lock-free read
+ * tests.
  *
  * Build and run (what `make ctest` does):
  *   cc -std=gnu11 -g -O1 -fsanitize=address,undefined -fno-sanitize-recover=all \
@@ -34,6 +35,7 @@
 #include <ftw.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -52,6 +54,7 @@
 #define PH_FIELDS ((uint32_t)(sizeof(pthread_mutex_t) <= 40 ? 40 : 64))
 #define PH_DIRTY (PH_FIELDS + 2)      /* uint16 */
 #define PH_NUM_SLOTS (PH_FIELDS + 4)  /* uint32 */
+#define PH_SEQ (PH_FIELDS + 12)       /* uint32: odd while the page is locked */
 
 /* ------------------------------------------------------------------ harness */
 
@@ -3055,6 +3058,945 @@ static void test_guard_chains_foreign(void)
         fprintf(stderr, "child exited with %d\n", WEXITSTATUS(st));
 }
 
+/* ------------------------------------------------------------------ lock-free reads */
+
+/* The page's sequence word (documented layout): odd while the page is held. */
+static uint32_t page_seq(fmm_cache *c, uint32_t p)
+{
+    return __atomic_load_n((const uint32_t *)(const void *)(fmm_page_ptr(c, p) + PH_SEQ), __ATOMIC_ACQUIRE);
+}
+
+#define OPT_TORN (-1)      /* fmm_read_valid rejected the read */
+#define OPT_WRONG_KEY (-2) /* a validated hit for another key */
+
+/* A lock-free read of key k as a caller does it: fmm_get_optimistic, copy
+ * (at most cap bytes into buf, NUL-terminated if room), fmm_read_valid.
+ * Returns 0, FMM_ENOTFOUND, FMM_EAGAIN, OPT_TORN or OPT_WRONG_KEY. */
+static int oget(fmm_cache *c, const char *k, int touch, char *buf, size_t cap, uint32_t *vlen)
+{
+    uint32_t klen = (uint32_t)strlen(k);
+    uint64_t h = fmm_hash(c, k, klen);
+    uint32_t p = fmm_page_of(c, h);
+    fmm_item it;
+    uint32_t tok = 0;
+    int rc = fmm_get_optimistic(c, p, h, k, klen, touch, &it, &tok);
+    if (rc == FMM_EAGAIN)
+        return rc;
+    int same_key = 1;
+    uint32_t n = 0;
+    if (rc == 0) {
+        same_key = it.klen == klen && memcmp(it.key, k, klen) == 0;
+        n = it.vlen;
+        if (buf && cap) {
+            size_t m = n < cap ? n : cap;
+            memcpy(buf, it.val, m);
+            if (m < cap)
+                buf[m] = 0;
+        }
+    }
+    if (!fmm_read_valid(c, p, tok))
+        return OPT_TORN;
+    if (!same_key)
+        return OPT_WRONG_KEY;
+    if (vlen)
+        *vlen = n;
+    return rc;
+}
+
+/* 1 if a lock-free read of k validates with exactly the value v. */
+static int oget_is(fmm_cache *c, const char *k, int touch, const char *v)
+{
+    char buf[512];
+    uint32_t n = 0;
+    size_t want = strlen(v);
+    return oget(c, k, touch, buf, sizeof buf, &n) == 0 && n == want && memcmp(buf, v, want) == 0;
+}
+
+/* A key (written into buf) that hashes to page p of c. */
+static const char *key_on_page(fmm_cache *c, uint32_t p, const char *prefix, char *buf, size_t cap)
+{
+    for (int i = 0; i < 100000; i++) {
+        snprintf(buf, cap, "%s%d", prefix, i);
+        if (fmm_page_of(c, fmm_hash(c, buf, strlen(buf))) == p)
+            return buf;
+    }
+    abort();
+}
+
+/* A thread that holds one page until told to let go (the thread version
+ * of hold_page_in_child). */
+typedef struct holder {
+    fmm_cache *c;
+    uint32_t page;
+    int up[2], down[2];
+    int rc;
+} holder;
+static void *holder_thread(void *p)
+{
+    holder *h = p;
+    h->rc = fmm_lock(h->c, h->page, -1);
+    write_byte(h->up[1], 'L');
+    read_byte(h->down[0]);
+    if (h->rc == 0)
+        fmm_unlock(h->c, h->page);
+    return NULL;
+}
+
+/* fmm_get_optimistic: hits, misses, expiry, every documented FMM_EAGAIN,
+ * the LRU stamp rule for FMM_GET_TOUCH, and fmm_read_valid's token. */
+static void test_optimistic_basic(void)
+{
+    const uint32_t T = 1700000000u;
+    fmm_cache *c = open_anon(8192, 2);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    fmm_set_time(c, T);
+    char buf[512], k[64], kb[64];
+    uint32_t vl = 0;
+
+    /* hits, misses, an empty value, a long key (XXH64), overwrites, deletes */
+    const char *lk = "a key longer than sixteen bytes, hashed with XXH64";
+    CHECK_EQ(ksets(c, "a", "alpha"), 0);
+    CHECK_EQ(ksets(c, "empty", ""), 0);
+    CHECK_EQ(ksets(c, lk, "long"), 0);
+    CHECK(oget_is(c, "a", 0, "alpha"));
+    CHECK(oget_is(c, "a", FMM_GET_TOUCH, "alpha")); /* stamped by its store, this second */
+    CHECK(oget_is(c, "empty", 0, ""));
+    CHECK(oget_is(c, lk, 0, "long"));
+    CHECK_RC(oget(c, "zz", 0, buf, sizeof buf, &vl), FMM_ENOTFOUND);
+    CHECK_RC(oget(c, "zz", FMM_GET_TOUCH, buf, sizeof buf, &vl), FMM_ENOTFOUND);
+    CHECK_RC(oget(c, "", 0, buf, sizeof buf, &vl), FMM_ENOTFOUND);
+    CHECK_EQ(ksets(c, "a", "beta"), 0);           /* same size: rewritten in place */
+    CHECK(oget_is(c, "a", 0, "beta"));
+    CHECK_EQ(ksets(c, "a", "a longer value"), 0); /* appended, the old entry left as garbage */
+    CHECK(oget_is(c, "a", 0, "a longer value"));
+    CHECK_EQ(kdel(c, "empty"), 0);
+    CHECK_RC(oget(c, "empty", 0, buf, sizeof buf, &vl), FMM_ENOTFOUND);
+    /* many keys: probes past collisions and deleted slots agree with the lock */
+    enum { NM = 150 };
+    for (int i = 0; i < NM; i++) {
+        snprintf(k, sizeof k, "many%d", i);
+        CHECK_EQ(ksets(c, k, k), 0);
+    }
+    for (int i = 0; i < NM; i += 3) {
+        snprintf(k, sizeof k, "many%d", i);
+        CHECK_EQ(kdel(c, k), 0);
+    }
+    int agree = 0;
+    for (int i = 0; i < NM; i++) {
+        snprintf(k, sizeof k, "many%d", i);
+        int locked = khas(c, k);
+        CHECK_EQ(locked, i % 3 != 0);
+        /* with FMM_GET_TOUCH the stamps of early keys are stale by now */
+        int touched = oget(c, k, FMM_GET_TOUCH, buf, sizeof buf, &vl);
+        if (locked)
+            agree += oget_is(c, k, 0, k) && (touched == FMM_EAGAIN || (touched == 0 && strcmp(buf, k) == 0));
+        else
+            agree += oget(c, k, 0, buf, sizeof buf, &vl) == FMM_ENOTFOUND;
+    }
+    CHECK_EQ(agree, NM);
+
+    /* expiry: expire_on is the first second the entry is gone */
+    CHECK_EQ(kset_full(c, "exp", "soon", 4, 0, T + 5, NULL, NULL), 0);
+    CHECK_EQ(kset_full(c, "past", "gone", 4, 0, T - 1, NULL, NULL), 0);
+    CHECK(oget_is(c, "exp", 0, "soon"));
+    CHECK_RC(oget(c, "past", 0, buf, sizeof buf, &vl), FMM_ENOTFOUND);
+    fmm_set_time(c, T + 4);
+    CHECK(oget_is(c, "exp", 0, "soon"));
+    fmm_set_time(c, T + 5);
+    CHECK_RC(oget(c, "exp", 0, buf, sizeof buf, &vl), FMM_ENOTFOUND);
+    CHECK_RC(oget(c, "exp", FMM_GET_TOUCH, buf, sizeof buf, &vl), FMM_ENOTFOUND);
+    CHECK(!khas(c, "exp")); /* the locked path agrees */
+    CHECK(oget_is(c, "a", 0, "a longer value"));
+    fmm_set_time(c, T);
+
+    /* FMM_EAGAIN while this thread holds a page lock: this page, another
+     * page of the cache, a page of another cache */
+    const uint64_t ha = fmm_hash(c, "a", 1);
+    const uint32_t pa = fmm_page_of(c, ha), pb = 1 - pa;
+    const char *ka = key_on_page(c, pa, "misses-a", k, sizeof k); /* absent, on page pa */
+    CHECK_EQ(fmm_lock(c, pa, -1), 0);
+    CHECK_RC(oget(c, "a", 0, buf, sizeof buf, &vl), FMM_EAGAIN);
+    CHECK_RC(oget(c, ka, 0, buf, sizeof buf, &vl), FMM_EAGAIN);
+    fmm_unlock(c, pa);
+    CHECK_EQ(fmm_lock(c, pb, -1), 0);
+    CHECK_RC(oget(c, "a", 0, buf, sizeof buf, &vl), FMM_EAGAIN);
+    fmm_unlock(c, pb);
+    fmm_cache *o = open_anon(4096, 1);
+    CHECK(o != NULL);
+    if (o) {
+        CHECK_EQ(fmm_lock(o, 0, -1), 0);
+        CHECK_RC(oget(c, "a", 0, buf, sizeof buf, &vl), FMM_EAGAIN);
+        fmm_unlock(o, 0);
+        fmm_close(o);
+    }
+    CHECK(oget_is(c, "a", 0, "a longer value"));
+
+    /* fmm_read_valid: true while nothing locks the page, false after any
+     * locked section of it, even one that changed nothing */
+    fmm_item it;
+    uint32_t tok = 1, tok2 = 1;
+    CHECK_RC(fmm_get_optimistic(c, pa, ha, "a", 1, 0, &it, &tok), 0);
+    CHECK_EQ(tok & 1u, 0);
+    CHECK_EQ(tok, page_seq(c, pa));
+    CHECK(fmm_read_valid(c, pa, tok));
+    CHECK(fmm_read_valid(c, pa, tok)); /* reading writes nothing */
+    CHECK_RC(fmm_get_optimistic(c, pa, ha, "a", 1, 0, &it, &tok2), 0);
+    CHECK_EQ(tok2, tok);
+    CHECK_EQ(fmm_lock(c, pb, -1), 0); /* another page moves only its own seq */
+    CHECK_RC(fmm_lock(c, pa, 0), FMM_ELOCKED); /* a refused lock moves nothing */
+    fmm_unlock(c, pb);
+    CHECK(fmm_read_valid(c, pa, tok));
+    CHECK_EQ(fmm_lock(c, pa, -1), 0);
+    CHECK_EQ(page_seq(c, pa), tok + 1);
+    CHECK(!fmm_read_valid(c, pa, tok));
+    fmm_unlock(c, pa);
+    CHECK_EQ(page_seq(c, pa), tok + 2);
+    CHECK(!fmm_read_valid(c, pa, tok));
+    /* a miss's token likewise; a locked peek invalidates it */
+    uint64_t hk = fmm_hash(c, ka, strlen(ka));
+    CHECK_RC(fmm_get_optimistic(c, pa, hk, ka, (uint32_t)strlen(ka), 0, &it, &tok), FMM_ENOTFOUND);
+    CHECK(fmm_read_valid(c, pa, tok));
+    CHECK(khas(c, "a"));
+    CHECK(!fmm_read_valid(c, pa, tok));
+    /* a store invalidates a hit's token */
+    CHECK_RC(fmm_get_optimistic(c, pa, ha, "a", 1, 0, &it, &tok), 0);
+    CHECK_EQ(ksets(c, "a", "gamma"), 0);
+    CHECK(!fmm_read_valid(c, pa, tok));
+    CHECK(oget_is(c, "a", 0, "gamma"));
+
+    /* token parity: a reader that starts while another thread holds the
+     * page gets FMM_EAGAIN, and a token taken before is invalid */
+    holder hd = {c, pa, {-1, -1}, {-1, -1}, -1};
+    pthread_t th;
+    CHECK_RC(fmm_get_optimistic(c, pa, ha, "a", 1, 0, &it, &tok), 0);
+    int piped = pipe(hd.up) == 0 && pipe(hd.down) == 0;
+    CHECK(piped);
+    if (piped && pthread_create(&th, NULL, holder_thread, &hd) == 0) {
+        CHECK_EQ(read_byte(hd.up[0]), 'L');
+        CHECK_EQ(hd.rc, 0);
+        CHECK_EQ(page_seq(c, pa), tok + 1);
+        CHECK(!fmm_read_valid(c, pa, tok));
+        CHECK_RC(fmm_get_optimistic(c, pa, ha, "a", 1, 0, &it, &tok2), FMM_EAGAIN);
+        CHECK_RC(fmm_get_optimistic(c, pa, ha, "a", 1, FMM_GET_TOUCH, &it, &tok2), FMM_EAGAIN);
+        CHECK_RC(oget(c, ka, 0, buf, sizeof buf, &vl), FMM_EAGAIN);
+        CHECK_RC(fmm_lock(c, pa, 0), FMM_EBUSY);
+        /* the other page is still readable without the lock */
+        const char *kbk = key_on_page(c, pb, "many", kb, sizeof kb);
+        CHECK(oget_is(c, kbk, 0, kbk) || oget(c, kbk, 0, buf, sizeof buf, &vl) == FMM_ENOTFOUND);
+        write_byte(hd.down[1], 'U');
+        pthread_join(th, NULL);
+        CHECK_EQ(page_seq(c, pa), tok + 2);
+        CHECK(oget_is(c, "a", 0, "gamma"));
+    } else {
+        CHECK(!"pthread_create");
+    }
+    for (int i = 0; i < 2; i++) {
+        if (hd.up[i] >= 0)
+            close(hd.up[i]);
+        if (hd.down[i] >= 0)
+            close(hd.down[i]);
+    }
+
+    /* modseq entries and tombstones: the locked path applies their rules */
+    {
+        uint64_t hm = fmm_hash(c, "ms", 2), ht = fmm_hash(c, "tomb", 4);
+        uint32_t pm = fmm_page_of(c, hm), pt = fmm_page_of(c, ht);
+        CHECK_EQ(fmm_lock(c, pm, -1), 0);
+        CHECK_RC(fmm_set_ms(c, pm, hm, "ms", 2, "v1", 2, FMM_F_MODSEQ, 0, 7, NULL, NULL), 0);
+        fmm_unlock(c, pm);
+        CHECK_EQ(fmm_lock(c, pt, -1), 0);
+        CHECK_RC(fmm_set_ms(c, pt, ht, "tomb", 4, "", 0, FMM_T_TOMBSTONE | FMM_F_MODSEQ, 0, 9, NULL, NULL), 0);
+        fmm_unlock(c, pt);
+        CHECK_RC(oget(c, "ms", 0, buf, sizeof buf, &vl), FMM_EAGAIN);
+        CHECK_RC(oget(c, "ms", FMM_GET_TOUCH, buf, sizeof buf, &vl), FMM_EAGAIN);
+        CHECK(kiss(c, "ms", "v1"));
+        CHECK_RC(oget(c, "tomb", 0, buf, sizeof buf, &vl), FMM_EAGAIN);
+        CHECK(!khas(c, "tomb"));
+        /* a store without a modseq drops it: lock-free again */
+        CHECK_EQ(ksets(c, "ms", "v2"), 0);
+        CHECK(oget_is(c, "ms", 0, "v2"));
+    }
+    CHECK_EQ(check_all_pages(c), 0);
+    CHECK_EQ(fmm_repairs(c), 0);
+    fmm_close(c);
+
+    /* statistics on: every lock-free read is FMM_EAGAIN (the counters are
+     * kept under the lock) */
+    fmm_config cfg = {0};
+    cfg.anonymous = 1;
+    cfg.page_size = 8192;
+    cfg.num_pages = 1;
+    cfg.enable_stats = 1;
+    c = open_cfg(NULL, &cfg, NULL);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK_EQ(ksets(c, "a", "1"), 0);
+        CHECK_RC(oget(c, "a", 0, buf, sizeof buf, &vl), FMM_EAGAIN);
+        CHECK_RC(oget(c, "a", FMM_GET_TOUCH, buf, sizeof buf, &vl), FMM_EAGAIN);
+        CHECK_RC(oget(c, "zz", 0, buf, sizeof buf, &vl), FMM_EAGAIN);
+        CHECK(kget(c, "a", NULL, 0, NULL) == 0);
+        fmm_page_info info;
+        page_info(c, 0, &info);
+        CHECK_EQ(info.nreads, 1);
+        CHECK_EQ(info.nhits, 1);
+        fmm_close(c);
+    }
+
+    /* the Perl format: always FMM_EAGAIN */
+    char pp[PATH_MAX];
+    tpath(pp, "opt-perl.fmm");
+    fmm_config pc = {0};
+    pc.format = FMM_FORMAT_PERL;
+    pc.page_size = 8192;
+    pc.num_pages = 2;
+    pc.perl_value_flags = FMM_T_BYTES;
+    c = open_cfg(pp, &pc, NULL);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK_EQ(ksets(c, "a", "1"), 0);
+        CHECK(kiss(c, "a", "1"));
+        CHECK_RC(oget(c, "a", 0, buf, sizeof buf, &vl), FMM_EAGAIN);
+        CHECK_RC(oget(c, "zz", 0, buf, sizeof buf, &vl), FMM_EAGAIN);
+        fmm_close(c);
+    }
+
+    /* a damaged slot or page header: FMM_EAGAIN, and the locked path repairs */
+    c = open_anon(4096, 1);
+    CHECK(c != NULL);
+    if (c) {
+        unsigned char *pg = fmm_page_ptr(c, 0);
+        const uint32_t offmask = 4096 / 4 - 1;
+        CHECK_EQ(ksets(c, "only", "x"), 0);
+        CHECK(oget_is(c, "only", 0, "x"));
+        uint32_t ns = get32(pg, PH_NUM_SLOTS), used = 0, at = 0;
+        for (uint32_t i = 0; i < ns; i++)
+            if (get32(pg, FMM_PAGE_HEADER_SIZE + 4 * i) > 1) {
+                used++;
+                at = FMM_PAGE_HEADER_SIZE + 4 * i;
+            }
+        CHECK_EQ(used, 1);
+        /* the key's tag, pointing into the page header */
+        put32(pg, at, (get32(pg, at) & ~offmask) | 2);
+        uint64_t rep = fmm_repairs(c);
+        CHECK_RC(oget(c, "only", 0, buf, sizeof buf, &vl), FMM_EAGAIN);
+        CHECK_RC(oget(c, "only", FMM_GET_TOUCH, buf, sizeof buf, &vl), FMM_EAGAIN);
+        CHECK(!khas(c, "only"));
+        CHECK_EQ(fmm_repairs(c), rep + 1);
+        CHECK_RC(oget(c, "only", 0, buf, sizeof buf, &vl), FMM_ENOTFOUND);
+        CHECK_EQ(ksets(c, "only", "y"), 0);
+        CHECK(oget_is(c, "only", 0, "y"));
+        /* dirty set while nobody holds the page (as by a stray writer) */
+        uint16_t one = 1;
+        memcpy(pg + PH_DIRTY, &one, sizeof one);
+        CHECK_RC(oget(c, "only", 0, buf, sizeof buf, &vl), FMM_EAGAIN);
+        CHECK(!khas(c, "only"));
+        CHECK_EQ(fmm_repairs(c), rep + 2);
+        CHECK_EQ(ksets(c, "only", "z"), 0);
+        CHECK(oget_is(c, "only", 0, "z"));
+        /* seq made odd by hand (a writer that died holding the page): the
+         * next lock and unlock make it even again */
+        uint32_t sq = page_seq(c, 0);
+        put32(pg, PH_SEQ, sq | 1u);
+        CHECK_RC(oget(c, "only", 0, buf, sizeof buf, &vl), FMM_EAGAIN);
+        CHECK(kiss(c, "only", "z"));
+        CHECK_EQ(page_seq(c, 0) & 1u, 0);
+        CHECK(oget_is(c, "only", 0, "z"));
+        CHECK_EQ(fmm_repairs(c), rep + 2);
+        CHECK_EQ(check_all_pages(c), 0);
+        fmm_close(c);
+    }
+
+    /* FMM_GET_TOUCH: a hit whose LRU stamp is stale needs the lock (which
+     * stamps it); a peek never does.  One page, a fixed clock. */
+    c = open_anon(8192, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    fmm_set_time(c, T);
+    CHECK_EQ(ksets(c, "hot", "h"), 0);
+    CHECK(oget_is(c, "hot", FMM_GET_TOUCH, "h")); /* stamped by its store */
+    CHECK_EQ(ksets(c, "other", "o"), 0);
+    CHECK(oget_is(c, "hot", FMM_GET_TOUCH, "h")); /* one store later: still among the newest */
+    fmm_set_time(c, T + 1);
+    CHECK_RC(oget(c, "hot", FMM_GET_TOUCH, buf, sizeof buf, &vl), FMM_EAGAIN); /* stamped in another second */
+    CHECK(oget_is(c, "hot", 0, "h"));
+    CHECK(khas(c, "hot")); /* a locked peek does not stamp */
+    CHECK_RC(oget(c, "hot", FMM_GET_TOUCH, buf, sizeof buf, &vl), FMM_EAGAIN);
+    CHECK_EQ(kget(c, "hot", NULL, 0, NULL), 0); /* a locked touch does */
+    CHECK(oget_is(c, "hot", FMM_GET_TOUCH, "h"));
+    /* stores age a stamp within the second: past 1/16 of the page's span */
+    enum { NF = 40 };
+    for (int i = 0; i < NF; i++) {
+        snprintf(k, sizeof k, "fill%d", i);
+        CHECK_EQ(ksets(c, k, "........"), 0);
+    }
+    CHECK_RC(oget(c, "hot", FMM_GET_TOUCH, buf, sizeof buf, &vl), FMM_EAGAIN);
+    CHECK(oget_is(c, "hot", 0, "h"));
+    CHECK(oget_is(c, "fill39", FMM_GET_TOUCH, "........"));
+    /* a locked touch stamps the current clock (the newest store's) and
+     * does not advance it */
+    {
+        uint64_t hh = fmm_hash(c, "hot", 3), hf = fmm_hash(c, "fill39", 6);
+        fmm_item newest, hot;
+        CHECK_EQ(fmm_lock(c, 0, -1), 0);
+        CHECK_RC(fmm_get(c, 0, hf, "fill39", 6, 0, &newest), 0);
+        CHECK_RC(fmm_get(c, 0, hh, "hot", 3, FMM_GET_TOUCH, &hot), 0);
+        CHECK_EQ(hot.access, newest.access);
+        CHECK_EQ(hot.last_access, T + 1);
+        CHECK_RC(fmm_get(c, 0, hh, "hot", 3, FMM_GET_TOUCH, &hot), 0);
+        CHECK_EQ(hot.access, newest.access);
+        fmm_unlock(c, 0);
+    }
+    CHECK(oget_is(c, "hot", FMM_GET_TOUCH, "h"));
+    /* lock-free reads write nothing: the page is byte-for-byte the same
+     * after hits, misses and fresh and stale touches */
+    {
+        unsigned char *pg = fmm_page_ptr(c, 0);
+        unsigned char *snap = malloc(8192);
+        CHECK(snap != NULL);
+        if (snap) {
+            memcpy(snap, pg, 8192);
+            int n = 0;
+            for (int r = 0; r < 3; r++) {
+                n += oget_is(c, "hot", FMM_GET_TOUCH, "h");
+                n += oget_is(c, "other", 0, "o");
+                n += oget(c, "other", FMM_GET_TOUCH, buf, sizeof buf, &vl) == FMM_EAGAIN;
+                n += oget(c, "nope", FMM_GET_TOUCH, buf, sizeof buf, &vl) == FMM_ENOTFOUND;
+                for (int i = 0; i < NF; i++) {
+                    snprintf(k, sizeof k, "fill%d", i);
+                    n += oget_is(c, k, 0, "........");
+                }
+            }
+            CHECK_EQ(n, 3 * (4 + NF));
+            CHECK(memcmp(snap, pg, 8192) == 0);
+            free(snap);
+        }
+    }
+    CHECK_EQ(check_all_pages(c), 0);
+    fmm_close(c);
+}
+
+/* ---- self-checking values, for readers racing writers ----
+ * A value is a uint32 length (of the whole value), a uint32 check (XXH64
+ * of the payload, seeded from the key and the length), then the payload:
+ * a copy torn between two versions, or taken from another key's entry,
+ * does not check out. */
+#define SC_HDR 8u
+#define SC_KEYS 24
+
+static uint32_t sc_check(const char *k, uint32_t klen, const unsigned char *pl, uint32_t n)
+{
+    return (uint32_t)fmm_xxh64(pl, n, fmm_xxh64(k, klen, 0x5C5Cu) ^ n);
+}
+
+static void sc_fill(unsigned char *v, uint32_t vlen, const char *k, uint32_t klen, uint64_t *s)
+{
+    for (uint32_t i = SC_HDR; i < vlen; i += 8) {
+        uint64_t r = rng_next(s);
+        memcpy(v + i, &r, vlen - i < 8 ? vlen - i : 8);
+    }
+    uint32_t chk = sc_check(k, klen, v + SC_HDR, vlen - SC_HDR);
+    memcpy(v, &vlen, 4);
+    memcpy(v + 4, &chk, 4);
+}
+
+static int sc_ok(const unsigned char *v, uint32_t vlen, const char *k, uint32_t klen)
+{
+    uint32_t len, chk;
+    if (vlen < SC_HDR)
+        return 0;
+    memcpy(&len, v, 4);
+    memcpy(&chk, v + 4, 4);
+    return len == vlen && chk == sc_check(k, klen, v + SC_HDR, vlen - SC_HDR);
+}
+
+/* What the readers saw. */
+typedef struct opt_count {
+    long accepted;      /* copies fmm_read_valid accepted (each must check out) */
+    long rejected;      /* copies it rejected */
+    long rejected_torn; /* of those, copies that did not check out */
+    long misses;        /* misses it accepted */
+    long miss_rejected; /* misses it rejected */
+    long eagain;        /* FMM_EAGAIN */
+    long locked;        /* reads that then took the lock */
+    long bad;           /* accepted copies that did not check out, items
+                           outside the page, unexpected return codes */
+    long reads;
+} opt_count;
+
+static void opt_add(opt_count *to, const opt_count *n)
+{
+    to->accepted += n->accepted;
+    to->rejected += n->rejected;
+    to->rejected_torn += n->rejected_torn;
+    to->misses += n->misses;
+    to->miss_rejected += n->miss_rejected;
+    to->eagain += n->eagain;
+    to->locked += n->locked;
+    to->bad += n->bad;
+    to->reads += n->reads;
+}
+
+static void sc_bad(opt_count *n, const char *k, const char *what)
+{
+    if (n->bad++ < 5)
+        fprintf(stderr, "    key %s: %s\n", k, what);
+}
+
+/* One read of key k as a caller does it: lock-free (copy, then validate),
+ * and on FMM_EAGAIN with touch (or every 4th peek) through the lock.
+ * vbuf and kbuf hold a page each.  Every 64th read yields the CPU between
+ * the probe and the copy: on a machine with few cores (and under valgrind,
+ * which runs one thread at a time) readers and writers rarely overlap
+ * otherwise, and the copy then follows a pointer that the writers may have
+ * moved or overwritten meanwhile. */
+static void sc_read(fmm_cache *c, const char *k, int touch, unsigned char *vbuf, char *kbuf, opt_count *n)
+{
+    const uint32_t ps = fmm_page_size(c);
+    uint32_t klen = (uint32_t)strlen(k);
+    uint64_t h = fmm_hash(c, k, klen);
+    uint32_t p = fmm_page_of(c, h);
+    fmm_item it;
+    uint32_t tok = 0;
+    int rc = fmm_get_optimistic(c, p, h, k, klen, touch, &it, &tok);
+    if (n->reads++ % 64 == 63)
+        sched_yield();
+    if (rc == FMM_EAGAIN) {
+        n->eagain++;
+        if (!touch && n->eagain % 4)
+            return;
+        if (fmm_lock(c, p, -1) != 0) {
+            sc_bad(n, k, "fmm_lock failed");
+            return;
+        }
+        n->locked++;
+        rc = fmm_get(c, p, h, k, klen, touch, &it);
+        if (rc == 0 && (it.klen != klen || memcmp(it.key, k, klen) != 0 ||
+                        !sc_ok((const unsigned char *)it.val, it.vlen, k, klen)))
+            sc_bad(n, k, "a value read under the lock does not check out");
+        else if (rc != 0 && rc != FMM_ENOTFOUND)
+            sc_bad(n, k, "fmm_get failed");
+        fmm_unlock(c, p);
+        return;
+    }
+    uint32_t vlen = 0, kl = 0;
+    if (rc == 0) {
+        /* torn or not, the item lies inside the page */
+        const char *lo = (const char *)fmm_page_ptr(c, p), *hi = lo + ps;
+        vlen = it.vlen;
+        kl = it.klen;
+        if (it.key < lo || it.key > hi || kl > (size_t)(hi - it.key) || it.val < lo || it.val > hi ||
+            vlen > (size_t)(hi - it.val)) {
+            sc_bad(n, k, "fmm_get_optimistic gave an item outside the page");
+            return;
+        }
+        memcpy(vbuf, it.val, vlen);
+        memcpy(kbuf, it.key, kl);
+    }
+    /* checked before the validation, so that torn copies are counted */
+    int good = rc == 0 && kl == klen && memcmp(kbuf, k, klen) == 0 && sc_ok(vbuf, vlen, k, klen);
+    int valid = fmm_read_valid(c, p, tok);
+    if (rc == FMM_ENOTFOUND) {
+        if (valid)
+            n->misses++;
+        else
+            n->miss_rejected++;
+        return;
+    }
+    if (rc != 0) {
+        sc_bad(n, k, "unexpected return code");
+        return;
+    }
+    if (valid) {
+        n->accepted++;
+        if (!good)
+            sc_bad(n, k, "a copy fmm_read_valid accepted does not check out");
+    } else {
+        n->rejected++;
+        n->rejected_torn += !good;
+    }
+}
+
+/* Most stores rewrite a key at its home size (in place, when the entry is
+ * there), the rest at a random size up to maxv (appends, compaction,
+ * eviction); a few delete.  Values are stored dirty, so that the eviction
+ * callback counts (and checks) what eviction drops: ev[0] good, ev[1] bad. */
+static uint32_t sc_home_len(uint32_t i) { return SC_HDR + (i * 37u) % 120u; }
+
+static void sc_evicted(void *ctx, const fmm_item *it)
+{
+    long *ev = ctx;
+    ev[sc_ok((const unsigned char *)it->val, it->vlen, it->key, it->klen) ? 0 : 1]++;
+}
+
+static int sc_write_step(fmm_cache *c, uint64_t *s, unsigned char *vbuf, uint32_t maxv, long ev[2])
+{
+    char k[16];
+    uint32_t i = rng_below(s, SC_KEYS);
+    snprintf(k, sizeof k, "sc%02u", i);
+    uint32_t op = rng_below(s, 16);
+    if (op == 0) {
+        int rc = kdel(c, k);
+        return rc == 0 || rc == FMM_ENOTFOUND ? 0 : rc;
+    }
+    uint32_t vlen = op < 13 ? sc_home_len(i) : SC_HDR + rng_below(s, maxv - SC_HDR);
+    sc_fill(vbuf, vlen, k, (uint32_t)strlen(k), s);
+    return kset_full(c, k, vbuf, vlen, FMM_F_DIRTY, 0, sc_evicted, ev);
+}
+
+static int sc_prefill(fmm_cache *c, uint64_t *s, unsigned char *vbuf)
+{
+    int errors = 0;
+    char k[16];
+    for (uint32_t i = 0; i < SC_KEYS; i++) {
+        snprintf(k, sizeof k, "sc%02u", i);
+        sc_fill(vbuf, sc_home_len(i), k, (uint32_t)strlen(k), s);
+        errors += kset(c, k, vbuf, sc_home_len(i)) != 0;
+    }
+    return errors;
+}
+
+/* Every key is absent or checks out under the lock. */
+static int sc_verify_locked(fmm_cache *c)
+{
+    int bad = 0;
+    char k[16];
+    for (uint32_t i = 0; i < SC_KEYS; i++) {
+        snprintf(k, sizeof k, "sc%02u", i);
+        uint32_t klen = (uint32_t)strlen(k);
+        uint64_t h = fmm_hash(c, k, klen);
+        uint32_t p = fmm_page_of(c, h);
+        if (fmm_lock(c, p, -1) != 0)
+            return -1;
+        fmm_item it;
+        int rc = fmm_get(c, p, h, k, klen, 0, &it);
+        bad += rc == 0 ? !sc_ok((const unsigned char *)it.val, it.vlen, k, klen) : rc != FMM_ENOTFOUND;
+        fmm_unlock(c, p);
+    }
+    return bad;
+}
+
+typedef struct sc_thr {
+    fmm_cache *c;
+    const int *stop;
+    uint64_t seed;
+    long ops;
+    long ev[2];  /* writers: evicted entries that checked out, that did not */
+    int errors;  /* writers */
+    opt_count n; /* readers */
+} sc_thr;
+
+static void *sc_writer(void *arg)
+{
+    sc_thr *t = arg;
+    uint32_t ps = fmm_page_size(t->c);
+    unsigned char *vbuf = malloc(ps);
+    if (!vbuf) {
+        t->errors++;
+        return NULL;
+    }
+    uint64_t s = t->seed;
+    while (!__atomic_load_n(t->stop, __ATOMIC_RELAXED)) {
+        if (sc_write_step(t->c, &s, vbuf, ps / 8, t->ev) != 0)
+            t->errors++;
+        if (++t->ops % 32 == 0)
+            sched_yield(); /* valgrind's thread lock is unfair: let the readers run */
+    }
+    free(vbuf);
+    return NULL;
+}
+
+static void *sc_reader(void *arg)
+{
+    sc_thr *t = arg;
+    uint32_t ps = fmm_page_size(t->c);
+    unsigned char *vbuf = malloc(ps);
+    char *kbuf = malloc(ps);
+    uint64_t s = t->seed;
+    char k[16];
+    while (vbuf && kbuf && !__atomic_load_n(t->stop, __ATOMIC_RELAXED)) {
+        snprintf(k, sizeof k, "sc%02u", rng_below(&s, SC_KEYS));
+        sc_read(t->c, k, (t->ops & 1) ? FMM_GET_TOUCH : 0, vbuf, kbuf, &t->n);
+        t->ops++;
+    }
+    if (!vbuf || !kbuf)
+        t->n.bad++;
+    free(vbuf);
+    free(kbuf);
+    return NULL;
+}
+
+static void sleep_s(double s)
+{
+    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+static void print_opt_count(const char *who, const opt_count *n, long wops, long evicted, double secs)
+{
+    printf("     %s: %.2fs, %ld writes, %ld evictions; copies accepted %ld, rejected %ld (%ld of them torn); "
+           "misses accepted %ld, rejected %ld; EAGAIN %ld (%ld then locked)\n",
+           who, secs, wops, evicted, n->accepted, n->rejected, n->rejected_torn, n->misses, n->miss_rejected,
+           n->eagain, n->locked);
+}
+
+/* Writer threads rewrite self-checking values (in place, at new sizes,
+ * compacting and evicting in one small page) while reader threads read
+ * without the lock: every copy fmm_read_valid accepts must check out, and
+ * both accepted and rejected copies must occur.  Runs in rounds of about a
+ * second until both have been seen (at most 20 s). */
+static void test_optimistic_torn_threads(void)
+{
+    enum { NW = 3, NR = 2 };
+    fmm_cache *c = open_anon(4096, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    unsigned char vbuf[4096];
+    uint64_t s = 4242;
+    CHECK_EQ(sc_prefill(c, &s, vbuf), 0);
+    opt_count tot = {0};
+    long wops = 0, ev[2] = {0, 0};
+    int werrors = 0, started_all = 1, rounds = 0;
+    double t0 = now_s();
+    do {
+        int stop = 0;
+        sc_thr w[NW], r[NR];
+        pthread_t wt[NW], rt[NR];
+        int wok[NW], rok[NR];
+        for (int i = 0; i < NW; i++) {
+            w[i] = (sc_thr){c, &stop, 1000u * (unsigned)rounds + (unsigned)i + 1, 0, {0, 0}, 0, {0}};
+            wok[i] = pthread_create(&wt[i], NULL, sc_writer, &w[i]) == 0;
+            started_all &= wok[i];
+        }
+        for (int i = 0; i < NR; i++) {
+            r[i] = (sc_thr){c, &stop, 7000u * (unsigned)rounds + (unsigned)i + 77, 0, {0, 0}, 0, {0}};
+            rok[i] = pthread_create(&rt[i], NULL, sc_reader, &r[i]) == 0;
+            started_all &= rok[i];
+        }
+        sleep_s(rounds ? 0.5 : 1.0);
+        __atomic_store_n(&stop, 1, __ATOMIC_RELAXED);
+        for (int i = 0; i < NW; i++)
+            if (wok[i]) {
+                pthread_join(wt[i], NULL);
+                wops += w[i].ops;
+                ev[0] += w[i].ev[0];
+                ev[1] += w[i].ev[1];
+                werrors += w[i].errors;
+            }
+        for (int i = 0; i < NR; i++)
+            if (rok[i]) {
+                pthread_join(rt[i], NULL);
+                opt_add(&tot, &r[i].n);
+            }
+        rounds++;
+    } while (started_all && (tot.accepted == 0 || tot.rejected == 0) && now_s() - t0 < 20.0);
+    print_opt_count("threads", &tot, wops, ev[0] + ev[1], now_s() - t0);
+    CHECK(started_all);
+    CHECK_EQ(werrors, 0);
+    CHECK(ev[0] > 0); /* the page did evict */
+    CHECK_EQ(ev[1], 0);
+    CHECK_EQ(tot.bad, 0);
+    CHECK(tot.accepted > 0);
+    CHECK(tot.rejected > 0);
+    CHECK_EQ(sc_verify_locked(c), 0);
+    CHECK_EQ(check_all_pages(c), 0);
+    CHECK_EQ(fmm_repairs(c), 0);
+    fmm_close(c);
+}
+
+/* The same across processes on a shared file: forked writers (one on the
+ * inherited mapping, one on its own fmm_open of the path), the parent
+ * reading without the lock. */
+static void test_optimistic_cross_process(void)
+{
+    enum { NW = 2 };
+    char path[PATH_MAX];
+    tpath(path, "opt-xproc.fmm");
+    fmm_cache *c = open_geom(path, 4096, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    unsigned char vbuf[4096];
+    char kbuf[4096];
+    uint64_t s = 99;
+    CHECK_EQ(sc_prefill(c, &s, vbuf), 0);
+    struct xshared {
+        int stop;
+        long writes[NW];
+        long ev[NW][2];
+    } *sh = mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    CHECK(sh != MAP_FAILED);
+    if (sh == MAP_FAILED) {
+        fmm_close(c);
+        return;
+    }
+    memset(sh, 0, sizeof *sh);
+    pid_t pids[NW];
+    fflush(NULL);
+    for (int i = 0; i < NW; i++) {
+        pids[i] = fork();
+        if (pids[i] == 0) {
+            fmm_cache *cc = c;
+            if (i == 1) {
+                fmm_config zero = {0};
+                if (fmm_open(path, &zero, &cc, NULL, NULL, 0) != 0)
+                    _exit(2);
+            }
+            uint64_t ws = 31u + (unsigned)i;
+            double end = now_s() + 60.0; /* if the parent never says stop */
+            while (!__atomic_load_n(&sh->stop, __ATOMIC_RELAXED)) {
+                if (sc_write_step(cc, &ws, vbuf, 4096 / 8, sh->ev[i]) != 0)
+                    _exit(3);
+                sh->writes[i]++;
+                if (now_s() > end)
+                    _exit(4);
+            }
+            _exit(0);
+        }
+        CHECK(pids[i] > 0);
+    }
+    opt_count n = {0};
+    double t0 = now_s();
+    for (long i = 0;; i++) {
+        snprintf((char *)vbuf, 16, "sc%02u", rng_below(&s, SC_KEYS));
+        char k[16];
+        memcpy(k, vbuf, sizeof k);
+        sc_read(c, k, (i & 1) ? FMM_GET_TOUCH : 0, vbuf, kbuf, &n);
+        if ((i & 255) == 0) {
+            double t = now_s() - t0;
+            if (t > 20.0 || (t > 1.0 && n.accepted > 0 && n.rejected > 0))
+                break;
+        }
+    }
+    __atomic_store_n(&sh->stop, 1, __ATOMIC_RELAXED);
+    long wops = 0, ev[2] = {0, 0};
+    for (int i = 0; i < NW; i++)
+        if (pids[i] > 0) {
+            CHECK_EQ(wait_child(pids[i]), 0);
+            wops += sh->writes[i];
+            ev[0] += sh->ev[i][0];
+            ev[1] += sh->ev[i][1];
+        }
+    print_opt_count("processes", &n, wops, ev[0] + ev[1], now_s() - t0);
+    CHECK(ev[0] > 0);
+    CHECK_EQ(ev[1], 0);
+    CHECK_EQ(n.bad, 0);
+    CHECK(n.accepted > 0);
+    CHECK(n.rejected > 0);
+    CHECK_EQ(sc_verify_locked(c), 0);
+    CHECK_EQ(check_all_pages(c), 0);
+    CHECK_EQ(fmm_repairs(c), 0);
+    munmap(sh, sizeof *sh);
+    fmm_close(c);
+}
+
+/* A writer that dies holding a page leaves its seq odd: lock-free reads of
+ * that page are FMM_EAGAIN until a locker repairs it (EOWNERDEAD) and
+ * unlocks; other pages stay readable meanwhile. */
+static void test_optimistic_after_killed_writer(void)
+{
+    char path[PATH_MAX], buf[64], k[32], kb[32];
+    uint32_t vl = 0;
+    tpath(path, "opt-killed.fmm");
+    fmm_cache *c = open_geom(path, 8192, 2);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    const uint32_t victim = 0, other = 1;
+    const char *kv = key_on_page(c, victim, "victim", k, sizeof k);
+    const char *ko = key_on_page(c, other, "other", kb, sizeof kb);
+    const uint32_t kvlen = (uint32_t)strlen(kv);
+    const uint64_t hv = fmm_hash(c, kv, kvlen);
+    CHECK_EQ(ksets(c, kv, "v1"), 0);
+    CHECK_EQ(ksets(c, ko, "o1"), 0);
+    uint64_t rep0 = fmm_repairs(c);
+    fmm_item it;
+    uint32_t tok = 1;
+
+    /* 1: a holder that _exit()s with the page clean: no repair needed */
+    CHECK_RC(fmm_get_optimistic(c, victim, hv, kv, kvlen, 0, &it, &tok), 0);
+    CHECK_EQ(die_holding(c, victim, 0), 0);
+    CHECK_EQ(page_seq(c, victim), tok + 1);
+    CHECK(!fmm_read_valid(c, victim, tok)); /* a reader that started before the crash */
+    CHECK_RC(oget(c, kv, 0, buf, sizeof buf, &vl), FMM_EAGAIN);
+    CHECK_RC(oget(c, kv, FMM_GET_TOUCH, buf, sizeof buf, &vl), FMM_EAGAIN);
+    CHECK(oget_is(c, ko, 0, "o1"));
+    CHECK_RC(oget(c, kv, 0, buf, sizeof buf, &vl), FMM_EAGAIN); /* reading repairs nothing */
+    CHECK_EQ(fmm_lock(c, victim, -1), 0);                        /* EOWNERDEAD, handled */
+    CHECK_EQ(page_seq(c, victim) & 1u, 1);
+    CHECK_RC(oget(c, kv, 0, buf, sizeof buf, &vl), FMM_EAGAIN); /* held by this thread */
+    fmm_unlock(c, victim);
+    CHECK_EQ(page_seq(c, victim), tok + 2);
+    CHECK_EQ(fmm_repairs(c), rep0);
+    CHECK(oget_is(c, kv, 0, "v1"));
+
+    /* 2: a holder that dies mid-write (dirty): the page is re-initialised,
+     * and the lock-free miss is then a true one */
+    CHECK_EQ(die_holding(c, victim, 1), 0);
+    CHECK_EQ(page_seq(c, victim) & 1u, 1);
+    CHECK_RC(oget(c, kv, 0, buf, sizeof buf, &vl), FMM_EAGAIN);
+    CHECK_EQ(fmm_lock(c, victim, 0), 0);
+    fmm_unlock(c, victim);
+    CHECK_EQ(page_seq(c, victim) & 1u, 0);
+    CHECK_EQ(fmm_repairs(c), rep0 + 1);
+    CHECK_RC(oget(c, kv, 0, buf, sizeof buf, &vl), FMM_ENOTFOUND);
+    CHECK(oget_is(c, ko, 0, "o1"));
+    CHECK_EQ(ksets(c, kv, "v2"), 0);
+    CHECK(oget_is(c, kv, 0, "v2"));
+
+    /* 3: SIGKILLed while holding the page mid-write; another handle (as
+     * another process would) repairs it through an ordinary locked get */
+    int up[2], down[2];
+    CHECK(pipe(up) == 0 && pipe(down) == 0);
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(up[0]);
+        close(down[1]);
+        if (fmm_lock(c, victim, -1) != 0)
+            _exit(2);
+        uint16_t one = 1;
+        memcpy(fmm_page_ptr(c, victim) + PH_DIRTY, &one, sizeof one);
+        write_byte(up[1], 'L');
+        read_byte(down[0]); /* killed here */
+        _exit(3);
+    }
+    close(up[1]);
+    close(down[0]);
+    CHECK(pid > 0);
+    if (pid > 0) {
+        CHECK_EQ(read_byte(up[0]), 'L');
+        CHECK_EQ(page_seq(c, victim) & 1u, 1);
+        CHECK_RC(oget(c, kv, 0, buf, sizeof buf, &vl), FMM_EAGAIN); /* held by a live writer */
+        CHECK_EQ(kill(pid, SIGKILL), 0);
+        CHECK_EQ(wait_child(pid), 1000 + SIGKILL);
+        CHECK_EQ(page_seq(c, victim) & 1u, 1);
+        CHECK_RC(oget(c, kv, 0, buf, sizeof buf, &vl), FMM_EAGAIN); /* held by a dead one */
+        CHECK(oget_is(c, ko, 0, "o1"));
+        fmm_config zero = {0};
+        fmm_cache *c2 = open_cfg(path, &zero, NULL);
+        CHECK(c2 != NULL);
+        if (c2) {
+            CHECK(!khas(c2, kv)); /* the lock repaired the dirty page */
+            CHECK_EQ(fmm_repairs(c2), rep0 + 2);
+            CHECK_EQ(ksets(c2, kv, "v3"), 0);
+            fmm_close(c2);
+        }
+        CHECK_EQ(page_seq(c, victim) & 1u, 0);
+        CHECK(oget_is(c, kv, 0, "v3"));
+        CHECK(oget_is(c, kv, FMM_GET_TOUCH, "v3"));
+    }
+    close(up[0]);
+    close(down[1]);
+    CHECK_EQ(check_all_pages(c), 0);
+    CHECK(oget_is(c, ko, 0, "o1"));
+    fmm_close(c);
+}
+
 /* ------------------------------------------------------------------ main */
 
 typedef struct test {
@@ -3095,6 +4037,10 @@ static const test TESTS[] = {
     T(test_page_size_extremes),
     T(test_guard_truncate),
     T(test_guard_chains_foreign),
+    T(test_optimistic_basic),
+    T(test_optimistic_torn_threads),
+    T(test_optimistic_after_killed_writer),
+    T(test_optimistic_cross_process),
 };
 
 int main(void)
