@@ -3144,6 +3144,58 @@ static void *holder_thread(void *p)
 
 /* fmm_get_optimistic: hits, misses, expiry, every documented FMM_EAGAIN,
  * the LRU stamp rule for FMM_GET_TOUCH, and fmm_read_valid's token. */
+/* fmm_prefetch is a hint: whatever the page holds (fresh, full, with slots
+ * pointing anywhere, a page number out of range), it changes no byte of
+ * the file and every operation after it gives the same results. */
+static void test_prefetch_hint(void)
+{
+    fmm_cache *c = open_anon(4096, 2);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    char k[32];
+    const size_t len = FMM_HEADER_SIZE + 2 * 4096;
+    unsigned char *before = malloc(len);
+    CHECK(before != NULL);
+    if (!before) {
+        fmm_close(c);
+        return;
+    }
+    for (int round = 0; round < 3; round++) {
+        for (int i = 0; i < 200; i++) {
+            snprintf(k, sizeof k, "p%d", i);
+            uint64_t h = fmm_hash(c, k, strlen(k));
+            uint32_t pg = fmm_page_of(c, h);
+            memcpy(before, fmm_page_ptr(c, 0) - FMM_HEADER_SIZE, len);
+            fmm_prefetch(c, pg, h);
+            fmm_prefetch(c, 2, h);          /* out of range: ignored */
+            fmm_prefetch(c, UINT32_MAX, h);
+            CHECK(memcmp(before, fmm_page_ptr(c, 0) - FMM_HEADER_SIZE, len) == 0);
+            CHECK_EQ(ksets(c, k, round == 1 ? "a value a little longer" : "v"), 0);
+            CHECK(khas(c, k));
+        }
+        if (round == 1) {
+            /* slots pointing at arbitrary offsets, tags matching nothing in particular */
+            uint32_t *slots = (uint32_t *)(fmm_page_ptr(c, 1) + FMM_PAGE_HEADER_SIZE);
+            for (int i = 0; i < 8; i++)
+                slots[i] = 0xFFFFFFFCu - (uint32_t)i * 0x01000101u;
+            for (int i = 0; i < 50; i++) {
+                snprintf(k, sizeof k, "p%d", i);
+                uint64_t h = fmm_hash(c, k, strlen(k));
+                fmm_prefetch(c, 1, h);
+                fmm_prefetch(c, 0, h);
+            }
+            CHECK_RC(fmm_lock(c, 1, -1), 0); /* the damaged page is repaired under its lock */
+            char msg[200];
+            if (fmm_check_page(c, 1, msg, sizeof msg) != 0)
+                fmm_init_page(c, 1);
+            fmm_unlock(c, 1);
+        }
+    }
+    free(before);
+    fmm_close(c);
+}
+
 static void test_optimistic_basic(void)
 {
     const uint32_t T = 1700000000u;
@@ -4041,6 +4093,7 @@ static const test TESTS[] = {
     T(test_optimistic_torn_threads),
     T(test_optimistic_after_killed_writer),
     T(test_optimistic_cross_process),
+    T(test_prefetch_hint),
 };
 
 int main(void)
