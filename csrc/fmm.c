@@ -580,6 +580,14 @@ static TL_MODEL _Thread_local void *tl_head;
 static TL_MODEL _Thread_local uint32_t tl_tid;
 static uint64_t next_handle_id = 1;
 
+/* A forked child holds none of its parent's page locks (the robust mutexes
+ * stay owned by the parent's thread), so it must not inherit the records:
+ * with them, its fmm_unlock would make a page's seq even while the parent
+ * is still writing it, and readers would accept torn copies. */
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static void forget_held_in_child(void) { tl_n = 0; }
+static void install_atfork(void) { pthread_atfork(NULL, NULL, forget_held_in_child); }
+
 static int tl_find(const fmm_cache *c)
 {
     for (int i = 0; i < tl_n; i++)
@@ -961,22 +969,24 @@ int fmm_unlock(fmm_cache *c, uint32_t page)
         return fmm_lost(c) ? FMM_EREPLACED : 0;
     }
     int i = tl_find(c);
+    if (UNLIKELY(i < 0 || tl_held[i].page != page)) {
+        /* Not ours: touching its seq or its mutex would open the page to
+         * torn reads while its real holder writes. */
+        snprintf(c->err, sizeof c->err, "page %u is not locked by this thread", page);
+        return FMM_EBADARG;
+    }
     if (UNLIKELY(fmm_lost(c))) {
         /* The mutex is in zero memory now: nothing to release, and glibc
          * must not follow its (zeroed) robust-list links. */
-        if (i >= 0)
-            tl_held[i] = tl_held[--tl_n];
+        tl_held[i] = tl_held[--tl_n];
         return FMM_EREPLACED;
     }
     page_hdr *ph = PH(c, page);
     restore_mutex_kind(ph); /* damaged while we held it: unlock must not abort */
-    if (i >= 0) {
-        if (tl_held[i].page == page)
-            scrub_held(i);
-        int last = --tl_n;
-        if (UNLIKELY(i != last))
-            tl_held[i] = tl_held[last];
-    }
+    scrub_held(i);
+    int last = --tl_n;
+    if (UNLIKELY(i != last))
+        tl_held[i] = tl_held[last];
     seq_leave(ph);
     pthread_mutex_unlock(&ph->lock.m);
     return fmm_lost(c) ? FMM_EREPLACED : 0;
@@ -1181,7 +1191,8 @@ static inline int stamp_fresh(const fmm_cache *c, const page_hdr *ph, const entr
 int fmm_get_optimistic(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, int touch,
                        fmm_item *out, uint32_t *token)
 {
-    if (UNLIKELY(c->perl || c->stats || tl_n != 0))
+    /* FMM_GET_EXPIRED and FMM_GET_TOMBSTONE reads are left to fmm_get */
+    if (UNLIKELY(c->perl || c->stats || tl_n != 0 || page >= c->num_pages || (touch & ~FMM_GET_TOUCH)))
         return FMM_EAGAIN;
     page_hdr *ph = PH(c, page);
     /* the hinted entry's line travels while the header's does */
@@ -1236,6 +1247,8 @@ int fmm_read_valid(const fmm_cache *c, uint32_t page, uint32_t token)
 {
     /* the reads of the probe and the copy complete before seq is read again */
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (UNLIKELY(page >= c->num_pages || c->perl))
+        return 0;
     return __atomic_load_n(&PH(c, page)->seq, __ATOMIC_RELAXED) == token;
 }
 
@@ -2143,6 +2156,7 @@ int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out, int *crea
     int rc = validate_config(cfg, err, errlen);
     if (rc)
         return rc;
+    pthread_once(&atfork_once, install_atfork);
     fmm_cache *c = calloc(1, sizeof *c);
     if (!c)
         return ENOMEM;
@@ -2174,6 +2188,7 @@ int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out, int *crea
         }
         if (created)
             *created = 1;
+        c->ns_hint = calloc(c->num_pages, 1);
         *out = c;
         return 0;
     }

@@ -351,7 +351,9 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns);
  * @brief Unlock a page locked by this thread.
  * @return 0, or FMM_EREPLACED if the file was truncated under the mapping
  *         (before or during the locked section: whatever was read under
- *         the lock may be zeros, so discard it).
+ *         the lock may be zeros, so discard it), or FMM_EBADARG, changing
+ *         nothing, if this thread does not hold @p page.  A forked child
+ *         holds none of its parent's page locks (fmm_held is 0 there).
  */
 int fmm_unlock(fmm_cache *c, uint32_t page);
 

@@ -898,3 +898,89 @@ def test_reads_from_another_process_restamp_a_hot_key(cache, forked, headers, fr
         assert moved == [2] * rounds, f"expected one restamp per round: {moved}"
     else:  # a new second may add a restamp
         assert all(m in (2, 4) for m in moved), moved
+
+
+
+def _fork_in_block(enter, in_block, after_block):
+    """Fork inside a held lock.  The child runs in_block() inside the block,
+    leaves the block (the context manager's __exit__, as the ``with``
+    statement does), runs after_block() and reports each step's outcome
+    ("ok", a result, or the exception's class name) through a pipe; it
+    always ends with os._exit.  The parent leaves the block only after the
+    child has exited.  Returns the report, e.g. "Error,left,waited"."""
+    r, w = os.pipe()
+    cm = enter()
+    with cm:
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                os.close(r)
+                res = [_child_step(in_block)]
+                left = _child_step(lambda: [cm.__exit__(None, None, None)] and None)
+                res.append("left" if left == "ok" else left)
+                res.append(_child_step(after_block))
+                os.write(w, ",".join(res).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        report = b""
+        while True:
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            report += chunk
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
+    return report.decode()
+
+
+def _child_step(fn) -> str:
+    try:
+        out = fn()
+        return "ok" if out is None else str(out)
+    except Exception as e:
+        return type(e).__name__
+
+
+@pytest.mark.multiprocess
+def test_a_child_forked_in_a_lock_block_holds_nothing(cache):
+    """The page lock stays with the parent: in the child the block's writes
+    fail, leaving the block releases nothing, and a read of that page waits
+    for the parent (it must not take the parent's unfinished writes for
+    settled ones)."""
+    c = cache(num_pages=2, page_size=8192, lock_timeout=0.3)
+    c["k"] = "v0"
+    block = c.lock("k")
+
+    def write():
+        block.value = "from the child"
+
+    def read():
+        try:
+            return "read " + str(c.get("k"))
+        except fastmmap.LockTimeout:
+            return "waited"
+
+    report = _fork_in_block(lambda: block, write, read)
+    assert report == "Error,left,waited", report
+    assert c["k"] == "v0"
+    with c.lock("k") as e:  # the parent released it normally
+        e.value = "v1"
+    assert c["k"] == "v1"
+
+
+@pytest.mark.multiprocess
+def test_a_child_forked_while_a_share_is_locked_holds_nothing():
+    """Leaving a Share lock inherited across fork does nothing in the child;
+    the parent still holds the lock and releases it normally."""
+    s = fastmmap.Share(4096)
+    s.set("v0")
+    report = _fork_in_block(lambda: s, lambda: s._held(), lambda: s._held())
+    assert report == "False,left,False", report
+    assert not s._held()
+    with s:
+        s.set("v1")
+    assert s.get() == "v1"

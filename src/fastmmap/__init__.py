@@ -526,6 +526,7 @@ class _Held:
         self._lock_key = lock_key
         self._page_key = page_key
         self._page: Any = None  # the held page's number (an int), else None
+        self._pid = 0  # the process that entered the block
         # ("write", key, value, expire_on) / ("delete", key) / ("evicted", list)
         self._pending: list[tuple[Any, ...]] = []
 
@@ -533,10 +534,16 @@ class _Held:
         if self._page is not None:
             raise Error("this lock block is already active")
         self._page = self._cache._lock_for(self._lock_key)
+        self._pid = os.getpid()
         return self
 
     def __exit__(self, *exc: object) -> Literal[False]:
         page, self._page = self._page, None
+        if self._pid != os.getpid():
+            # a child forked inside the block: the page lock (and the
+            # callbacks queued before the fork) stay with the parent
+            self._pending = []
+            return False
         self._cache._unlock(page)
         pending, self._pending = self._pending, []
         self._run_callbacks(pending)
@@ -672,6 +679,7 @@ class Share:
         self._cache = Cache(anonymous=True, num_pages=1, page_size=page, start_slots=4)
         self._page: Any = None  # the locked page's number (an int), else None
         self._owner: int | None = None  # thread ident holding the lock
+        self._owner_pid = 0  # and its process
         self._depth = 0
 
     @property
@@ -679,7 +687,9 @@ class Share:
         return self._size
 
     def _held(self) -> bool:
-        return self._owner == threading.get_ident()
+        # a forked child does not inherit the lock (its thread may have
+        # the same ident as the parent's)
+        return self._owner == threading.get_ident() and self._owner_pid == os.getpid()
 
     def set(self, obj: Any) -> None:
         """Store obj; ValueError (old value kept) if it needs more than size bytes.
@@ -713,8 +723,16 @@ class Share:
             return
         page = self._cache._lock_for(self._KEY)  # waits for other holders
         self._page, self._owner, self._depth = page, threading.get_ident(), 1
+        self._owner_pid = os.getpid()
 
     def unlock(self) -> None:
+        if self._owner == threading.get_ident() and self._owner_pid not in (0, os.getpid()):
+            # a child forked while the lock was held leaves what it inherited:
+            # the lock itself stays with the parent
+            self._depth -= 1
+            if self._depth == 0:
+                self._page, self._owner, self._owner_pid = None, None, 0
+            return
         if not self._held():
             raise Error("Share.unlock() without lock() in this thread")
         self._depth -= 1
