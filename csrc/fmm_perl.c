@@ -213,7 +213,10 @@ static uint32_t from_perl_flags(const pfm_cache *p, uint32_t pf)
 
 static int header_ok(const pfm_cache *p, const phdr *h)
 {
-    return h->magic == P_MAGIC && h->num_slots >= 1 && (uint64_t)dstart(h->num_slots) < p->page_size &&
+    /* num_slots is bounded first: dstart() of a huge count wraps 32 bits
+     * (a damaged count of 2^31 + 89 once passed as a small slot table) */
+    return h->magic == P_MAGIC && h->num_slots >= 1 && h->num_slots < (p->page_size - P_HDR) / 4u &&
+           (uint64_t)dstart(h->num_slots) < p->page_size &&
            h->free_slots <= h->num_slots && h->old_slots <= h->free_slots && h->free_data >= dstart(h->num_slots) &&
            h->free_data <= p->page_size && (uint64_t)h->free_data + h->free_bytes == p->page_size;
 }

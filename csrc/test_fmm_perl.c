@@ -434,6 +434,29 @@ static void test_geometry_and_open_errors(void)
     CHECK_EQ(fmm_open(p, &cfg, &c, NULL, err, sizeof err), FMM_EBADARG);
 }
 
+/* A slot count so large that 32 + 4 * count wraps 32 bits must fail the
+ * header check at lock time (it once passed as a small table, and a probe
+ * then indexed gigabytes past the page). */
+static void test_damaged_slot_count(void)
+{
+    const uint32_t bad[] = {0x80000059u, 0xC0000000u, 0xFFFFFFF8u, 0x40000000u, 0};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        fmm_cache *c = popen_("slotcount", 4096, 1, 1);
+        CHECK(c);
+        if (!c)
+            return;
+        CHECK_EQ(pset(c, "k", "v", 1, 0, 0), 0);
+        uint64_t before = fmm_repairs(c);
+        memcpy(fmm_page_ptr(c, 0) + 4, &bad[i], 4); /* num_slots */
+        char buf[16];
+        CHECK(pget(c, "k", buf, sizeof buf, NULL) != 0); /* the page was re-initialised */
+        CHECK(fmm_repairs(c) == before + 1);
+        CHECK_EQ(pset(c, "k", "w", 1, 0, 0), 0);
+        CHECK(pget(c, "k", buf, sizeof buf, NULL) == 0);
+        fmm_close(c);
+    }
+}
+
 static void test_damage(void)
 {
     /* random bytes written over pages: no operation reads outside the
@@ -515,6 +538,7 @@ static const struct {
     {"perl_lock_rules", test_lock_rules},
     {"perl_geometry_errors", test_geometry_and_open_errors},
     {"perl_damage", test_damage},
+    {"perl_damaged_slot_count", test_damaged_slot_count},
 };
 
 static int rm_entry(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
