@@ -104,18 +104,26 @@ struct pfm_cache {
 
 /* ---------- process-wide state ---------- */
 
-static unsigned fork_gen;
-static uint64_t next_id = 1;
-static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
-static void on_fork_child(void) { __atomic_add_fetch(&fork_gen, 1, __ATOMIC_RELAXED); }
-static void install_atfork(void) { pthread_atfork(NULL, NULL, on_fork_child); }
-
 #define TL_MAX 8
 static __thread struct {
     uint64_t id;
     uint32_t page;
 } tl_held[TL_MAX];
 static __thread int tl_n;
+
+/* A forked child holds none of its parent's page locks: it forgets the
+ * records it inherited (with them, its unlock would release the parent's
+ * fcntl lock through the open file description they still share, while
+ * the parent writes the page) and reopens its descriptor before it locks. */
+static unsigned fork_gen;
+static uint64_t next_id = 1;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static void on_fork_child(void)
+{
+    tl_n = 0;
+    __atomic_add_fetch(&fork_gen, 1, __ATOMIC_RELAXED);
+}
+static void install_atfork(void) { pthread_atfork(NULL, NULL, on_fork_child); }
 
 static int tl_find(const pfm_cache *p)
 {

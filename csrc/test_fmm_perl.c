@@ -395,6 +395,22 @@ static void test_lock_rules(void)
     int st = 0;
     waitpid(pid, &st, 0);
     CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    /* a child forked while c holds page 0 holds nothing: its unlock and
+     * close must not release the parent's lock (they share the open file
+     * description until the child reopens it) */
+    pid = fork();
+    if (pid == 0) {
+        int ok = !fmm_held(c, 0);
+        fmm_unlock(c, 0);
+        fmm_close(c);
+        ok &= fmm_lock(d, 0, 20000000) == FMM_ETIMEDOUT; /* still the parent's */
+        _exit(ok ? 0 : 1);
+    }
+    st = 0;
+    waitpid(pid, &st, 0);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    CHECK(fmm_held(c, 0));
+    CHECK_EQ(fmm_lock(d, 0, 0), FMM_EBUSY);
     fmm_unlock(c, 0);
     CHECK_EQ(fmm_lock(d, 0, 0), 0);
     fmm_unlock(d, 0);
