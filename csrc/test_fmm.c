@@ -3142,8 +3142,6 @@ static void *holder_thread(void *p)
     return NULL;
 }
 
-/* fmm_get_optimistic: hits, misses, expiry, every documented FMM_EAGAIN,
- * the LRU stamp rule for FMM_GET_TOUCH, and fmm_read_valid's token. */
 /* A child forked while its parent holds a page holds nothing: its
  * fmm_unlock and fmm_close must leave the page's mutex and seq alone (an
  * even seq while the parent writes would let readers accept torn copies),
@@ -3240,6 +3238,8 @@ static void test_prefetch_hint(void)
     fmm_close(c);
 }
 
+/* fmm_get_optimistic: hits, misses, expiry, every documented FMM_EAGAIN,
+ * the LRU stamp rule for FMM_GET_TOUCH, and fmm_read_valid's token. */
 static void test_optimistic_basic(void)
 {
     const uint32_t T = 1700000000u;
