@@ -596,6 +596,14 @@ static int tl_find(const fmm_cache *c)
     return -1;
 }
 
+/* Forget held record i (the last one takes its place). */
+static inline void drop_held(int i)
+{
+    int last = --tl_n;
+    if (UNLIKELY(i != last))
+        tl_held[i] = tl_held[last];
+}
+
 static int deep_check(fmm_cache *c, uint32_t page, char *msg, size_t msglen);
 static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_t need, fmm_evict_fn fn,
                    void *ctx);
@@ -978,15 +986,13 @@ int fmm_unlock(fmm_cache *c, uint32_t page)
     if (UNLIKELY(fmm_lost(c))) {
         /* The mutex is in zero memory now: nothing to release, and glibc
          * must not follow its (zeroed) robust-list links. */
-        tl_held[i] = tl_held[--tl_n];
+        drop_held(i);
         return FMM_EREPLACED;
     }
     page_hdr *ph = PH(c, page);
     restore_mutex_kind(ph); /* damaged while we held it: unlock must not abort */
     scrub_held(i);
-    int last = --tl_n;
-    if (UNLIKELY(i != last))
-        tl_held[i] = tl_held[last];
+    drop_held(i);
     seq_leave(ph);
     pthread_mutex_unlock(&ph->lock.m);
     return fmm_lost(c) ? FMM_EREPLACED : 0;
@@ -1051,6 +1057,16 @@ static inline long find_slot(const fmm_cache *c, page_hdr *ph, uint32_t lo, cons
     return -1;
 }
 
+/* The caller copies a found value next (after allocating its buffer):
+ * start loading its first cache lines now.  The snapshot bounded the entry
+ * to the page; prefetching never faults anyway. */
+static inline void prefetch_value(const fmm_item *it)
+{
+    __builtin_prefetch(it->val, 0, 3);
+    if (it->vlen > 64)
+        __builtin_prefetch(it->val + 64, 0, 3);
+}
+
 /* fmm_get after the key was found: expiry, LRU touch, the item. */
 static inline __attribute__((always_inline)) int get_found(fmm_cache *c, page_hdr *ph, const esnap *sn, int touch,
                                                            fmm_item *out, int ms)
@@ -1074,12 +1090,7 @@ static inline __attribute__((always_inline)) int get_found(fmm_cache *c, page_hd
         e->last_access = now;
     }
     fill_item_ms(out, sn, ms);
-    /* The caller copies the value next (after allocating its buffer):
-     * start loading its cache lines now.  The snapshot bounded the entry to
-     * the page; prefetching never faults anyway. */
-    __builtin_prefetch(out->val, 0, 3);
-    if (out->vlen > 64)
-        __builtin_prefetch(out->val + 64, 0, 3);
+    prefetch_value(out);
     return 0;
 }
 
@@ -1218,9 +1229,7 @@ int fmm_get_optimistic(fmm_cache *c, uint32_t page, uint64_t hash, const void *k
     if (UNLIKELY((touch & FMM_GET_TOUCH) && !stamp_fresh(c, ph, e, now)))
         return FMM_EAGAIN;
     fill_item_ms(out, &sn, 0);
-    __builtin_prefetch(out->val, 0, 3);
-    if (out->vlen > 64)
-        __builtin_prefetch(out->val + 64, 0, 3);
+    prefetch_value(out);
     return 0;
 }
 
