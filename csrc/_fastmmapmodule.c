@@ -678,6 +678,15 @@ static inline PyObject *value_under_lock(const fmm_item *it, PyObject **raw, int
     return r;
 }
 
+/* value_under_lock's raw copy, decoded once the page is released (or, for
+ * a lock-free read, once the copy is known whole).  Consumes raw. */
+static PyObject *decode_raw(CacheObject *self, uint32_t flags, PyObject *raw)
+{
+    PyObject *r = decode_value(self, flags, NULL, 0, raw);
+    Py_DECREF(raw);
+    return r;
+}
+
 /* ---------- Expiry arguments ---------- */
 
 static inline uint32_t now_secs(CacheObject *self) { return fmm_now(self->c); }
@@ -917,10 +926,8 @@ static PyObject *do_get(CacheObject *self, PyObject *key)
                 PyErr_Clear();
             continue;
         }
-        if (raw) {
-            r = decode_value(self, it.flags, NULL, 0, raw);
-            Py_DECREF(raw);
-        }
+        if (raw)
+            r = decode_raw(self, it.flags, raw);
         return r;
     }
     if (lock_page(self, page) < 0)
@@ -931,10 +938,8 @@ static PyObject *do_get(CacheObject *self, PyObject *key)
     if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, FMM_GET_TOUCH, &it) == 0) {
         r = value_under_lock(&it, &raw, &err);
         UNLOCK(self, page);
-        if (raw) {
-            r = decode_value(self, it.flags, NULL, 0, raw);
-            Py_DECREF(raw);
-        }
+        if (raw)
+            r = decode_raw(self, it.flags, raw);
         return r;
     }
     if (UNLIKELY(self->read_cb != NULL) && LIKELY(!IS_LOST(self)))
@@ -1525,10 +1530,8 @@ static PyObject *cache_get_and_remove(PyObject *op, PyObject *const *args, Py_ss
             fmm_delete(self->c, page, h, k.buf, (uint32_t)k.len, NULL);
     }
     UNLOCK(self, page);
-    if (raw) {
-        r = decode_value(self, flags, NULL, 0, raw);
-        Py_CLEAR(raw);
-    }
+    if (raw)
+        r = decode_raw(self, flags, raw);
     if (!found && !err)
         r = Py_NewRef(nargs == 2 ? args[1] : Py_None);
 out:
@@ -2171,10 +2174,8 @@ static PyObject *cache__held_get(PyObject *op, PyObject *const *args, Py_ssize_t
     if (fmm_get(self->c, page, fmm_hash(self->c, k.buf, (size_t)k.len), k.buf, (uint32_t)k.len, FMM_GET_TOUCH,
                 &it) == 0) {
         r = value_under_lock(&it, &raw, &err);
-        if (raw) {
-            r = decode_value(self, it.flags, NULL, 0, raw);
-            Py_DECREF(raw);
-        }
+        if (raw)
+            r = decode_raw(self, it.flags, raw);
     } else {
         r = Py_NewRef(args[3]);
     }
