@@ -726,19 +726,16 @@ class Share:
         self._owner_pid = os.getpid()
 
     def unlock(self) -> None:
-        if self._owner == threading.get_ident() and self._owner_pid not in (0, os.getpid()):
-            # a child forked while the lock was held leaves what it inherited:
-            # the lock itself stays with the parent
-            self._depth -= 1
-            if self._depth == 0:
-                self._page, self._owner, self._owner_pid = None, None, 0
-            return
-        if not self._held():
+        # A child forked while the lock was held leaves what it inherited;
+        # the lock itself stays with the parent.
+        inherited = self._owner == threading.get_ident() and self._owner_pid != os.getpid()
+        if not inherited and not self._held():
             raise Error("Share.unlock() without lock() in this thread")
         self._depth -= 1
         if self._depth == 0:
-            page, self._page, self._owner = self._page, None, None
-            self._cache._unlock(page)
+            page, self._page, self._owner, self._owner_pid = self._page, None, None, 0
+            if not inherited:
+                self._cache._unlock(page)
 
     def __enter__(self) -> Self:
         self.lock()
