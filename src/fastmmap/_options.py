@@ -123,6 +123,21 @@ def _round_pow2_down(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
+def _perl_num_pages(cache_size: int, page_size: int) -> int:
+    """Perl's page count for a cache_size given without num_pages: from 89,
+    n -> 2n + 1 while the pages fit in cache_size; otherwise n -> (n - 1) // 2
+    until they fit, then one step back up (compute_geometry's docstring)."""
+    np = DEFAULT_NUM_PAGES
+    if np * page_size <= cache_size:
+        while np * page_size <= cache_size:
+            np = np * 2 + 1
+    else:
+        while np * page_size > cache_size:
+            np = (np - 1) // 2
+        np = np * 2 + 1
+    return np
+
+
 # ---------------------------------------------------------------- sizes
 
 
@@ -292,14 +307,7 @@ def compute_geometry(
         ps = max(_round_pow2_down(ps_asked), _PERL_CACHE_SIZE_MIN_PAGE)
         how = f"cache_size={cache_size!r} with page_size={page_size!r}"
         _check_page_size(ps, how)
-    np = DEFAULT_NUM_PAGES
-    if np * ps <= cs:
-        while np * ps <= cs:
-            np = np * 2 + 1
-    else:
-        while np * ps > cs:
-            np = (np - 1) // 2
-        np = np * 2 + 1
+    np = _perl_num_pages(cs, ps)
     _check_num_pages(np, how + f" ({ps}-byte pages)")
     return ps, np
 
@@ -418,14 +426,7 @@ def compute_perl_geometry(
             how = f"cache_size={cache_size!r} with num_pages={num_pages!r}"
         else:
             ps = max(ps or DEFAULT_PAGE_SIZE, 4096)
-            np = DEFAULT_NUM_PAGES
-            if np * ps <= cs:
-                while np * ps <= cs:
-                    np = np * 2 + 1
-            else:
-                while np * ps > cs:
-                    np = (np - 1) // 2
-                np = np * 2 + 1
+            np = _perl_num_pages(cs, ps)
             how = f"cache_size={cache_size!r}"
     else:
         np = np or DEFAULT_NUM_PAGES
