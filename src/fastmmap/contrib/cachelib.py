@@ -117,6 +117,9 @@ class FastMmapCache(BaseCache):
                     "FastMmapCache: set CACHE_OPTIONS = {'share_file': path} or CACHE_DIR (a directory)"
                 )
             os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+            # an existing directory is reused: it must be as private as a
+            # cache file (see fastmmap's "Security and trust")
+            fastmmap._check_dir(cache_dir, kwargs.get("permissions", 0o600))
             kwargs["share_file"] = os.path.join(cache_dir, DEFAULT_FILE_NAME)
         kwargs.setdefault("key_prefix", config.get("CACHE_KEY_PREFIX") or "")
         return cls(*args, **kwargs)
