@@ -105,7 +105,9 @@ class FastMmapCache(BaseCache):
         """Flask-Caching's factory protocol: ``factory(app, config, args, kwargs)``.
 
         The file is ``CACHE_ARGS[0]``, else ``CACHE_OPTIONS["share_file"]``,
-        else ``fastmmap.cache`` in ``CACHE_DIR`` (created 0700 if absent).
+        else ``fastmmap.cache`` in ``CACHE_DIR`` (created 0700 if absent; an
+        existing one must pass fastmmap's trust check, else
+        ``fastmmap.UntrustedFileError``).
         ``CACHE_KEY_PREFIX`` becomes ``key_prefix`` unless CACHE_OPTIONS sets it.
         """
         args = list(args)
