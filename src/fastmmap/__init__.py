@@ -203,6 +203,7 @@ def _check_dir(path: str, permissions: int = 0o600) -> None:
     other write permission beyond ``permissions`` (0: 0600).  A symbolic
     link is followed, and its target checked.
     """
+    permissions = _options.parse_permissions(permissions) or 0o600
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -210,7 +211,7 @@ def _check_dir(path: str, permissions: int = 0o600) -> None:
         os.close(fd)
     me = os.geteuid()
     mode = st.st_mode & 0o7777
-    extra = mode & 0o022 & ~(permissions or 0o600)
+    extra = mode & 0o022 & ~permissions
     if st.st_uid in (me, 0) and not extra:
         return
     if st.st_uid not in (me, 0):
@@ -218,7 +219,7 @@ def _check_dir(path: str, permissions: int = 0o600) -> None:
                "of the directory can replace the cache file in it; remove it, or use it as its owner")
     else:
         who = {0o022: "group and others", 0o020: "the group"}.get(extra, "others")
-        why = (f"it lets {who} write to it, beyond permissions=0o{permissions or 0o600:o}; chmod it, or pass "
+        why = (f"it lets {who} write to it, beyond permissions=0o{permissions:o}; chmod it, or pass "
                f"permissions=0o{mode & 0o777:o} if those writers are trusted")
     raise UntrustedFileError(
         errno.EACCES, f"refusing a directory owned by {_owner_name(st.st_uid)} with mode {mode:04o}: {why}", path,
