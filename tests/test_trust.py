@@ -160,7 +160,7 @@ def test_a_cache_dir_made_by_another_user_is_refused(shared_dir, factory):
     cache_dir = os.path.join(shared_dir, "myapp")
     proc = as_nobody("mkdir", "-m", "0700", cache_dir)
     assert proc.returncode == 0, proc.stderr
-    with pytest.raises(fastmmap.UntrustedFileError, match=f"refusing a directory owned by user nobody"):
+    with pytest.raises(fastmmap.UntrustedFileError, match="refusing a directory owned by user nobody"):
         factory(cache_dir)
     assert os.listdir(cache_dir) == []
 
