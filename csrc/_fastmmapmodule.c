@@ -70,6 +70,7 @@ typedef struct {
     PyObject *RecursiveLockError;
     PyObject *FileReplacedError;
     PyObject *ItemTooLargeError;
+    PyObject *UntrustedFileError;
     PyObject *pickle_dumps;
     PyObject *pickle_loads;
     PyObject *pickle_protocol;
@@ -130,6 +131,7 @@ static const struct {
     {FMM_ELOCKED, "RecursiveLockError", offsetof(fastmmap_state, RecursiveLockError)},
     {FMM_EREPLACED, "FileReplacedError", offsetof(fastmmap_state, FileReplacedError)},
     {FMM_ETIMEDOUT, "LockTimeout", offsetof(fastmmap_state, LockTimeout)},
+    {FMM_EUNTRUSTED, "UntrustedFileError", offsetof(fastmmap_state, UntrustedFileError)},
 };
 
 /* Raise the exception for engine or errno code rc.  `what` names the
@@ -2462,6 +2464,16 @@ static PyObject *cache__open(PyObject *op, PyObject *const *args, Py_ssize_t nar
         if (rc == FMM_EBADFILE || rc == FMM_EGEOMETRY)
             return PyErr_Format(rc == FMM_EBADFILE ? self->state->BadFileError : self->state->GeometryError,
                                 "%S: %s", path, err);
+        if (rc == FMM_EUNTRUSTED) {
+            /* a PermissionError too: (errno, message, filename) sets its
+             * errno and filename attributes like any refused open */
+            PyObject *args = Py_BuildValue("(isO)", EACCES, err, path);
+            if (args) {
+                PyErr_SetObject(self->state->UntrustedFileError, args);
+                Py_DECREF(args);
+            }
+            return NULL;
+        }
         return set_error(self->state, "open", rc, err, NULL);
     }
     self->c = c;
@@ -2746,7 +2758,47 @@ static PyObject *mod_perl_hash(PyObject *Py_UNUSED(mod), PyObject *arg)
     return PyLong_FromUnsignedLong(h);
 }
 
+static void reap_found(void *ctx, const char *name, uint64_t size)
+{
+    PyObject *list = ctx;
+    if (PyErr_Occurred())
+        return;
+    PyObject *item = Py_BuildValue("(NK)", PyUnicode_DecodeFSDefault(name), (unsigned long long)size);
+    if (item) {
+        PyList_Append(list, item);
+        Py_DECREF(item);
+    }
+}
+
+static PyObject *mod_reap_temps(PyObject *Py_UNUSED(mod), PyObject *args)
+{
+    PyObject *path_bytes = NULL;
+    int remove;
+    if (!PyArg_ParseTuple(args, "O&p:_reap_temps", PyUnicode_FSConverter, &path_bytes, &remove))
+        return NULL;
+    PyObject *list = PyList_New(0);
+    if (!list) {
+        Py_DECREF(path_bytes);
+        return NULL;
+    }
+    /* under the GIL: the callback builds Python objects (a directory scan) */
+    int n = fmm_reap_temps(PyBytes_AS_STRING(path_bytes), remove, reap_found, list);
+    if (n < 0 && !PyErr_Occurred()) {
+        errno = -n;
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, PyTuple_GET_ITEM(args, 0));
+    }
+    Py_DECREF(path_bytes);
+    if (PyErr_Occurred()) {
+        Py_DECREF(list);
+        return NULL;
+    }
+    return list;
+}
+
 static PyMethodDef module_methods[] = {
+    {"_reap_temps", mod_reap_temps, METH_VARARGS,
+     "_reap_temps($module, path, remove, /)\n--\n\nThe temporary files that dead creators of the cache file at "
+     "path left (name, size), removed if remove is true."},
     {"perl_hash", mod_perl_hash, METH_O,
      "perl_hash($module, data, /)\n--\n\nCache::FastMmap's 32-bit hash of a bytes-like object (format='perl'): "
      "the page is hash % num_pages, the slot hash // num_pages."},
@@ -2788,6 +2840,9 @@ static int fastmmap_exec(PyObject *mod)
         {&st->FileReplacedError, "FileReplacedError", NULL, "The cache file was deleted or replaced."},
         {&st->ItemTooLargeError, "ItemTooLargeError", PyExc_ValueError,
          "An item (key, stored value and entry header) can never fit in one page."},
+        {&st->UntrustedFileError, "UntrustedFileError", PyExc_PermissionError,
+         "An existing cache file (or directory) is owned by another user, or group/others may write it beyond "
+         "permissions."},
     };
     for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
         PyObject *bases = subs[i].builtin ? PyTuple_Pack(2, st->Error, subs[i].builtin) : PyTuple_Pack(1, st->Error);
@@ -2841,6 +2896,7 @@ static int fastmmap_traverse(PyObject *mod, visitproc visit, void *arg)
     Py_VISIT(st->RecursiveLockError);
     Py_VISIT(st->FileReplacedError);
     Py_VISIT(st->ItemTooLargeError);
+    Py_VISIT(st->UntrustedFileError);
     Py_VISIT(st->pickle_dumps);
     Py_VISIT(st->pickle_loads);
     Py_VISIT(st->pickle_protocol);
@@ -2861,6 +2917,7 @@ static int fastmmap_clear(PyObject *mod)
     Py_CLEAR(st->RecursiveLockError);
     Py_CLEAR(st->FileReplacedError);
     Py_CLEAR(st->ItemTooLargeError);
+    Py_CLEAR(st->UntrustedFileError);
     Py_CLEAR(st->pickle_dumps);
     Py_CLEAR(st->pickle_loads);
     Py_CLEAR(st->pickle_protocol);

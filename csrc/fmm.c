@@ -25,6 +25,8 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <dirent.h>
+#include <pwd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -392,6 +394,8 @@ const char *fmm_strerror(int rc)
     case FMM_EREFUSED: return "store refused by the modseq rules (a tombstone or a newer modseq holds the key)";
     case FMM_ENOCHANGE: return "an entry with an equal or newer modseq was kept";
     case FMM_EAGAIN: return "a lock-free read must be retried under the page lock";
+    case FMM_EUNTRUSTED:
+        return "the existing file belongs to another user, or group/others may write it beyond permissions";
     default: return rc > 0 ? strerror(rc) : "unknown fastmmap error";
     }
 }
@@ -1978,31 +1982,198 @@ static int map_fd(fmm_cache *c, int fd, uint64_t size, char *err, size_t errlen)
     return 0;
 }
 
+/* ---------- Trust and temporary files (fmm_perl.c uses them too) ---------- */
+
+/* "user NAME (uid N)", or "uid N" for a uid without a passwd entry. */
+static void owner_name(uid_t uid, char *buf, size_t len)
+{
+    struct passwd pw, *res = NULL;
+    char tmp[1024];
+    if (getpwuid_r(uid, &pw, tmp, sizeof tmp, &res) == 0 && res && res->pw_name)
+        snprintf(buf, len, "user %s (uid %u)", res->pw_name, (unsigned)uid);
+    else
+        snprintf(buf, len, "uid %u", (unsigned)uid);
+}
+
+/* Whoever can write the file can put a pickle in it that runs as every
+ * reader, and can keep writing the mapping: so an existing file is used
+ * only if its owner is us or root (root can write any file and any
+ * process's memory already, and a root-made file is how a cache is shared
+ * between service users), and its mode lets group and others write no
+ * more than `permissions` (what we would have created it with) does. */
+int fmm_check_trust(const struct stat *st, int permissions, char *err, size_t errlen)
+{
+    mode_t asked = permissions > 0 ? (mode_t)permissions : 0600;
+    uid_t me = geteuid();
+    mode_t extra = st->st_mode & (S_IWGRP | S_IWOTH) & ~asked;
+    int foreign = st->st_uid != me && st->st_uid != 0;
+    if (!foreign && !extra)
+        return 0;
+    char owner[160];
+    owner_name(st->st_uid, owner, sizeof owner);
+    unsigned mode = (unsigned)(st->st_mode & 07777);
+    if (foreign)
+        set_detail(err, errlen,
+                   "refusing a file owned by %s with mode %04o: this process runs as uid %u and opens only its "
+                   "own files or root's, since the owner of the file can write into the cache (a pickled value "
+                   "runs code in every reader); remove it, or use it as its owner",
+                   owner, mode, (unsigned)me);
+    else
+        set_detail(err, errlen,
+                   "refusing a file owned by %s with mode %04o: it lets %s write to it, beyond permissions=0o%o; "
+                   "chmod it, or pass permissions=0o%o if those writers are trusted",
+                   owner, mode,
+                   extra == (S_IWGRP | S_IWOTH) ? "group and others" : extra == S_IWGRP ? "the group" : "others",
+                   (unsigned)asked, mode & 0777);
+    return FMM_EUNTRUSTED;
+}
+
+/* Create "<path>.tmp-<pid>-XXXXXX" and hold an flock on it until
+ * fmm_tmp_publish: the lock, not the pid, tells fmm_reap_temps that its
+ * creator is alive (a pid can be reused; the lock goes with the last
+ * descriptor).  A reaper that found the file in the instant before we
+ * locked it may have removed it: then the name no longer leads to our
+ * file, and we start again. */
+int fmm_tmp_create(const char *path, int permissions, char **tmpname, int *fdp, char *err, size_t errlen)
+{
+    size_t tl = strlen(path) + 48;
+    char *name = malloc(tl);
+    if (!name)
+        return ENOMEM;
+    for (int attempt = 0; attempt < 100; attempt++) {
+        snprintf(name, tl, "%s.tmp-%ld-XXXXXX", path, (long)getpid());
+        int fd = mkostemp(name, O_CLOEXEC);
+        if (fd < 0) {
+            int e = errno;
+            set_detail(err, errlen, "creating a temporary file beside the cache file failed: %s", strerror(e));
+            free(name);
+            return e;
+        }
+        /* a file system without flock fails the reaper's lock as well,
+         * so such a file is never taken for abandoned */
+        while (flock(fd, LOCK_EX) != 0 && errno == EINTR)
+            ;
+        struct stat a, b;
+        if (fstat(fd, &a) == 0 && lstat(name, &b) == 0 && a.st_ino == b.st_ino && a.st_dev == b.st_dev) {
+            if (fchmod(fd, (mode_t)(permissions > 0 ? permissions : 0600)) != 0) {
+                int e = errno;
+                set_detail(err, errlen, "fchmod: %s", strerror(e));
+                unlink(name);
+                close(fd);
+                free(name);
+                return e;
+            }
+            *tmpname = name;
+            *fdp = fd;
+            return 0;
+        }
+        close(fd);
+    }
+    set_detail(err, errlen, "creating a temporary file beside the cache file: it kept being removed");
+    free(name);
+    return EAGAIN;
+}
+
+/* Give the finished file its name, then drop the creator's lock (after the
+ * temporary name is gone, so a reaper never sees it unlocked).  replace:
+ * rename over path; else link, which fails with EEXIST if another process
+ * published first.  On failure the caller unlinks tmpname. */
+int fmm_tmp_publish(int fd, const char *tmpname, const char *path, int replace)
+{
+    int rc = 0;
+    if (replace) {
+        rc = rename(tmpname, path) == 0 ? 0 : errno;
+    } else if (link(tmpname, path) == 0) {
+        unlink(tmpname);
+    } else {
+        rc = errno;
+        /* filesystems without hard links */
+        if (rc != EEXIST)
+            rc = renameat2(AT_FDCWD, tmpname, AT_FDCWD, path, RENAME_NOREPLACE) == 0 ? 0 : errno;
+    }
+    if (rc == 0)
+        flock(fd, LOCK_UN);
+    return rc;
+}
+
+/* "<base>.tmp-<digits>-XXXXXX", the names fmm_tmp_create makes. */
+static int is_temp_of(const char *name, const char *base, size_t blen)
+{
+    if (strncmp(name, base, blen) != 0 || strncmp(name + blen, ".tmp-", 5) != 0)
+        return 0;
+    const char *q = name + blen + 5;
+    if (*q < '0' || *q > '9')
+        return 0;
+    while (*q >= '0' && *q <= '9')
+        q++;
+    if (*q++ != '-' || strlen(q) != 6)
+        return 0;
+    for (; *q; q++)
+        if (!((*q >= '0' && *q <= '9') || (*q >= 'a' && *q <= 'z') || (*q >= 'A' && *q <= 'Z')))
+            return 0;
+    return 1;
+}
+
+int fmm_reap_temps(const char *path, int remove, void (*fn)(void *ctx, const char *name, uint64_t size), void *ctx)
+{
+    const char *slash = strrchr(path, '/');
+    const char *base = slash ? slash + 1 : path;
+    size_t blen = strlen(base);
+    if (!blen)
+        return 0;
+    char *dir = slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path)) : strdup(".");
+    if (!dir)
+        return -ENOMEM;
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    free(dir);
+    if (dfd < 0)
+        return -errno;
+    int lfd = fcntl(dfd, F_DUPFD_CLOEXEC, 0);
+    DIR *d = lfd >= 0 ? fdopendir(lfd) : NULL;
+    if (!d) {
+        int e = errno;
+        if (lfd >= 0)
+            close(lfd);
+        close(dfd);
+        return -e;
+    }
+    uid_t me = geteuid();
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (!is_temp_of(de->d_name, base, blen))
+            continue;
+        int fd = openat(dfd, de->d_name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        struct stat st, now;
+        /* the lock is free: its creator is gone.  Then the name must still
+         * lead to the file we locked, or it is not ours to remove. */
+        if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == me && flock(fd, LOCK_EX | LOCK_NB) == 0 &&
+            fstatat(dfd, de->d_name, &now, AT_SYMLINK_NOFOLLOW) == 0 && now.st_ino == st.st_ino &&
+            now.st_dev == st.st_dev && (!remove || unlinkat(dfd, de->d_name, 0) == 0)) {
+            n++;
+            if (fn)
+                fn(ctx, de->d_name, (uint64_t)st.st_size);
+        }
+        close(fd);
+    }
+    closedir(d);
+    close(dfd);
+    return n;
+}
+
 /* Build a complete, initialised file under a temporary name in the
- * directory of `path`.  On success *tmpfd is open on it and tmpname holds
- * its name. */
-static int build_file(fmm_cache *c, const char *path, const fmm_config *cfg, char *tmpname, size_t tmplen,
-                      int *tmpfd, char *err, size_t errlen)
+ * directory of `path`.  On success *tmpfd is open on it and *tmpname holds
+ * its name (to free). */
+static int build_file(fmm_cache *c, const char *path, const fmm_config *cfg, char **tmpname, int *tmpfd, char *err,
+                      size_t errlen)
 {
     uint64_t size = FMM_HEADER_SIZE + (uint64_t)c->page_size * c->num_pages;
-    int n = snprintf(tmpname, tmplen, "%s.tmp-XXXXXX", path);
-    if (n < 0 || (size_t)n >= tmplen) {
-        set_detail(err, errlen, "path too long");
-        return ENAMETOOLONG;
-    }
-    int fd = mkostemp(tmpname, O_CLOEXEC);
-    if (fd < 0) {
-        int e = errno;
-        set_detail(err, errlen, "creating a temporary file beside the cache file failed: %s", strerror(e));
-        return e;
-    }
-    int rc = 0;
-    mode_t mode = cfg->permissions > 0 ? (mode_t)cfg->permissions : 0600;
-    if (fchmod(fd, mode) != 0) {
-        rc = errno;
-        set_detail(err, errlen, "fchmod: %s", strerror(rc));
-        goto fail;
-    }
+    int fd;
+    int rc = fmm_tmp_create(path, cfg->permissions, tmpname, &fd, err, errlen);
+    if (rc)
+        return rc;
     rc = posix_fallocate(fd, 0, (off_t)size);
     if (rc == EOPNOTSUPP || rc == EINVAL) /* filesystems without fallocate */
         rc = ftruncate(fd, (off_t)size) == 0 ? 0 : errno;
@@ -2025,7 +2196,9 @@ static int build_file(fmm_cache *c, const char *path, const fmm_config *cfg, cha
     return 0;
 fail:
     close(fd);
-    unlink(tmpname);
+    unlink(*tmpname);
+    free(*tmpname);
+    *tmpname = NULL;
     return rc;
 }
 
@@ -2077,23 +2250,6 @@ static int adopt_header(fmm_cache *c, int fd, const struct stat *st, char *err, 
     return 0;
 }
 
-static int publish(const char *tmpname, const char *path, int replace)
-{
-    if (replace)
-        return rename(tmpname, path) == 0 ? 0 : errno;
-    if (link(tmpname, path) == 0) {
-        unlink(tmpname);
-        return 0;
-    }
-    int e = errno;
-    if (e == EEXIST)
-        return EEXIST;
-    /* filesystems without hard links */
-    if (renameat2(AT_FDCWD, tmpname, AT_FDCWD, path, RENAME_NOREPLACE) == 0)
-        return 0;
-    return errno;
-}
-
 static void reset_handle(fmm_cache *c)
 {
     if (c->base)
@@ -2109,14 +2265,11 @@ static void reset_handle(fmm_cache *c)
 static int create_file(fmm_cache *c, const char *path, const fmm_config *cfg, int replace, char *err,
                        size_t errlen)
 {
-    size_t tl = strlen(path) + 16;
-    char *tmp = malloc(tl);
-    if (!tmp)
-        return ENOMEM;
+    char *tmp = NULL;
     int fd = -1;
-    int rc = build_file(c, path, cfg, tmp, tl, &fd, err, errlen);
+    int rc = build_file(c, path, cfg, &tmp, &fd, err, errlen);
     if (rc == 0) {
-        rc = publish(tmp, path, replace);
+        rc = fmm_tmp_publish(fd, tmp, path, replace);
         if (rc) {
             if (rc != EEXIST)
                 set_detail(err, errlen, "publishing the new cache file failed: %s", strerror(rc));
@@ -2140,6 +2293,15 @@ int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out, int *crea
     *out = NULL;
     if (created)
         *created = 0;
+    if (!cfg->anonymous) {
+        if (!path || !*path) {
+            set_detail(err, errlen, "the path of the cache file is empty");
+            return ENOENT;
+        }
+        /* the temporary files of creators that died; nothing to do with
+         * this open's outcome, so errors are ignored */
+        fmm_reap_temps(path, 1, NULL, NULL);
+    }
     if (cfg->format == FMM_FORMAT_PERL) {
         fmm_cache *c = calloc(1, sizeof *c);
         if (!c)
@@ -2234,6 +2396,12 @@ int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out, int *crea
             close(fd);
             rc = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
             set_detail(err, errlen, "not a regular file");
+            goto done;
+        }
+        /* before anything is read, replaced or mapped: see fmm_open */
+        rc = fmm_check_trust(&st, cfg->permissions, err, errlen);
+        if (rc) {
+            close(fd);
             goto done;
         }
         if (st.st_size == 0) {

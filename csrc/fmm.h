@@ -146,6 +146,8 @@ extern "C" {
 #define FMM_ENOCHANGE   (-30013) /* fmm_set_ms: accepted, but an equal or newer
                                     modseq entry already there was kept */
 #define FMM_EAGAIN      (-30014) /* fmm_get_optimistic: take the lock and use fmm_get */
+#define FMM_EUNTRUSTED  (-30015) /* fmm_open: the existing file belongs to another user, or
+                                    group/others may write it beyond cfg->permissions */
 
 /* ---------- Entry flags (8 bits, stored with the key length) ----------
  * Engine-level flags are opaque to the engine except FMM_F_DIRTY, which
@@ -211,7 +213,8 @@ typedef struct fmm_config {
     int explicit_geometry; /* FMM_GEOM_* bits: the sizes the caller asked for;
                               an existing file that disagrees is an error */
     int init_file;         /* re-initialise: in place if geometry matches, else replace */
-    int permissions;       /* mode of a created file, exact (no umask); 0 -> 0600 */
+    int permissions;       /* mode of a created file, exact (no umask); 0 -> 0600.
+                              Also the trust limit of an existing file: see fmm_open */
     int anonymous;         /* no file: MAP_SHARED|MAP_ANONYMOUS, path ignored */
     int enable_stats;      /* count reads and hits in the page headers */
     int format;            /* FMM_FORMAT_NATIVE (0) or FMM_FORMAT_PERL */
@@ -277,6 +280,18 @@ typedef int (*fmm_visit_fn)(void *ctx, const fmm_item *item);
  * which case the winner's file is opened.  Files are opened with O_NOFOLLOW
  * and O_CLOEXEC.
  *
+ * The temporary name is "<path>.tmp-<pid>-XXXXXX" and its creator holds an
+ * flock(2) on it until the file is published, so a creator that died
+ * (SIGKILL, power cut of a container) is recognised by the lock being free,
+ * whatever has become of its pid.  Every open removes such abandoned
+ * temporary files of @p path that belong to this user (fmm_reap_temps).
+ *
+ * An existing file is trusted only if it is owned by this process's
+ * effective uid or by root, and its mode gives group and others no write
+ * permission that cfg->permissions (0: 0600) does not: otherwise
+ * FMM_EUNTRUSTED, checked on the open descriptor before anything is read,
+ * and the file is left as it is.
+ *
  * @param[in]  path     file path (ignored when cfg->anonymous).
  * @param[in]  cfg      options; see fmm_config.
  * @param[out] out      the new handle.
@@ -287,6 +302,22 @@ typedef int (*fmm_visit_fn)(void *ctx, const fmm_item *item);
  */
 int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out,
              int *created, char *err, size_t errlen);
+
+/**
+ * @brief Find (and remove) the temporary files that creators of @p path
+ * abandoned: "<path>.tmp-<pid>-XXXXXX" files of this user whose creator's
+ * flock is free.  fmm_open calls it with remove = 1.
+ *
+ * @param[in] path    the cache file's path.
+ * @param[in] remove  1: unlink them; 0: only report them.
+ * @param[in] fn      called with each one's name (in path's directory) and
+ *                    size in bytes; may be NULL.
+ * @param[in] ctx     passed to @p fn.
+ * @return how many were found (and, with remove, removed), or -errno if
+ *         the directory cannot be read.
+ */
+int fmm_reap_temps(const char *path, int remove, void (*fn)(void *ctx, const char *name, uint64_t size),
+                   void *ctx);
 
 /**
  * @brief Unmap and close.  No page lock of this handle may be held.

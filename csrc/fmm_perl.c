@@ -895,32 +895,16 @@ static int map_file(pfm_cache *p, int fd, char *err, size_t errlen)
 }
 
 /* Build and initialise the file under a temporary name, then publish it
- * with link(2) (replace: rename(2)), so nobody ever maps a half-built file. */
+ * with link(2) (replace: rename(2)), so nobody ever maps a half-built file.
+ * The temporary file is named and cleaned up as a native one (fmm.c). */
 static int create(pfm_cache *p, const char *path, const fmm_config *cfg, int replace, char *err, size_t errlen)
 {
-    size_t plen = strlen(path);
-    char *tmp = malloc(plen + 32);
-    if (!tmp)
-        return ENOMEM;
-    int fd = -1, rc = 0;
-    for (int i = 0; i < 100 && fd < 0; i++) {
-        snprintf(tmp, plen + 32, "%s.tmp%ld.%d", path, (long)getpid(), i);
-        fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-        if (fd < 0 && errno != EEXIST) {
-            rc = errno;
-            snprintf(err, errlen, "creating %s: %s", tmp, strerror(rc));
-            free(tmp);
-            return rc;
-        }
-    }
-    if (fd < 0) {
-        free(tmp);
-        return EEXIST;
-    }
-    if (fchmod(fd, (mode_t)(cfg->permissions ? cfg->permissions : 0600)) != 0 ||
-        (rc = posix_fallocate(fd, 0, (off_t)p->map_len)) != 0) {
-        if (!rc)
-            rc = errno;
+    char *tmp = NULL;
+    int fd = -1;
+    int rc = fmm_tmp_create(path, cfg->permissions, &tmp, &fd, err, errlen);
+    if (rc)
+        return rc;
+    if ((rc = posix_fallocate(fd, 0, (off_t)p->map_len)) != 0) {
         snprintf(err, errlen, "reserving %zu bytes for the cache file: %s", p->map_len, strerror(rc));
         goto fail;
     }
@@ -928,17 +912,10 @@ static int create(pfm_cache *p, const char *path, const fmm_config *cfg, int rep
         goto fail;
     for (uint32_t i = 0; i < p->num_pages; i++)
         init_page(p, PB(p, i));
-    if (replace) {
-        if (rename(tmp, path) != 0) {
-            rc = errno;
-            goto fail;
-        }
-    } else {
-        if (link(tmp, path) != 0) {
-            rc = errno;
-            goto fail;
-        }
-        unlink(tmp);
+    if ((rc = fmm_tmp_publish(fd, tmp, path, replace)) != 0) {
+        if (rc != EEXIST)
+            snprintf(err, errlen, "publishing the new cache file failed: %s", strerror(rc));
+        goto fail;
     }
     free(tmp);
     p->fd = fd;
@@ -952,6 +929,21 @@ fail:
     unlink(tmp);
     free(tmp);
     return rc;
+}
+
+/* A file shorter than the cache may be one that a Perl process is still
+ * creating (Perl writes its zero pages one by one, under no lock).  Such a
+ * creator touches the file's mtime with every page; a file unchanged for
+ * this long has none at work, and is refused without waiting. */
+#define PERL_CREATOR_QUIET_NS 2000000000LL
+
+static int recently_written(const struct stat *st)
+{
+    struct timespec now;
+    if (clock_gettime(CLOCK_REALTIME, &now) != 0)
+        return 1;
+    long long age = (long long)(now.tv_sec - st->st_mtim.tv_sec) * 1000000000LL + (now.tv_nsec - st->st_mtim.tv_nsec);
+    return age < PERL_CREATOR_QUIET_NS;
 }
 
 int pfm_open(const char *path, const fmm_config *cfg, pfm_cache **out, int *created, char *err, size_t errlen)
@@ -1031,6 +1023,11 @@ int pfm_open(const char *path, const fmm_config *cfg, pfm_cache **out, int *crea
             close(fd);
             goto fail;
         }
+        /* the same rule as the native format's, before anything is read */
+        if ((rc = fmm_check_trust(&st, cfg->permissions, err, errlen)) != 0) {
+            close(fd);
+            goto fail;
+        }
         if ((uint64_t)st.st_size != p->map_len) {
             close(fd);
             if (cfg->init_file) {
@@ -1039,7 +1036,7 @@ int pfm_open(const char *path, const fmm_config *cfg, pfm_cache **out, int *crea
                     *created = 1;
                 goto done;
             }
-            if ((uint64_t)st.st_size < p->map_len && attempt < 199) {
+            if ((uint64_t)st.st_size < p->map_len && attempt < 199 && recently_written(&st)) {
                 /* Perl creates its file by appending zero pages: wait for
                  * a creator still writing */
                 struct timespec ts = {0, 10000000};

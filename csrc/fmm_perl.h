@@ -45,4 +45,11 @@ void pfm_init_page(pfm_cache *p, uint32_t page);
 int pfm_check_file(const pfm_cache *p);
 unsigned char *pfm_page_ptr(pfm_cache *p, uint32_t page);
 
+/* Shared with fmm.c's open path (defined there), so that both formats
+ * trust, name and clean up files by the same rules; see fmm_open. */
+struct stat;
+int fmm_check_trust(const struct stat *st, int permissions, char *err, size_t errlen);
+int fmm_tmp_create(const char *path, int permissions, char **tmpname, int *fd, char *err, size_t errlen);
+int fmm_tmp_publish(int fd, const char *tmpname, const char *path, int replace);
+
 #endif /* FMM_PERL_H */

@@ -41,6 +41,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -794,6 +795,59 @@ static void test_open_bad_paths(void)
     rc = fmm_open(nodir, &zero, &x, &created, NULL, 0);
     CHECK(rc > 0);
     CHECK(x == NULL);
+}
+
+/* An existing file writable by group/others beyond cfg->permissions is
+ * refused before it is read (FMM_EUNTRUSTED, the file unchanged); an
+ * abandoned temporary file of the cache (its creator's flock free) is
+ * removed by the next open, a locked one kept; an empty path says so. */
+static void test_open_trust_and_temps(void)
+{
+    char path[PATH_MAX];
+    tpath(path, "trust.fmm");
+    fmm_cache *c = open_geom(path, 4096, 2);
+    CHECK(c != NULL);
+    fmm_close(c);
+    CHECK(chmod(path, 0666) == 0);
+    struct stat before, after;
+    CHECK(stat(path, &before) == 0);
+    fmm_config cfg = {0};
+    fmm_cache *x = NULL;
+    int created = -1;
+    char err[400] = "";
+    CHECK_RC(fmm_open(path, &cfg, &x, &created, err, sizeof err), FMM_EUNTRUSTED);
+    CHECK(x == NULL);
+    CHECK(strstr(err, "mode 0666") != NULL);
+    cfg.init_file = 1; /* refused too: nothing replaced */
+    CHECK_RC(fmm_open(path, &cfg, &x, &created, err, sizeof err), FMM_EUNTRUSTED);
+    CHECK(stat(path, &after) == 0 && after.st_ino == before.st_ino && after.st_mtime == before.st_mtime);
+    cfg.init_file = 0;
+    cfg.permissions = 0666;
+    c = open_cfg(path, &cfg, &created);
+    CHECK(c != NULL);
+    fmm_close(c);
+
+    char dead[PATH_MAX + 64], live[PATH_MAX + 64];
+    snprintf(dead, sizeof dead, "%s.tmp-%ld-Dead00", path, (long)getpid());
+    snprintf(live, sizeof live, "%s.tmp-1-Live00", path);
+    int dfd = open(dead, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+    int lfd = open(live, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+    CHECK(dfd >= 0 && lfd >= 0);
+    CHECK(flock(lfd, LOCK_EX) == 0);
+    close(dfd);
+    CHECK_EQ(fmm_reap_temps(path, 0, NULL, NULL), 1);
+    CHECK(exists(dead));
+    c = open_cfg(path, &cfg, &created);
+    CHECK(c != NULL);
+    fmm_close(c);
+    CHECK(!exists(dead));
+    CHECK(exists(live));
+    close(lfd);
+    CHECK_EQ(fmm_reap_temps(path, 1, NULL, NULL), 1);
+    CHECK(!exists(live));
+
+    CHECK_RC(fmm_open("", &cfg, &x, &created, err, sizeof err), ENOENT);
+    CHECK(strstr(err, "empty") != NULL);
 }
 
 static void test_open_anonymous_and_args(void)
@@ -4107,6 +4161,7 @@ static const test TESTS[] = {
     T(test_open_reopen_geometry),
     T(test_open_init_file),
     T(test_open_bad_paths),
+    T(test_open_trust_and_temps),
     T(test_open_anonymous_and_args),
     T(test_race_free_creation),
     T(test_get_set_delete),

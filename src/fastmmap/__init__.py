@@ -15,6 +15,7 @@ robust, process-shared lock, LRU eviction and expiry.  The engine is C;
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import os
 import pickle
@@ -36,6 +37,7 @@ from ._fastmmap import (
     ItemTooLargeError,
     LockTimeout,
     RecursiveLockError,
+    UntrustedFileError,
 )
 
 # Names for type checkers only (mypy treats TYPE_CHECKING as true); at run
@@ -75,6 +77,7 @@ __all__ = [
     "RecursiveLockError",
     "FileReplacedError",
     "ItemTooLargeError",
+    "UntrustedFileError",
     "Share",
     "LockedEntry",
     "LockedPage",
@@ -183,10 +186,60 @@ def _resolve_compressor(compressor: _Compressor) -> _CompressorSpec:
     )
 
 
+def _owner_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _check_dir(path: str, permissions: int = 0o600) -> None:
+    """Refuse a directory for cache files that another user could fill.
+
+    The engine's rule for an existing cache file, applied to a directory
+    that is reused for one: owned by this user or root, and no group or
+    other write permission beyond ``permissions`` (0: 0600).  A symbolic
+    link is followed, and its target checked.
+    """
+    permissions = _options.parse_permissions(permissions) or 0o600
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    me = os.geteuid()
+    mode = st.st_mode & 0o7777
+    extra = mode & 0o022 & ~permissions
+    if st.st_uid in (me, 0) and not extra:
+        return
+    if st.st_uid not in (me, 0):
+        why = (f"this process runs as uid {me} and uses only its own directories or root's, since the owner "
+               "of the directory can replace the cache file in it; remove it, or use it as its owner")
+    else:
+        who = {0o022: "group and others", 0o020: "the group"}.get(extra, "others")
+        why = (f"it lets {who} write to it, beyond permissions=0o{permissions:o}; chmod it, or pass "
+               f"permissions=0o{mode & 0o777:o} if those writers are trusted")
+    raise UntrustedFileError(
+        errno.EACCES, f"refusing a directory owned by {_owner_name(st.st_uid)} with mode {mode:04o}: {why}", path,
+    )
+
+
 def _default_dir() -> str:
-    """A new private (0700) directory for a cache file, in memory when possible."""
+    """A new private (0700) directory for a cache file, in memory when possible.
+
+    mkdtemp makes a new directory (it never adopts an existing one); the
+    check catches a file system that ignores the mode it asked for.
+    """
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return tempfile.mkdtemp(prefix="fastmmap-", dir=base)
+    path = tempfile.mkdtemp(prefix="fastmmap-", dir=base)
+    try:
+        _check_dir(path)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path
 
 
 def _reopen(share_file: str, options: dict[str, Any]) -> Cache:

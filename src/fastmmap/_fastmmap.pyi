@@ -104,10 +104,16 @@ class FileReplacedError(Error):
 class ItemTooLargeError(Error, ValueError):
     """An item (key, stored value and entry header) can never fit in one page."""
 
+class UntrustedFileError(Error, PermissionError):
+    """An existing cache file (or directory) is owned by another user, or group/others may write it beyond permissions."""
+
 # ---------------------------------------------------------------- functions
 
 def xxh64(data: ReadableBuffer, seed: int = 0, /) -> int:
     """XXH64 of a bytes-like object (the engine's hash)."""
+
+def _reap_temps(path: StrOrBytesPath, remove: bool, /) -> list[tuple[str, int]]:
+    """The temporary files that dead creators of the cache file at path left (name, size), removed if remove is true."""
 
 def perl_hash(data: ReadableBuffer, /) -> int:
     """Cache::FastMmap's 32-bit hash of a bytes-like object (format='perl'): the page is hash % num_pages, the slot hash // num_pages."""

@@ -105,7 +105,9 @@ class FastMmapCache(BaseCache):
         """Flask-Caching's factory protocol: ``factory(app, config, args, kwargs)``.
 
         The file is ``CACHE_ARGS[0]``, else ``CACHE_OPTIONS["share_file"]``,
-        else ``fastmmap.cache`` in ``CACHE_DIR`` (created 0700 if absent).
+        else ``fastmmap.cache`` in ``CACHE_DIR`` (created 0700 if absent; an
+        existing one must pass fastmmap's trust check, else
+        ``fastmmap.UntrustedFileError``).
         ``CACHE_KEY_PREFIX`` becomes ``key_prefix`` unless CACHE_OPTIONS sets it.
         """
         args = list(args)
@@ -117,6 +119,9 @@ class FastMmapCache(BaseCache):
                     "FastMmapCache: set CACHE_OPTIONS = {'share_file': path} or CACHE_DIR (a directory)"
                 )
             os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+            # an existing directory is reused: it must be as private as a
+            # cache file (see fastmmap's "Security and trust")
+            fastmmap._check_dir(cache_dir, kwargs.get("permissions", 0o600))
             kwargs["share_file"] = os.path.join(cache_dir, DEFAULT_FILE_NAME)
         kwargs.setdefault("key_prefix", config.get("CACHE_KEY_PREFIX") or "")
         return cls(*args, **kwargs)
