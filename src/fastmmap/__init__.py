@@ -27,6 +27,7 @@ from collections.abc import MutableMapping
 
 from . import _fastmmap as _C
 from . import _memoize, _options
+from ._update import NO_CHANGE, Entry, Update
 from ._fastmmap import (
     BadFileError,
     CacheBase,
@@ -78,10 +79,14 @@ __all__ = [
     "Share",
     "LockedEntry",
     "LockedPage",
+    "NO_CHANGE",
+    "Update",
+    "Entry",
 ]
 __version__ = "0.1.0"
 
 _MISSING = object()
+_C._set_result_types(NO_CHANGE, Update, Entry)
 DEFAULT_COMPRESS_THRESHOLD = 128
 
 # Caches that have something to do at interpreter exit (unlink or flush),
