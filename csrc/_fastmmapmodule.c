@@ -1480,8 +1480,8 @@ PyDoc_STRVAR(cache_get_and_set_doc,
 static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     CacheObject *self = CacheObject_CAST(op);
-    static const char *const names[] = {"key",     "fn",    "expire_time", "expire_on",
-                                        "modseq",  "default", "entry",     "with_stored"};
+    static const char *const names[] = {"key",    "fn",      "expire_time", "expire_on",
+                                        "modseq", "default", "entry",       "with_stored"};
     PyObject *a[8];
     if (parse_kw("get_and_set", args, nargs, kwnames, names, 3, a, 8) < 0)
         return NULL;
