@@ -77,6 +77,11 @@ typedef struct {
     PyObject *json_loads;   /* imported on first use */
     PyObject *zlib_decompress;
     PyObject *lz4_decompress;
+    /* fastmmap.NO_CHANGE, fastmmap.Update and fastmmap.Entry, registered by
+     * the Python package at import (_set_result_types): NULL until then */
+    PyObject *no_change;
+    PyObject *update_type;
+    PyObject *entry_type;
 } fastmmap_state;
 
 static struct PyModuleDef fastmmap_module;
@@ -766,6 +771,47 @@ static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *ex
     return expire_on_from_secs(self, secs, out);
 }
 
+/* A fastmmap.Update returned by a get_and_set function or a read_cb:
+ * *value gets a new reference to its value and *exp its expiry, resolved
+ * by resolve_expiry (so the per-call rules apply to it unchanged).
+ * keep_expiry takes the entry's current expiry when there is one
+ * (*keep_exp, or NULL for none), else `fallback`.  Returns 1 for an
+ * Update, 0 for any other object (nothing set), -1 on error. */
+static int unwrap_update(CacheObject *self, PyObject *obj, PyObject **value, const uint32_t *keep_exp,
+                         uint32_t fallback, uint32_t *exp)
+{
+    fastmmap_state *st = self->state;
+    if (!st->update_type || !PyObject_TypeCheck(obj, (PyTypeObject *)st->update_type))
+        return 0;
+    PyObject *v = PyObject_GetAttrString(obj, "value");
+    PyObject *et = v ? PyObject_GetAttrString(obj, "expire_time") : NULL;
+    PyObject *eo = et ? PyObject_GetAttrString(obj, "expire_on") : NULL;
+    PyObject *keep = eo ? PyObject_GetAttrString(obj, "keep_expiry") : NULL;
+    int rc = -1;
+    if (keep) {
+        int k = PyObject_IsTrue(keep);
+        if (k > 0) {
+            *exp = keep_exp ? *keep_exp : fallback;
+            rc = 1;
+        } else if (k == 0) {
+            if (et == Py_None && eo == Py_None) {
+                *exp = fallback;
+                rc = 1;
+            } else if (resolve_expiry(self, et, eo, exp) == 0) {
+                rc = 1;
+            }
+        }
+    }
+    Py_XDECREF(et);
+    Py_XDECREF(eo);
+    Py_XDECREF(keep);
+    if (rc == 1)
+        *value = v;
+    else
+        Py_XDECREF(v);
+    return rc;
+}
+
 /* ---------- Modseq arguments ---------- */
 
 #define TOMB_FLAGS (FMM_T_TOMBSTONE | FMM_F_MODSEQ)
@@ -975,13 +1021,23 @@ static Py_NO_INLINE PyObject *read_through(CacheObject *self, PyObject *key, con
         }
     }
     /* page locked */
-    int store = v != Py_None || self->cache_not_found;
     evict_ctx ec = {0};
     encoded e = {0};
-    uint32_t exp;
+    uint32_t exp = 0;
     int bad = 0;
+    /* fastmmap.Update(value, expire_time=...): the source's own freshness */
+    int upd = resolve_expiry(self, NULL, NULL, &exp);
+    if (upd == 0) {
+        PyObject *inner;
+        upd = unwrap_update(self, v, &inner, NULL, exp, &exp);
+        if (upd == 1)
+            Py_SETREF(v, inner);
+    }
+    if (upd < 0)
+        bad = 1;
+    int store = !bad && (v != Py_None || self->cache_not_found);
     if (store) {
-        if (resolve_expiry(self, NULL, NULL, &exp) < 0 || encode_value(self, v, &e) < 0) {
+        if (encode_value(self, v, &e) < 0) {
             bad = 1;
         } else if (e.len <= (Py_ssize_t)UINT32_MAX) {
             /* over a tombstone the store is refused: the value is still returned */
@@ -1408,38 +1464,51 @@ static PyObject *cache_get_modseq(PyObject *op, PyObject *key)
 }
 
 PyDoc_STRVAR(cache_get_and_set_doc,
-             "get_and_set($self, key, fn, expire_time=None, *, expire_on=None, modseq=None)\n--\n\n"
-             "Atomically replace the value of key with fn(key, old_value_or_None) and return the new value.\n\n"
+             "get_and_set($self, key, fn, expire_time=None, *, expire_on=None, modseq=None, default=None,\n"
+             "            entry=False, with_stored=False)\n--\n\n"
+             "Atomically replace the value of key with fn(key, old) and return the new value.\n\n"
+             "old is the current value, or default if the key is absent; with entry=True, fn gets a\n"
+             "fastmmap.Entry(value, exists, expire_on, modseq) instead.  fn may return the new value,\n"
+             "fastmmap.Update(value, expire_time=None, *, expire_on=None, keep_expiry=False) to give it\n"
+             "its own expiry (or keep the entry's), or fastmmap.NO_CHANGE to store nothing (the call\n"
+             "then returns the current value, or default).  with_stored=True returns (value, stored).\n\n"
              "fn runs while the key's page is locked, so no other thread or process can change the key\n"
              "in between.  fn must not use this cache: doing so raises fastmmap.RecursiveLockError.\n"
-             "Raises ValueError (keeping the old value) if the new item can never fit in a page.\n"
+             "Raises ItemTooLargeError (keeping the old value) if the new item can never fit in a page.\n"
              "modseq: store the new value with this modseq.  If the modseq rules refuse the store (a newer\n"
              "modseq, or a tombstone, holds the key), nothing changes and the current value is returned\n"
-             "(None over a tombstone) instead of fn's.");
+             "(default over a tombstone) instead of fn's.");
 
 static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     CacheObject *self = CacheObject_CAST(op);
-    static const char *const names[] = {"key", "fn", "expire_time", "expire_on", "modseq"};
-    PyObject *a[5];
-    if (parse_kw("get_and_set", args, nargs, kwnames, names, 3, a, 5) < 0)
+    static const char *const names[] = {"key",    "fn",      "expire_time", "expire_on",
+                                        "modseq", "default", "entry",       "with_stored"};
+    PyObject *a[8];
+    if (parse_kw("get_and_set", args, nargs, kwnames, names, 3, a, 8) < 0)
         return NULL;
     if (!a[0] || !a[1])
         return PyErr_Format(PyExc_TypeError, "get_and_set() missing required argument '%s'", a[0] ? "fn" : "key");
-    PyObject *key = a[0], *fn = a[1];
+    PyObject *key = a[0], *fn = a[1], *dflt = a[5] ? a[5] : Py_None;
     if (!PyCallable_Check(fn))
         return PyErr_Format(PyExc_TypeError, "get_and_set: fn must be callable, not %.100s", Py_TYPE(fn)->tp_name);
+    int want_entry = a[6] ? PyObject_IsTrue(a[6]) : 0;
+    int want_stored = a[7] ? PyObject_IsTrue(a[7]) : 0;
+    if (want_entry < 0 || want_stored < 0)
+        return NULL;
     uint64_t ms;
     int has_ms;
     if (parse_modseq(a[4], &ms, &has_ms) < 0)
         return NULL;
+    if (want_entry && !self->state->entry_type)
+        return PyErr_Format(PyExc_TypeError, "get_and_set: entry=True needs the fastmmap package imported");
     ENTER(self);
-    PyObject *old = NULL, *raw = NULL, *newv = NULL, *res = NULL;
+    PyObject *old = NULL, *raw = NULL, *ret = NULL, *newv = NULL, *val = NULL, *res = NULL;
     encoded e = {0};
     evict_ctx ec = {0};
     keybuf k;
-    uint32_t exp;
-    int stored = 0, refused = 0;
+    uint32_t exp, old_exp = 0;
+    int stored = 0, kept = 0, found = 0;
     if (get_key(key, &k) < 0 || resolve_expiry(self, a[2], a[3], &exp) < 0)
         goto out;
     uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
@@ -1449,7 +1518,13 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
     /* Page locked from here to UNLOCK below; Python code runs under it by design. */
     fmm_item it;
     int err = 0;
+    uint64_t old_ms = 0;
+    int old_has_ms = 0;
     if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, FMM_GET_TOUCH, &it) == 0) {
+        found = 1;
+        old_exp = it.expire_on;
+        old_has_ms = (it.flags & FMM_F_MODSEQ) != 0;
+        old_ms = it.modseq;
         old = value_under_lock(&it, &raw, &err);
         if (raw) {
             old = decode_value(self, it.flags, NULL, 0, raw);
@@ -1457,7 +1532,7 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
                 err = 1;
         }
     } else {
-        old = Py_NewRef(Py_None);
+        old = Py_NewRef(dflt);
     }
     if (!err && UNLIKELY(IS_LOST(self))) {
         /* the old value may have been read from zeros: fn must not see it */
@@ -1465,8 +1540,27 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
         err = 1;
     }
     if (!err) {
-        PyObject *cargs[2] = {key, old};
-        newv = PyObject_Vectorcall(fn, cargs, 2, NULL);
+        PyObject *arg = old;
+        if (want_entry)
+            arg = PyObject_CallFunction(self->state->entry_type, "(OONN)", old, found ? Py_True : Py_False,
+                                        found ? PyLong_FromUnsignedLong(old_exp) : Py_NewRef(Py_None),
+                                        found && old_has_ms ? PyLong_FromUnsignedLongLong(old_ms)
+                                                            : Py_NewRef(Py_None));
+        if (arg) {
+            PyObject *cargs[2] = {key, arg};
+            ret = PyObject_Vectorcall(fn, cargs, 2, NULL);
+            if (arg != old)
+                Py_DECREF(arg);
+        }
+    }
+    if (ret && ret == self->state->no_change) {
+        kept = 1; /* fn asked for no store */
+    } else if (ret) {
+        int u = unwrap_update(self, ret, &val, found ? &old_exp : NULL, exp, &exp);
+        if (u == 0)
+            val = Py_NewRef(ret);
+        if (u >= 0)
+            newv = val;
     }
     if (newv && encode_value(self, newv, &e) == 0) {
         uint32_t flags = e.flags | (k.isstr ? FMM_F_KEYSTR : 0) | (self->write_back ? FMM_F_DIRTY : 0);
@@ -1477,7 +1571,7 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
         if (rc == 0)
             stored = 1;
         else if (rc == FMM_EREFUSED)
-            refused = 1;
+            kept = 1;
         else if (rc == FMM_ETOOBIG)
             too_big_error(self, key);
         else
@@ -1485,22 +1579,29 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
     }
     UNLOCK(self, page);
     if (flush_evicted(self, &ec) < 0)
-        stored = refused = 0;
+        stored = kept = 0;
     else if (stored && self->write_cb && !self->write_back && call_write_cb(self, key, newv, exp) < 0)
         stored = 0;
     if (stored)
         res = Py_NewRef(newv);
-    else if (refused)
-        res = Py_NewRef(old); /* what the key still holds */
+    else if (kept)
+        res = Py_NewRef(old); /* what the key still holds (or default) */
+    if (res && want_stored)
+        res = Py_BuildValue("(NO)", res, stored ? Py_True : Py_False); /* steals res */
 out:
     Py_XDECREF(e.owner);
     Py_XDECREF(raw);
     Py_XDECREF(old);
-    Py_XDECREF(newv);
+    Py_XDECREF(ret);
+    Py_XDECREF(val);
     LOST_R(self, res);
     LEAVE(self);
     return res;
 }
+
+PyDoc_STRVAR(cache__set_result_types_doc,
+             "_set_result_types($module, no_change, update, entry, /)\n--\n\n"
+             "Register fastmmap.NO_CHANGE, fastmmap.Update and fastmmap.Entry (done by the package).");
 
 PyDoc_STRVAR(cache_get_and_remove_doc,
              "get_and_remove($self, key, default=None, /)\n--\n\n"
@@ -2795,10 +2896,25 @@ static PyObject *mod_reap_temps(PyObject *Py_UNUSED(mod), PyObject *args)
     return list;
 }
 
+static PyObject *mod_set_result_types(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3)
+        return PyErr_Format(PyExc_TypeError, "_set_result_types expected 3 arguments, got %zd", nargs);
+    if (!PyType_Check(args[1]) || !PyType_Check(args[2]))
+        return PyErr_Format(PyExc_TypeError, "_set_result_types: update and entry must be classes");
+    fastmmap_state *st = PyModule_GetState(mod);
+    Py_XSETREF(st->no_change, Py_NewRef(args[0]));
+    Py_XSETREF(st->update_type, Py_NewRef(args[1]));
+    Py_XSETREF(st->entry_type, Py_NewRef(args[2]));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"_reap_temps", mod_reap_temps, METH_VARARGS,
      "_reap_temps($module, path, remove, /)\n--\n\nThe temporary files that dead creators of the cache file at "
      "path left (name, size), removed if remove is true."},
+    {"_set_result_types", (PyCFunction)(void (*)(void))mod_set_result_types, METH_FASTCALL,
+     cache__set_result_types_doc},
     {"perl_hash", mod_perl_hash, METH_O,
      "perl_hash($module, data, /)\n--\n\nCache::FastMmap's 32-bit hash of a bytes-like object (format='perl'): "
      "the page is hash % num_pages, the slot hash // num_pages."},
@@ -2903,6 +3019,9 @@ static int fastmmap_traverse(PyObject *mod, visitproc visit, void *arg)
     Py_VISIT(st->json_loads);
     Py_VISIT(st->zlib_decompress);
     Py_VISIT(st->lz4_decompress);
+    Py_VISIT(st->no_change);
+    Py_VISIT(st->update_type);
+    Py_VISIT(st->entry_type);
     return 0;
 }
 
@@ -2924,6 +3043,9 @@ static int fastmmap_clear(PyObject *mod)
     Py_CLEAR(st->json_loads);
     Py_CLEAR(st->zlib_decompress);
     Py_CLEAR(st->lz4_decompress);
+    Py_CLEAR(st->no_change);
+    Py_CLEAR(st->update_type);
+    Py_CLEAR(st->entry_type);
     return 0;
 }
 

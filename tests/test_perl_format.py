@@ -807,3 +807,61 @@ def test_modseq_entries_as_perl_before_163_sees_them(share: str) -> None:
     else:
         assert bytes.fromhex(v) == b"payload" and gone is None
     c.close()
+
+
+# ---------------------------------------------------------------- get_and_set's extended forms
+
+
+def test_get_and_set_no_change_expiry_and_did_store_agree(share: str) -> None:
+    """The same read-modify-write calls on both sides of one file: Perl's
+    empty list and fastmmap.NO_CHANGE store nothing; ($new, $did_store) and
+    with_stored=True report it; the sub's options and fastmmap.Update set,
+    or keep, the entry's expire_on (Perl 1.50 and 1.53, in Debian's 1.57)."""
+    now = int(time.time())
+    c = open_perl_format(share)
+    c.set("py-kept", b"a", expire_on=now + 500)
+    c.set("py-bumped", b"a", expire_on=now + 600)
+    out = perl_json(
+        """
+        my $c = opened(share_file => $ARGV[0]);
+        my @r;
+        # no change: the empty list
+        push @r, [$c->get_and_set('py-kept', sub { return () })];
+        push @r, [$c->get_and_set('pl-absent', sub { return () })];
+        # the sub sees expire_on and passes it back: kept
+        push @r, [$c->get_and_set('py-bumped', sub { my ($k, $v, $o) = @_; return ($v . 'b', { expire_on => $o->{expire_on} }) })];
+        # an expire_time option from the sub, and one expire_on
+        push @r, [$c->get_and_set('pl-ttl', sub { return ('t', { expire_time => '1h' }) })];
+        $c->set('pl-keep', 'p', { expire_on => $ARGV[1] + 700 });
+        print $J->encode(\\@r);
+        """,
+        share, str(now),
+    )
+    assert out == [["a", 0], [None, 0], ["ab", 1], ["t", 1]]
+
+    def meta(key: str) -> int:
+        [e] = [e for e in c.get_keys(1) if e["key"] in (key, key.encode())]
+        return int(e["expire_on"])
+
+    assert c.get("py-kept") == b"a" and meta("py-kept") == now + 500
+    assert not c.exists("pl-absent")
+    assert c.get("py-bumped") == b"ab" and meta("py-bumped") == now + 600
+    assert c.get("pl-ttl") == b"t" and abs(meta("pl-ttl") - (now + 3600)) <= 5
+
+    # and the other way: Python's calls, read by Perl
+    assert c.get_and_set("pl-keep", lambda k, old: fastmmap.NO_CHANGE, with_stored=True) == (b"p", False)
+    assert c.get_and_set(
+        "pl-keep", lambda k, old: fastmmap.Update(old + b"q", keep_expiry=True), with_stored=True
+    ) == (b"pq", True)
+    assert c.get_and_set("py-ttl", lambda k, old: fastmmap.Update(b"u", expire_time="1h")) == b"u"
+    out = perl_json(
+        """
+        my $c = opened(share_file => $ARGV[0]);
+        my %m = map { $_->{key} => $_->{expire_on} } $c->get_keys(1);
+        print $J->encode([$c->get('pl-keep'), $m{'pl-keep'}, $c->get('py-ttl'), $m{'py-ttl'}]);
+        """,
+        share,
+    )
+    assert out[:3] == ["pq", now + 700, "u"]  # type: ignore[index]
+    assert abs(out[3] - (now + 3600)) <= 5  # type: ignore[index]
+    c.close()

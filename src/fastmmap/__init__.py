@@ -28,6 +28,7 @@ from collections.abc import MutableMapping
 
 from . import _fastmmap as _C
 from . import _memoize, _options
+from ._update import NO_CHANGE, Entry, Update
 from ._fastmmap import (
     BadFileError,
     CacheBase,
@@ -81,10 +82,14 @@ __all__ = [
     "Share",
     "LockedEntry",
     "LockedPage",
+    "NO_CHANGE",
+    "Update",
+    "Entry",
 ]
 __version__ = "0.1.0"
 
 _MISSING = object()
+_C._set_result_types(NO_CHANGE, Update, Entry)
 DEFAULT_COMPRESS_THRESHOLD = 128
 
 # Caches that have something to do at interpreter exit (unlink or flush),
@@ -350,10 +355,21 @@ class Cache(CacheBase):
                     False, bool(enable_stats), 1, plain | comp_type,
                 )
             else:
-                created = self._open(
-                    path, page, pages, slots or 0, explicit, bool(init_file), perms,
-                    bool(anonymous), bool(enable_stats),
-                )
+                try:
+                    created = self._open(
+                        path, page, pages, slots or 0, explicit, bool(init_file), perms,
+                        bool(anonymous), bool(enable_stats),
+                    )
+                except GeometryError:
+                    # a file an earlier version made for the same cache_size,
+                    # with 64 KiB pages: adopt it rather than refuse it
+                    old = None if init_file else _options.legacy_geometry(cache_size, page_size, num_pages)
+                    if old is None:
+                        raise
+                    created = self._open(
+                        path, old[0], old[1], slots or 0, explicit, False, perms,
+                        bool(anonymous), bool(enable_stats),
+                    )
         except BaseException:
             if private_dir:
                 shutil.rmtree(private_dir, ignore_errors=True)

@@ -17,6 +17,8 @@ from typing import Any, Final, Literal, TypeAlias, TypeVar, overload
 from _typeshed import ReadableBuffer, StrOrBytesPath
 from typing_extensions import disjoint_base
 
+from fastmmap._update import Entry, Update, _NoChangeType
+
 # ---------------------------------------------------------------- aliases
 
 #: A cache key: str (stored as UTF-8) or bytes.
@@ -118,6 +120,9 @@ def _reap_temps(path: StrOrBytesPath, remove: bool, /) -> list[tuple[str, int]]:
 def perl_hash(data: ReadableBuffer, /) -> int:
     """Cache::FastMmap's 32-bit hash of a bytes-like object (format='perl'): the page is hash % num_pages, the slot hash // num_pages."""
 
+def _set_result_types(no_change: _NoChangeType, update: type[Update[Any]], entry: type[Entry], /) -> None:
+    """Register fastmmap.NO_CHANGE, fastmmap.Update and fastmmap.Entry (done by the package)."""
+
 # ---------------------------------------------------------------- CacheBase
 
 # A C type with its own instance layout: it cannot share a subclass with
@@ -167,15 +172,58 @@ class CacheBase:
         *,
         expire_on: _ExpireOn | None = None,
     ) -> bool: ...
+    @overload
     def get_and_set(
         self,
         key: _KeyT,
-        fn: Callable[[_KeyT, Any], _T],
+        fn: Callable[[_KeyT, Any], _T | Update[_T] | _NoChangeType],
         expire_time: _ExpireTime | None = None,
         *,
         expire_on: _ExpireOn | None = None,
         modseq: int | None = None,
+        default: Any = None,
+        entry: Literal[False] = False,
+        with_stored: Literal[False] = False,
     ) -> _T: ...
+    @overload
+    def get_and_set(
+        self,
+        key: _KeyT,
+        fn: Callable[[_KeyT, Entry], _T | Update[_T] | _NoChangeType],
+        expire_time: _ExpireTime | None = None,
+        *,
+        expire_on: _ExpireOn | None = None,
+        modseq: int | None = None,
+        default: Any = None,
+        entry: Literal[True],
+        with_stored: Literal[False] = False,
+    ) -> _T: ...
+    @overload
+    def get_and_set(
+        self,
+        key: _KeyT,
+        fn: Callable[[_KeyT, Any], _T | Update[_T] | _NoChangeType],
+        expire_time: _ExpireTime | None = None,
+        *,
+        expire_on: _ExpireOn | None = None,
+        modseq: int | None = None,
+        default: Any = None,
+        entry: Literal[False] = False,
+        with_stored: Literal[True],
+    ) -> tuple[_T, bool]: ...
+    @overload
+    def get_and_set(
+        self,
+        key: _KeyT,
+        fn: Callable[[_KeyT, Entry], _T | Update[_T] | _NoChangeType],
+        expire_time: _ExpireTime | None = None,
+        *,
+        expire_on: _ExpireOn | None = None,
+        modseq: int | None = None,
+        default: Any = None,
+        entry: Literal[True],
+        with_stored: Literal[True],
+    ) -> tuple[_T, bool]: ...
     def get_and_remove(self, key: _Key, default: Any = None, /) -> Any: ...
     def exists(self, key: _Key, /) -> bool: ...
     def remove(

@@ -31,6 +31,8 @@ from cachelib import BaseCache
 
 import fastmmap
 
+from . import _web
+
 __all__ = ["FastMmapCache", "fastmmap_cache"]
 
 #: fastmmap.Cache options accepted as keyword arguments.
@@ -64,6 +66,9 @@ class FastMmapCache(BaseCache):
     :param key_prefix: prepended to every key; ``clear()`` then removes only
         the keys with this prefix.
     :param ignore_delete_many_errors: as in cachelib.
+    :param raise_too_large: raise ``fastmmap.ItemTooLargeError`` for a value
+        too large for a page, instead of logging a warning once per size
+        class (Flask-Caching's factory sets it from ``app.debug``).
     :param options: :class:`fastmmap.Cache` options (``cache_size``,
         ``page_size``, ``serializer``, ``compressor``, ``lock_timeout``...).
         ``unlink_on_exit`` defaults to False: the file outlives the process
@@ -80,6 +85,7 @@ class FastMmapCache(BaseCache):
         *,
         key_prefix: str = "",
         ignore_delete_many_errors: bool = True,
+        raise_too_large: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(default_timeout, ignore_delete_many_errors=ignore_delete_many_errors)
@@ -96,6 +102,7 @@ class FastMmapCache(BaseCache):
             )
         options.setdefault("unlink_on_exit", False)
         self.key_prefix = key_prefix or ""
+        self.raise_too_large = bool(raise_too_large)
         self._share_file = os.path.abspath(os.fspath(share_file))
         self._options = options
         self._fmm: fastmmap.Cache | None = None
@@ -124,6 +131,7 @@ class FastMmapCache(BaseCache):
             fastmmap._check_dir(cache_dir, kwargs.get("permissions", 0o600))
             kwargs["share_file"] = os.path.join(cache_dir, DEFAULT_FILE_NAME)
         kwargs.setdefault("key_prefix", config.get("CACHE_KEY_PREFIX") or "")
+        kwargs.setdefault("raise_too_large", bool(getattr(app, "debug", False)))
         return cls(*args, **kwargs)
 
     # ----- the fastmmap.Cache -----
@@ -139,7 +147,7 @@ class FastMmapCache(BaseCache):
             with _open_lock:
                 cache = self._fmm
                 if cache is None or cache.closed:
-                    cache = self._fmm = fastmmap.Cache(self._share_file, **self._options)
+                    cache = self._fmm = _web.open_cache(self._share_file, self._options)
         return cache
 
     def _expire_on(self, timeout: Any) -> float:
@@ -158,6 +166,7 @@ class FastMmapCache(BaseCache):
         if cache.set(key, value, expire_on=expire_on):
             return True
         cache.remove(key)  # too big for a page: do not leave the old value
+        _web.report(cache, key, value, debug=self.raise_too_large)
         return False
 
     # ----- cachelib.BaseCache -----
@@ -181,6 +190,7 @@ class FastMmapCache(BaseCache):
         try:
             return cache.add(key, value, expire_on=expire_on)
         except fastmmap.ItemTooLargeError:
+            _web.report(cache, key, value, debug=self.raise_too_large)
             return False
 
     def set_many(self, mapping: dict[str, Any], timeout: Any = None) -> list[Any]:
