@@ -1719,6 +1719,17 @@ int fmm_set_many(fmm_cache *c, uint32_t page, fmm_batch_item *items, uint32_t n,
     if (n == 0)
         return 0;
     page_hdr *ph = PH(c, page);
+    /* The tombstone rule against the page as the batch found it, before
+     * making room can evict a tombstone (a refused store changes nothing,
+     * as for fmm_set).  A damaged entry is left to the store, which
+     * repairs the page. */
+    for (uint32_t i = 0; i < n; i++) {
+        esnap sn = {0};
+        long idx = find_slot(c, ph, (uint32_t)items[i].hash, items[i].key, items[i].klen, NULL, &sn);
+        items[i].rc = idx >= 0 && (sn.flags & FMM_F_MODSEQ) && !sn_modseq_short(&sn)
+                          ? modseq_rule(c, sn, items[i].flags & 0x7Fu, 0)
+                          : 0;
+    }
     /* Room for every item at once: free bytes for all of them (a replaced
      * key's old entry stays as garbage until the next rebuild, so all are
      * counted as appends), a slot each, and a clock that cannot reach the
@@ -1745,6 +1756,8 @@ int fmm_set_many(fmm_cache *c, uint32_t page, fmm_batch_item *items, uint32_t n,
         if (UNLIKELY(c->batch_fault == i + 1))
             raise(SIGKILL);
         const fmm_batch_item *it = &items[i];
+        if (it->rc == FMM_EREFUSED)
+            continue;
         rc = set_impl(c, page, it->hash, it->key, it->klen, it->val, it->vlen, it->flags & 0x7Fu, expire_on, 0,
                       evict, ctx, 1);
         if (UNLIKELY(rc != 0 && rc != FMM_EREFUSED))

@@ -483,7 +483,8 @@ typedef struct fmm_batch_item {
     uint32_t klen, vlen;
     uint32_t flags;    /* as fmm_set (FMM_F_MODSEQ is ignored) */
     int rc;            /* out: 0 stored, FMM_EREFUSED (an unexpired tombstone
-                          holds the key: not stored, as fmm_set) */
+                          held the key when the batch began: not stored, as
+                          fmm_set) */
 } fmm_batch_item;
 
 /**

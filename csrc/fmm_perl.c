@@ -810,6 +810,12 @@ int pfm_set_many(pfm_cache *p, uint32_t page, fmm_batch_item *items, uint32_t n,
     }
     if (n == 0)
         return 0;
+    /* The tombstone rule against the page as the batch found it, before
+     * expunge can evict a tombstone (a refused store changes nothing). */
+    for (uint32_t i = 0; i < n; i++) {
+        long s = find_slot(p, pb, slot_hash_of(p, items[i].hash), items[i].key, items[i].klen, NULL);
+        items[i].rc = s >= 0 ? modseq_rule((pent *)(pb + slots[s]), now, items[i].flags & 0x7Fu, 0) : 0;
+    }
     /* Room for all at once: bytes for every item as an append, and more
      * empty slots than items (a probe ends at an empty slot). */
     if (h->free_bytes < total || h->free_slots - h->old_slots <= n) {
@@ -825,17 +831,10 @@ int pfm_set_many(pfm_cache *p, uint32_t page, fmm_batch_item *items, uint32_t n,
         if (UNLIKELY(fault == i + 1))
             raise(SIGKILL);
         fmm_batch_item *it = &items[i];
-        uint32_t sh = slot_hash_of(p, it->hash);
-        long s = find_slot(p, pb, sh, it->key, it->klen, NULL);
-        int rc = s == -2 ? FMM_ECORRUPT
-                         : modseq_rule(s >= 0 ? (pent *)(pb + slots[s]) : NULL, now, it->flags & 0x7Fu, 0);
-        if (rc == FMM_EREFUSED) {
-            it->rc = rc;
+        if (it->rc == FMM_EREFUSED)
             continue;
-        }
-        if (rc == 0)
-            rc = store(p, pb, sh, it->key, it->klen, it->val, it->vlen, it->flags & 0x7Fu, expire_on, 0,
-                       ROUND4(E_HDR + (uint64_t)it->klen + it->vlen), now);
+        int rc = store(p, pb, slot_hash_of(p, it->hash), it->key, it->klen, it->val, it->vlen, it->flags & 0x7Fu,
+                       expire_on, 0, ROUND4(E_HDR + (uint64_t)it->klen + it->vlen), now);
         if (rc) {
             /* the page changed under the lock: drop the part of the batch */
             repair(p, page, "no room left for a batch that had room");

@@ -2201,6 +2201,21 @@ static void set_many_format(int format, const char *tag)
     CHECK_EQ(batch_present(c, b, 2, 1000), 2);
     CHECK_EQ(check_all_pages(c), 0);
 
+    /* A tombstone holds "b1": that item is refused, the others stored, even
+     * though making room for the batch (nearly the whole data area: Perl's
+     * slot table has grown by now) evicts the tombstone. */
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    CHECK_EQ(fmm_expunge(c, 0, FMM_EXPUNGE_ALL, NULL, NULL), 0);
+    fmm_unlock(c, 0);
+    CHECK_RC(ktomb(c, "b1", 5, 0), 0);
+    batch_fill(c, b, 3, format == FMM_FORMAT_PERL ? 1080 : 1290);
+    CHECK_RC(batch_store(c, b, 3, &bad), 0);
+    CHECK_EQ(b->it[0].rc, 0);
+    CHECK_EQ(b->it[1].rc, FMM_EREFUSED);
+    CHECK_EQ(b->it[2].rc, 0);
+    CHECK(khas(c, "b0") && !khas(c, "b1") && khas(c, "b2"));
+    CHECK_EQ(check_all_pages(c), 0);
+
     /* SIGKILL at every item boundary (k - 1 items stored): the next locker
      * re-initialises the page, which then holds none of the batch. */
     enum { N = 4 };
