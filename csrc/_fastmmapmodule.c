@@ -2089,8 +2089,93 @@ out:
 
 PyDoc_STRVAR(cache_multi_set_doc,
              "multi_set($self, page_key, mapping, expire_time=None)\n--\n\n"
-             "Store every item of mapping in the page chosen by page_key, under one page lock.\n"
-             "Raises ValueError (storing nothing) if any item can never fit in a page.");
+             "Store every item of mapping (a mapping, or an iterable of (key, value) pairs as\n"
+             "update() takes) in the page chosen by page_key, under one page lock: all of them\n"
+             "or none.  Raises ItemTooLargeError, storing nothing, if one item can never fit in\n"
+             "a page or the items together do not fit in the page.");
+
+/* The (key, value) pairs of multi_set's argument, as a list of 2-tuples:
+ * what dict.update() accepts, a mapping (anything with keys()) or an
+ * iterable of pairs; anything else is a TypeError. */
+static PyObject *batch_pairs(PyObject *arg)
+{
+    if (PyDict_Check(arg))
+        return PyDict_Items(arg);
+    PyObject *keys_m = PyObject_GetAttrString(arg, "keys");
+    if (!keys_m) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return NULL;
+        PyErr_Clear();
+    }
+    PyObject *out = PyList_New(0);
+    if (!out) {
+        Py_XDECREF(keys_m);
+        return NULL;
+    }
+    PyObject *it = NULL, *item = NULL;
+    if (keys_m) {
+        PyObject *keys = PyObject_CallNoArgs(keys_m);
+        Py_DECREF(keys_m);
+        it = keys ? PyObject_GetIter(keys) : NULL;
+        Py_XDECREF(keys);
+        if (!it)
+            goto fail;
+        while ((item = PyIter_Next(it))) {
+            PyObject *v = PyObject_GetItem(arg, item);
+            PyObject *t = v ? PyTuple_Pack(2, item, v) : NULL;
+            Py_XDECREF(v);
+            Py_CLEAR(item);
+            if (!t || PyList_Append(out, t) < 0) {
+                Py_XDECREF(t);
+                goto fail;
+            }
+            Py_DECREF(t);
+        }
+    } else {
+        it = PyObject_GetIter(arg);
+        if (!it) {
+            if (PyErr_ExceptionMatches(PyExc_TypeError))
+                PyErr_Format(PyExc_TypeError,
+                             "multi_set: mapping must be a mapping or an iterable of (key, value) pairs, not %.100s",
+                             Py_TYPE(arg)->tp_name);
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; (item = PyIter_Next(it)); i++) {
+            PyObject *seq = PySequence_Fast(item, "");
+            if (!seq || PySequence_Fast_GET_SIZE(seq) != 2) {
+                if (!seq && !PyErr_ExceptionMatches(PyExc_TypeError))
+                    goto fail;
+                if (seq)
+                    PyErr_Format(PyExc_TypeError,
+                                 "multi_set: element #%zd of the pairs has length %zd, not a (key, value) pair", i,
+                                 PySequence_Fast_GET_SIZE(seq));
+                else
+                    PyErr_Format(PyExc_TypeError,
+                                 "multi_set: element #%zd of the pairs is %.100s, not a (key, value) pair", i,
+                                 Py_TYPE(item)->tp_name);
+                Py_XDECREF(seq);
+                goto fail;
+            }
+            PyObject *t = PyTuple_Pack(2, PySequence_Fast_GET_ITEM(seq, 0), PySequence_Fast_GET_ITEM(seq, 1));
+            Py_DECREF(seq);
+            Py_CLEAR(item);
+            if (!t || PyList_Append(out, t) < 0) {
+                Py_XDECREF(t);
+                goto fail;
+            }
+            Py_DECREF(t);
+        }
+    }
+    if (PyErr_Occurred())
+        goto fail;
+    Py_DECREF(it);
+    return out;
+fail:
+    Py_XDECREF(item);
+    Py_XDECREF(it);
+    Py_DECREF(out);
+    return NULL;
+}
 
 static PyObject *cache_multi_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
@@ -2103,24 +2188,31 @@ static PyObject *cache_multi_set(PyObject *op, PyObject *const *args, Py_ssize_t
         return PyErr_Format(PyExc_TypeError, "multi_set() missing required arguments");
     ENTER(self);
     PyObject *items = NULL, *prepared = NULL, *res = NULL;
+    fmm_batch_item *batch = NULL;
     uint32_t page, exp;
     if (page_of_key(self, a[0], &page) < 0 || resolve_expiry(self, a[2], NULL, &exp) < 0)
         goto out;
-    items = PyMapping_Items(a[1]);
+    items = batch_pairs(a[1]);
     if (!items)
         goto out;
     Py_ssize_t n = PyList_GET_SIZE(items);
-    prepared = PyList_New(0);
-    if (!prepared)
+    if (n > (Py_ssize_t)UINT32_MAX) {
+        PyErr_SetString(self->state->ItemTooLargeError, "multi_set: too many items for one page");
         goto out;
-    /* Serialize everything before taking the lock; check sizes so that the
-     * whole batch is stored or nothing is. */
+    }
+    prepared = PyList_New(n);
+    batch = PyMem_Calloc(n ? (size_t)n : 1, sizeof *batch);
+    if (!prepared || !batch) {
+        if (!batch)
+            PyErr_NoMemory();
+        goto out;
+    }
+    /* Serialize everything before taking the lock: a serializer may fail
+     * or call back into the cache, and then nothing has been stored.  The
+     * engine checks the sizes, of each item and of the whole batch, with
+     * the rule of every store, before it changes anything. */
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *kv = PyList_GET_ITEM(items, i);
-        if (!PyTuple_Check(kv) || PyTuple_GET_SIZE(kv) != 2) {
-            PyErr_SetString(PyExc_TypeError, "multi_set: mapping items must be (key, value) pairs");
-            goto out;
-        }
         int isstr;
         PyObject *ck = combined_key(a[0], PyTuple_GET_ITEM(kv, 0), &isstr);
         if (!ck)
@@ -2132,51 +2224,66 @@ static PyObject *cache_multi_set(PyObject *op, PyObject *const *args, Py_ssize_t
         }
         PyObject *vb = e.owner ? Py_NewRef(e.owner) : PyBytes_FromStringAndSize(e.buf, e.len);
         Py_XDECREF(e.owner);
-        if (!vb) {
-            Py_DECREF(ck);
+        PyObject *t = vb ? PyTuple_Pack(2, ck, vb) : NULL;
+        Py_DECREF(ck);
+        if (!t) {
+            Py_XDECREF(vb);
             goto out;
         }
-        if ((uint64_t)FMM_ENTRY_HEADER_SIZE + PyBytes_GET_SIZE(ck) + PyBytes_GET_SIZE(vb) + 3 >
-            fmm_max_item(self->c)) {
+        PyList_SET_ITEM(prepared, i, t); /* keeps the key and value bytes alive */
+        const char *vbuf = PyBytes_AS_STRING(vb);
+        Py_DECREF(vb);
+        PyObject *kb = PyTuple_GET_ITEM(t, 0);
+        if (PyBytes_GET_SIZE(kb) > (Py_ssize_t)UINT32_MAX || e.len > (Py_ssize_t)UINT32_MAX) {
             too_big_error(self, PyTuple_GET_ITEM(kv, 0));
-            Py_DECREF(ck);
-            Py_DECREF(vb);
             goto out;
         }
-        PyObject *t = Py_BuildValue("(NNI)", ck, vb, e.flags | (isstr ? FMM_F_KEYSTR : 0));
-        if (!t || PyList_Append(prepared, t) < 0) {
-            Py_XDECREF(t);
-            goto out;
-        }
-        Py_DECREF(t);
+        fmm_batch_item *b = &batch[i];
+        b->key = PyBytes_AS_STRING(kb);
+        b->klen = (uint32_t)PyBytes_GET_SIZE(kb);
+        b->hash = fmm_hash(self->c, b->key, b->klen);
+        b->val = vbuf;
+        b->vlen = (uint32_t)e.len;
+        b->flags = e.flags | (isstr ? FMM_F_KEYSTR : 0);
     }
     if (lock_page(self, page) < 0)
         goto out;
-    int rc = 0;
     evict_ctx ec = {0};
-    for (Py_ssize_t i = 0; i < n && rc == 0; i++) {
-        PyObject *t = PyList_GET_ITEM(prepared, i);
-        PyObject *ck = PyTuple_GET_ITEM(t, 0), *vb = PyTuple_GET_ITEM(t, 1);
-        uint32_t flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 2));
-        uint64_t h = fmm_hash(self->c, PyBytes_AS_STRING(ck), (size_t)PyBytes_GET_SIZE(ck));
-        rc = fmm_set(self->c, page, h, PyBytes_AS_STRING(ck), (uint32_t)PyBytes_GET_SIZE(ck), PyBytes_AS_STRING(vb),
-                     (uint32_t)PyBytes_GET_SIZE(vb), flags, exp, EVICT_FN(self), &ec);
-        if (rc == FMM_EREFUSED)
-            rc = 0; /* a tombstone holds that key: it stays absent, as set() would leave it */
-    }
+    uint32_t bad = 0;
+    int rc = fmm_set_many(self->c, page, batch, (uint32_t)n, exp, EVICT_FN(self), &ec, &bad);
     UNLOCK(self, page);
-    if (rc)
-        set_error(self->state, "multi_set", rc, NULL, NULL);
+    if (rc == FMM_ETOOBIG && bad < (uint32_t)n)
+        too_big_error(self, PyTuple_GET_ITEM(PyList_GET_ITEM(items, bad), 0));
+    else if (rc)
+        set_error(self->state, "multi_set", rc, fmm_errdetail(self->c), NULL);
     else
         res = Py_NewRef(Py_None);
     if (flush_evicted(self, &ec) < 0)
         Py_CLEAR(res);
 out:
+    PyMem_Free(batch);
     Py_XDECREF(items);
     Py_XDECREF(prepared);
     LOST_R(self, res);
     LEAVE(self);
     return res;
+}
+
+PyDoc_STRVAR(cache__set_batch_fault_doc,
+             "_set_batch_fault($self, k, /)\n--\n\n"
+             "Crash tests: the next multi_set of this handle SIGKILLs the process once k - 1 of\n"
+             "its items are stored (k = 0: off).");
+
+static PyObject *cache__set_batch_fault(PyObject *op, PyObject *arg)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    unsigned long k = PyLong_AsUnsignedLong(arg);
+    if (k == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (self->closed || !self->c)
+        return closed_error();
+    fmm_set_batch_fault(self->c, (uint32_t)k);
+    Py_RETURN_NONE;
 }
 
 /* ---------- Page locks held across calls (cache.lock / cache.page) ----------
@@ -2710,6 +2817,7 @@ static PyMethodDef cache_methods[] = {
     {"multi_set", (PyCFunction)(void (*)(void))cache_multi_set, METH_FASTCALL | METH_KEYWORDS,
      cache_multi_set_doc},
     {"repaired_pages", cache_repaired_pages, METH_NOARGS, cache_repaired_pages_doc},
+    {"_set_batch_fault", cache__set_batch_fault, METH_O, cache__set_batch_fault_doc},
     {"check", cache_check, METH_NOARGS, cache_check_doc},
     {"_page_info", cache__page_info, METH_O, cache__page_info_doc},
     {"_set_time_override", cache__set_time_override, METH_O, cache__set_time_override_doc},

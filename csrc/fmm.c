@@ -176,6 +176,7 @@ struct fmm_cache {
     ino_t ino;
     pfm_cache *perl;           /* non-NULL: a Perl-format file, every call goes to fmm_perl.c */
     uint8_t *ns_hint;          /* per page: log2 of its slot count when last seen (fmm_prefetch) */
+    uint32_t batch_fault;      /* fmm_set_batch_fault (tests): 0 off */
     char err[256];
 };
 
@@ -352,6 +353,18 @@ uint32_t fmm_max_item(const fmm_cache *c)
     if (UNLIKELY(c->perl))
         return pfm_max_item(c->perl);
     return c->page_size - data_start(MIN_SLOTS);
+}
+/* The size rule as a rounded entry size (the native format): the largest
+ * entry is one that fills an empty page whose slot table has shrunk to
+ * MIN_SLOTS, which a rebuild for a store does when it must. */
+static inline int need_fits(const fmm_cache *c, uint64_t need) { return need <= c->page_size - data_start(MIN_SLOTS); }
+int fmm_item_fits(const fmm_cache *c, uint64_t klen, uint64_t vlen)
+{
+    if (klen > UINT32_MAX || vlen > UINT32_MAX)
+        return 0;
+    if (UNLIKELY(c->perl))
+        return pfm_item_fits(c->perl, klen, vlen);
+    return klen <= FMM_MAX_KEY_LEN && need_fits(c, ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + vlen));
 }
 uint64_t fmm_repairs(const fmm_cache *c)
 {
@@ -609,8 +622,8 @@ static inline void drop_held(int i)
 }
 
 static int deep_check(fmm_cache *c, uint32_t page, char *msg, size_t msglen);
-static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_t need, fmm_evict_fn fn,
-                   void *ctx);
+static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_t need, uint32_t nnew,
+                   fmm_evict_fn fn, void *ctx);
 enum { RB_INSERT, RB_EXPIRED, RB_ALL, RB_RENUMBER };
 
 /* ---------- Damaged mutex words ----------
@@ -931,7 +944,7 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
     else if (UNLIKELY(!page_ok(c, ph)))
         repair_page(c, ph, "page header failed validation");
     else if (UNLIKELY(ph->clock >= RENUMBER_AT))
-        rebuild(c, ph, RB_RENUMBER, -1, 0, NULL, NULL); /* on ENOMEM: retried at the next lock */
+        rebuild(c, ph, RB_RENUMBER, -1, 0, 0, NULL, NULL); /* on ENOMEM: retried at the next lock */
     if (UNLIKELY(fmm_lost(c))) {
         /* The file shrank while we waited or repaired: what we locked is
          * zero memory now.  Release it (it may be on our robust list). */
@@ -1340,16 +1353,17 @@ static void report(fmm_evict_fn fn, void *ctx, const esnap *sn)
 /*
  * Rebuild a locked page: drop `drop_slot` (the old entry of a key being
  * replaced, or -1), drop expired entries (all entries for RB_ALL), evict
- * least recently used entries if an item of `need` bytes plus one more
- * slot must fit (RB_INSERT), and write the survivors back packed, with a
- * slot table sized for them.  Dirty dropped entries are reported to `fn`
- * before the page changes.
+ * least recently used entries if `need` bytes of new entries plus `nnew`
+ * more slots must fit (RB_INSERT: one item, or a whole fmm_set_many
+ * batch), and write the survivors back packed, with a slot table sized for
+ * them.  Dirty dropped entries are reported to `fn` before the page
+ * changes.
  *
  * Returns 0, ENOMEM (nothing changed), or FMM_ECORRUPT (the page was
  * found corrupt and has been re-initialised instead).
  */
-static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_t need, fmm_evict_fn fn,
-                   void *ctx)
+static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_t need, uint32_t nnew,
+                   fmm_evict_fn fn, void *ctx)
 {
     uint32_t ns = RD(ph->num_slots);
     uint32_t *slots = SLOTS(ph);
@@ -1407,7 +1421,7 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
     }
 
     /* Decide what stays and how many slots. */
-    uint32_t extra = mode == RB_INSERT ? 1 : 0;
+    uint32_t extra = mode == RB_INSERT ? nnew : 0;
     uint32_t first = 0; /* ks[first..n) are kept */
     uint32_t nslots = slots_for(c, n + extra);
     int sorted = 0;
@@ -1436,7 +1450,7 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
         repair_page(c, ph, "live entries larger than the page");
         return FMM_ECORRUPT;
     }
-    if (!sorted && (mode == RB_RENUMBER || ph->clock >= RENUMBER_AT)) {
+    if (!sorted && (mode == RB_RENUMBER || ph->clock >= RENUMBER_AT - extra)) {
         sort_by_access(ks, ks + nlive + 1, n);
         sorted = 1;
     }
@@ -1511,18 +1525,25 @@ static inline void put_value(char *vp, const void *val, uint32_t vlen, uint32_t 
 }
 
 /* fmm_set and fmm_set_ms.  Inlined into both so that fmm_set, whose flags
- * never carry FMM_F_MODSEQ, compiles without the modseq arithmetic. */
+ * never carry FMM_F_MODSEQ, compiles without the modseq arithmetic.
+ * `batch` (a constant, so fmm_set and fmm_set_ms compile without it): one
+ * item of fmm_set_many, which made room for the whole batch beforehand and
+ * keeps the dirty marker set from the first item to the last, so here the
+ * marker is left set, nothing is rebuilt (a rebuild could evict the
+ * batch's earlier items), and a page found corrupt is re-initialised and
+ * reported instead of being stored into again. */
 static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t page, uint64_t hash,
                                                           const void *key, uint32_t klen, const void *val,
                                                           uint32_t vlen, uint32_t flags, uint32_t expire_on,
-                                                          uint64_t modseq, fmm_evict_fn evict, void *ctx)
+                                                          uint64_t modseq, fmm_evict_fn evict, void *ctx,
+                                                          const int batch)
 {
     uint32_t mslen = (flags & FMM_F_MODSEQ) ? MODSEQ_LEN : 0;
     if (klen > FMM_MAX_KEY_LEN)
         return FMM_ETOOBIG;
     uint64_t svlen = (uint64_t)vlen + mslen; /* the stored vlen */
     uint64_t need = ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + svlen);
-    if (need > fmm_max_item(c))
+    if (!need_fits(c, need))
         return FMM_ETOOBIG;
     page_hdr *ph = PH(c, page);
     uint32_t lo = (uint32_t)hash;
@@ -1534,8 +1555,10 @@ static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t
         entry *old = sn.e;
         note_ns(c, page, RD(ph->num_slots));
         if (UNLIKELY(idx == -2)) {
-            if (++repaired > 4)
+            if (batch || ++repaired > 4) {
+                repair_page(c, ph, "slot points outside the page's data");
                 return FMM_ECORRUPT; /* someone keeps writing the page under our lock */
+            }
             repair_page(c, ph, "slot points outside the page's data");
             continue;
         }
@@ -1543,8 +1566,10 @@ static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t
          * entry is gone, dropped by it). */
         if (idx >= 0 && UNLIKELY(sn.flags & FMM_F_MODSEQ)) {
             if (UNLIKELY(sn_modseq_short(&sn))) {
-                if (++repaired > 4)
+                if (batch || ++repaired > 4) {
+                    repair_page(c, ph, "modseq entry too short for its modseq");
                     return FMM_ECORRUPT;
+                }
                 repair_page(c, ph, "modseq entry too short for its modseq");
                 continue;
             }
@@ -1572,24 +1597,33 @@ static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t
             old->vlen = (uint32_t)svlen;
             put_value((char *)(old + 1) + klen, val, vlen, mslen, modseq);
             BARRIER();
-            ph->dirty = 0;
+            if (!batch)
+                ph->dirty = 0;
             return 0;
         }
         uint32_t off = RD(ph->free_data);
         if (UNLIKELY(off > c->page_size || off < FMM_PAGE_HEADER_SIZE + 4u * MIN_SLOTS || (off & 3u))) {
-            if (++repaired > 4)
+            if (batch || ++repaired > 4) {
+                repair_page(c, ph, "free_data changed under the lock");
                 return FMM_ECORRUPT;
+            }
             repair_page(c, ph, "free_data changed under the lock");
             continue;
         }
         int space = (uint64_t)c->page_size - off >= need;
         int slot_ok = idx >= 0 || (ins >= 0 && ((uint64_t)ph->live + ph->deleted + 1) * 4 <= (uint64_t)ph->num_slots * 3);
         if (!space || !slot_ok || ph->clock >= RENUMBER_AT) {
+            if (batch) {
+                /* fmm_set_many made room for every item: the page changed
+                 * under the lock */
+                repair_page(c, ph, "no room left for a batch that had room");
+                return FMM_ECORRUPT;
+            }
             /* A rebuild guarantees room; one that found the page corrupt
              * re-initialised it instead, and the next one will do. */
             if (rebuilt >= 2)
                 return FMM_ECORRUPT;
-            int rc = rebuild(c, ph, RB_INSERT, idx, (uint32_t)need, evict, ctx);
+            int rc = rebuild(c, ph, RB_INSERT, idx, (uint32_t)need, 1, evict, ctx);
             if (rc == ENOMEM)
                 return ENOMEM;
             rebuilt++;
@@ -1619,7 +1653,8 @@ static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t
             ph->live++;
         }
         BARRIER();
-        ph->dirty = 0;
+        if (!batch)
+            ph->dirty = 0;
         return 0;
     }
 }
@@ -1630,7 +1665,7 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
     /* FMM_F_MODSEQ is ignored (fmm.h): masked for both formats */
     if (UNLIKELY(c->perl))
         return pfm_set(c->perl, page, hash, key, klen, val, vlen, flags & 0x7Fu, expire_on, 0, evict, ctx);
-    return set_impl(c, page, hash, key, klen, val, vlen, flags & 0x7Fu, expire_on, 0, evict, ctx);
+    return set_impl(c, page, hash, key, klen, val, vlen, flags & 0x7Fu, expire_on, 0, evict, ctx, 0);
 }
 
 int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
@@ -1640,7 +1675,104 @@ int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint
         return pfm_set(c->perl, page, hash, key, klen, val, vlen, flags, expire_on, modseq, evict, ctx);
     if (IS_TOMB(flags & 0xFFu) && vlen)
         return FMM_EBADARG; /* a tombstone has no value */
-    return set_impl(c, page, hash, key, klen, val, vlen, flags & 0xFFu, expire_on, modseq, evict, ctx);
+    return set_impl(c, page, hash, key, klen, val, vlen, flags & 0xFFu, expire_on, modseq, evict, ctx, 0);
+}
+
+/* fmm_set_many's first size check, shared by both formats: each item on
+ * its own, by the rule of every store.  *total: the native entry bytes of
+ * the whole batch. */
+static int batch_sizes(fmm_cache *c, const fmm_batch_item *items, uint32_t n, uint32_t *bad, uint64_t *total)
+{
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (!fmm_item_fits(c, items[i].klen, items[i].vlen)) {
+            snprintf(c->err, sizeof c->err, "item %u: %llu bytes of key and value do not fit in a page (at most %u)",
+                     (unsigned)i, (unsigned long long)items[i].klen + items[i].vlen,
+                     (unsigned)(fmm_max_item(c) - FMM_ENTRY_HEADER_SIZE));
+            if (bad)
+                *bad = i;
+            return FMM_ETOOBIG;
+        }
+        sum += ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + items[i].klen + items[i].vlen);
+    }
+    *total = sum;
+    return 0;
+}
+
+int fmm_set_many(fmm_cache *c, uint32_t page, fmm_batch_item *items, uint32_t n, uint32_t expire_on,
+                 fmm_evict_fn evict, void *ctx, uint32_t *bad)
+{
+    uint64_t total;
+    int rc = batch_sizes(c, items, n, bad, &total);
+    if (rc)
+        return rc;
+    if (UNLIKELY(c->perl))
+        return pfm_set_many(c->perl, page, items, n, expire_on, evict, ctx, bad, c->batch_fault);
+    /* The whole batch must fit an empty page whose slot table has just
+     * room for it (load 3/4, what a rebuild shrinks to when it must). */
+    uint32_t ns_min = slots_min(n);
+    if (ns_min > c->max_slots || (int64_t)total > cap_for(c, ns_min)) {
+        snprintf(c->err, sizeof c->err,
+                 "%u items need %llu bytes with their headers and slots, more than a page of %u bytes holds",
+                 (unsigned)n, (unsigned long long)(total + 4ull * ns_min + FMM_PAGE_HEADER_SIZE),
+                 (unsigned)c->page_size);
+        if (bad)
+            *bad = n;
+        return FMM_ETOOBIG;
+    }
+    if (n == 0)
+        return 0;
+    page_hdr *ph = PH(c, page);
+    /* The tombstone rule against the page as the batch found it, before
+     * making room can evict a tombstone (a refused store changes nothing,
+     * as for fmm_set).  A damaged entry is left to the store, which
+     * repairs the page. */
+    for (uint32_t i = 0; i < n; i++) {
+        esnap sn = {0};
+        long idx = find_slot(c, ph, (uint32_t)items[i].hash, items[i].key, items[i].klen, NULL, &sn);
+        items[i].rc = idx >= 0 && (sn.flags & FMM_F_MODSEQ) && !sn_modseq_short(&sn)
+                          ? modseq_rule(c, sn, items[i].flags & 0x7Fu, 0)
+                          : 0;
+    }
+    /* Room for every item at once: free bytes for all of them (a replaced
+     * key's old entry stays as garbage until the next rebuild, so all are
+     * counted as appends), a slot each, and a clock that cannot reach the
+     * renumbering point; otherwise one rebuild makes that room.  Between
+     * the rebuild and the first item the page is consistent and holds none
+     * of the batch. */
+    for (int tries = 0;; tries++) {
+        uint32_t off = RD(ph->free_data), ns = RD(ph->num_slots);
+        if (off <= c->page_size && (uint64_t)c->page_size - off >= total && ns_ok(c, ns) &&
+            ((uint64_t)RD(ph->live) + RD(ph->deleted) + n) * 4 <= (uint64_t)ns * 3 &&
+            RD(ph->clock) < RENUMBER_AT - n)
+            break;
+        if (tries == 2)
+            return FMM_ECORRUPT; /* the page keeps changing under the lock */
+        /* on FMM_ECORRUPT the page was re-initialised: the next try fits */
+        rc = rebuild(c, ph, RB_INSERT, -1, (uint32_t)total, n, evict, ctx);
+        if (rc == ENOMEM)
+            return ENOMEM;
+    }
+    /* The batch's dirty span: from here to the last item's last byte. */
+    ph->dirty = 1;
+    BARRIER();
+    for (uint32_t i = 0; i < n; i++) {
+        if (UNLIKELY(c->batch_fault == i + 1))
+            raise(SIGKILL);
+        const fmm_batch_item *it = &items[i];
+        if (it->rc == FMM_EREFUSED)
+            continue;
+        rc = set_impl(c, page, it->hash, it->key, it->klen, it->val, it->vlen, it->flags & 0x7Fu, expire_on, 0,
+                      evict, ctx, 1);
+        if (UNLIKELY(rc != 0 && rc != FMM_EREFUSED))
+            return rc; /* FMM_ECORRUPT: re-initialised, none of the batch is left */
+        items[i].rc = rc;
+    }
+    if (UNLIKELY(c->batch_fault == n + 1))
+        raise(SIGKILL);
+    BARRIER();
+    ph->dirty = 0;
+    return 0;
 }
 
 int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, uint32_t *old_flags)
@@ -1680,7 +1812,7 @@ int fmm_expunge(fmm_cache *c, uint32_t page, int mode, fmm_evict_fn evict, void 
     if (UNLIKELY(c->perl))
         return pfm_expunge(c->perl, page, mode, evict, ctx);
     page_hdr *ph = PH(c, page);
-    int rc = rebuild(c, ph, mode == FMM_EXPUNGE_ALL ? RB_ALL : RB_EXPIRED, -1, 0, evict, ctx);
+    int rc = rebuild(c, ph, mode == FMM_EXPUNGE_ALL ? RB_ALL : RB_EXPIRED, -1, 0, 0, evict, ctx);
     if (rc == FMM_ECORRUPT)
         return 0;
     return rc;
@@ -1765,6 +1897,8 @@ void fmm_page_clear_stats(fmm_cache *c, uint32_t page)
     ph->nreads = 0;
     ph->nhits = 0;
 }
+
+void fmm_set_batch_fault(fmm_cache *c, uint32_t k) { c->batch_fault = k; }
 
 void fmm_set_page_clock(fmm_cache *c, uint32_t page, uint32_t clock)
 {

@@ -336,6 +336,13 @@ uint32_t fmm_num_pages(const fmm_cache *c);
 uint32_t fmm_start_slots(const fmm_cache *c);
 /** @brief Largest 20+klen+vlen (rounded to 4) that fits an empty page. */
 uint32_t fmm_max_item(const fmm_cache *c);
+/**
+ * @brief The size rule of every store (fmm_set, fmm_set_ms, fmm_set_many):
+ * 1 if a key of @p klen bytes and a value of @p vlen bytes (as stored,
+ * without a modseq) can fit in an empty page, i.e. klen <= FMM_MAX_KEY_LEN
+ * and 20 + klen + vlen <= fmm_max_item; else 0.
+ */
+int fmm_item_fits(const fmm_cache *c, uint64_t klen, uint64_t vlen);
 /** @brief Pages re-initialised after a crash or corruption, file-wide. */
 uint64_t fmm_repairs(const fmm_cache *c);
 
@@ -499,6 +506,43 @@ int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash,
                uint32_t flags, uint32_t expire_on, uint64_t modseq,
                fmm_evict_fn evict, void *ctx);
 
+/** @brief One item of fmm_set_many. */
+typedef struct fmm_batch_item {
+    uint64_t hash;     /* fmm_hash of the key; the key must belong to the page */
+    const void *key;
+    const void *val;
+    uint32_t klen, vlen;
+    uint32_t flags;    /* as fmm_set (FMM_F_MODSEQ is ignored) */
+    int rc;            /* out: 0 stored, FMM_EREFUSED (an unexpired tombstone
+                          held the key when the batch began: not stored, as
+                          fmm_set) */
+} fmm_batch_item;
+
+/**
+ * @brief Store @p n items in a locked page, all or none.
+ *
+ * Every item must pass fmm_item_fits, and the items together (with their
+ * entry headers and a slot each) must fit in an empty page; otherwise
+ * FMM_ETOOBIG is returned before anything changes, with *bad set to the
+ * index of the item that can never fit, or to @p n if only the batch as a
+ * whole cannot.  Then room for the whole batch is made at once (expired
+ * entries dropped, least recently used evicted, as fmm_set does for one
+ * item), and the items are stored in order, a later duplicate key
+ * replacing an earlier one.  The page's crash marker spans the stores of
+ * all items (native format: the dirty word; Perl format, which has none:
+ * the page magic, cleared for the span), so a writer killed between two
+ * items leaves a page the next locker re-initialises: the page holds all
+ * of the batch or none of it.
+ *
+ * @param[in] expire_on  absolute unix seconds for every item, 0 = never.
+ * @param[out] bad       see above (may be NULL).
+ * @return 0 (each item's rc says whether it was stored), FMM_ETOOBIG,
+ *         ENOMEM (nothing changed) or FMM_ECORRUPT (the page was found
+ *         corrupt mid-batch and re-initialised: none of the batch is in it).
+ */
+int fmm_set_many(fmm_cache *c, uint32_t page, fmm_batch_item *items, uint32_t n,
+                 uint32_t expire_on, fmm_evict_fn evict, void *ctx, uint32_t *bad);
+
 /**
  * @brief Delete a key from a locked page.
  * @param[out] old_flags  flags of the deleted entry (may be NULL).
@@ -604,6 +648,15 @@ unsigned char *fmm_page_ptr(fmm_cache *c, uint32_t page);
 
 /** @brief Set a locked page's LRU clock (to test renumbering). */
 void fmm_set_page_clock(fmm_cache *c, uint32_t page, uint32_t clock);
+
+/**
+ * @brief Fault injection for crash tests of fmm_set_many: with @p k > 0,
+ * every later fmm_set_many on this handle with at least k - 1 items
+ * raises SIGKILL once k - 1 of its items are stored (k = 1: after room
+ * was made, before the first item; k = n + 1: after the last item, before
+ * the batch is committed).  0 turns it off.
+ */
+void fmm_set_batch_fault(fmm_cache *c, uint32_t k);
 
 #ifdef __cplusplus
 }

@@ -51,6 +51,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -532,12 +533,30 @@ static void report(const pfm_cache *p, fmm_evict_fn fn, void *ctx, pent *e)
     fn(ctx, &it);
 }
 
+/* The slot count expunge leaves for a table of ns slots holding nkept
+ * entries that survive expiry (`used` bytes), in `mode`: Perl doubles it
+ * (n -> 2n+1) when more than 30% is in use, here only as long as the
+ * table leaves 3/4 of the page to data. */
+static uint32_t expunge_slots(const pfm_cache *p, uint32_t ns, uint32_t nkept, uint64_t used, int mode)
+{
+    uint64_t data_size = p->page_size - dstart(ns);
+    if ((double)nkept / ns > 0.3 && (data_size > used + ((uint64_t)ns + 1) * 4 || mode == 2)) {
+        uint64_t grown = (uint64_t)ns * 2 + 1;
+        /* Perl grows unconditionally here; never let the table eat the page */
+        if (dstart((uint32_t)(grown < 0x3FFFFFFF ? grown : 0x3FFFFFFF)) + (uint64_t)p->page_size / 4 <= p->page_size)
+            return (uint32_t)grown;
+    }
+    return ns;
+}
+
 /* Perl's expunge.  mode 0: expired only; 1: everything; 2: make room for a
  * store of `len` key+value bytes (len < 0: no fast path).  `need` (mode 2)
- * is the rounded size of the entry to be stored: older entries are evicted
- * until it fits even where Perl's 60% rule would stop.  Returns 0, or
+ * is the rounded size of the entries to be stored: older entries are
+ * evicted until it fits even where Perl's 60% rule would stop, and until
+ * `need_slots` slots are free (pfm_set_many's batch).  Returns 0, or
  * ENOMEM (nothing changed). */
-static int expunge(pfm_cache *p, uint32_t page, int mode, int64_t len, uint32_t need, fmm_evict_fn fn, void *ctx)
+static int expunge(pfm_cache *p, uint32_t page, int mode, int64_t len, uint32_t need, uint32_t need_slots,
+                   fmm_evict_fn fn, void *ctx)
 {
     unsigned char *pb = PB(p, page);
     phdr *h = (phdr *)pb;
@@ -572,20 +591,14 @@ static int expunge(pfm_cache *p, uint32_t page, int mode, int64_t len, uint32_t 
         used += ROUND4(E_HDR + (uint64_t)e->klen + e->vlen);
         list[nkept++] = e;
     }
-    uint32_t new_ns = ns;
-    uint64_t data_size = p->page_size - dstart(ns);
-    if ((double)nkept / ns > 0.3 && (data_size > used + ((uint64_t)ns + 1) * 4 || mode == 2)) {
-        uint64_t grown = (uint64_t)ns * 2 + 1;
-        /* Perl grows unconditionally here; never let the table eat the page */
-        if (dstart((uint32_t)(grown < 0x3FFFFFFF ? grown : 0x3FFFFFFF)) + (uint64_t)p->page_size / 4 <= p->page_size)
-            new_ns = (uint32_t)grown;
-    }
-    data_size = p->page_size - dstart(new_ns);
+    uint32_t new_ns = expunge_slots(p, ns, nkept, used, mode);
+    uint64_t data_size = p->page_size - dstart(new_ns);
     uint32_t first = 0; /* list[first..nkept) survive */
     if (mode == 2) {
         qsort(list, nkept, sizeof *list, cmp_access);
         uint64_t thresh = (uint64_t)(data_size * 0.6);
-        while (first < nkept && (used >= thresh || (need && data_size - used < need))) {
+        while (first < nkept &&
+               (used >= thresh || (need && data_size - used < need) || new_ns - (nkept - first) < need_slots)) {
             pent *e = list[first++];
             used -= ROUND4(E_HDR + (uint64_t)e->klen + e->vlen);
             report(p, fn, ctx, e);
@@ -630,7 +643,7 @@ static int expunge(pfm_cache *p, uint32_t page, int mode, int64_t len, uint32_t 
 
 int pfm_expunge(pfm_cache *p, uint32_t page, int mode, fmm_evict_fn evict, void *ctx)
 {
-    return expunge(p, page, mode == FMM_EXPUNGE_ALL ? 1 : 0, -1, 0, evict, ctx);
+    return expunge(p, page, mode == FMM_EXPUNGE_ALL ? 1 : 0, -1, 0, 0, evict, ctx);
 }
 
 /* ---------- store ---------- */
@@ -657,37 +670,28 @@ static int modseq_rule(const pent *e, uint32_t now, uint32_t flags, uint64_t mod
     return 0;
 }
 
-int pfm_set(pfm_cache *p, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
-            uint32_t vlen, uint32_t flags, uint32_t expire_on, uint64_t modseq, fmm_evict_fn evict, void *ctx)
+/* The size rule of every store (fmm_item_fits): an entry of klen + vlen
+ * bytes (the stored vlen, with any modseq) fits the data area of an empty
+ * page with its start_slots table.  That area is a multiple of 4, so the
+ * entry's rounding never turns an item away. */
+int pfm_item_fits(const pfm_cache *p, uint64_t klen, uint64_t vlen)
+{
+    return (uint64_t)E_HDR + klen + vlen <= (uint64_t)p->page_size - dstart(p->start_slots);
+}
+
+/* Write an entry for the key into a locked page that has room for it
+ * (free bytes for `size` and a free slot): replace the key's entry if it
+ * has one, else insert.  Returns 0, or FMM_ETOOBIG / FMM_ECORRUPT if the
+ * room turned out not to be there (nothing changed). */
+static int store(pfm_cache *p, unsigned char *pb, uint32_t sh, const void *key, uint32_t klen, const void *val,
+                 uint32_t vlen, uint32_t flags, uint32_t expire_on, uint64_t modseq, uint64_t size, uint32_t now)
 {
     int has_ms = (flags & FMM_F_MODSEQ) != 0;
-    if ((flags & FMM_F_TYPE_MASK) == FMM_T_TOMBSTONE && (!has_ms || vlen))
-        return FMM_EBADARG;
-    uint64_t size = ROUND4(E_HDR + (uint64_t)klen + vlen + (has_ms ? 8u : 0u));
-    if (size > (uint64_t)p->page_size - dstart(p->start_slots))
-        return FMM_ETOOBIG;
-    unsigned char *pb = PB(p, page);
     phdr *h = (phdr *)pb;
-    uint32_t sh = slot_hash_of(p, hash);
-    uint32_t now = pfm_now(p);
-    /* The rules first: a refused store must not evict anything. */
-    long s = find_slot(p, pb, sh, key, klen, NULL);
-    if (s == -2) {
-        repair(p, page, "a slot points outside the page");
-        s = -1;
-    }
-    int rule = modseq_rule(s >= 0 ? (pent *)(pb + PSLOTS(pb)[s]) : NULL, now, flags, modseq);
-    if (rule)
-        return rule;
-    int rc = expunge(p, page, 2, (int64_t)klen + vlen, (uint32_t)size, evict, ctx);
-    if (rc)
-        return rc;
     long ins = -1;
-    s = find_slot(p, pb, sh, key, klen, &ins);
-    if (s == -2) { /* cannot happen after a successful expunge; be safe */
-        repair(p, page, "a slot points outside the page");
-        s = find_slot(p, pb, sh, key, klen, &ins);
-    }
+    long s = find_slot(p, pb, sh, key, klen, &ins);
+    if (s == -2)
+        return FMM_ECORRUPT;
     if (h->free_bytes < size)
         return FMM_ETOOBIG;
     uint32_t *slots = PSLOTS(pb);
@@ -728,6 +732,120 @@ int pfm_set(pfm_cache *p, uint32_t page, uint64_t hash, const void *key, uint32_
     slots[at] = off;
     h->free_data = off + (uint32_t)size;
     h->free_bytes = p->page_size - h->free_data;
+    return 0;
+}
+
+int pfm_set(pfm_cache *p, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
+            uint32_t vlen, uint32_t flags, uint32_t expire_on, uint64_t modseq, fmm_evict_fn evict, void *ctx)
+{
+    int has_ms = (flags & FMM_F_MODSEQ) != 0;
+    if ((flags & FMM_F_TYPE_MASK) == FMM_T_TOMBSTONE && (!has_ms || vlen))
+        return FMM_EBADARG;
+    if (!pfm_item_fits(p, klen, (uint64_t)vlen + (has_ms ? 8u : 0u)))
+        return FMM_ETOOBIG;
+    uint64_t size = ROUND4(E_HDR + (uint64_t)klen + vlen + (has_ms ? 8u : 0u));
+    unsigned char *pb = PB(p, page);
+    uint32_t sh = slot_hash_of(p, hash);
+    uint32_t now = pfm_now(p);
+    /* The rules first: a refused store must not evict anything. */
+    long s = find_slot(p, pb, sh, key, klen, NULL);
+    if (s == -2) {
+        repair(p, page, "a slot points outside the page");
+        s = -1;
+    }
+    int rule = modseq_rule(s >= 0 ? (pent *)(pb + PSLOTS(pb)[s]) : NULL, now, flags, modseq);
+    if (rule)
+        return rule;
+    int rc = expunge(p, page, 2, (int64_t)klen + vlen, (uint32_t)size, 0, evict, ctx);
+    if (rc)
+        return rc;
+    rc = store(p, pb, sh, key, klen, val, vlen, flags, expire_on, modseq, size, now);
+    if (rc == FMM_ECORRUPT) { /* cannot happen after a successful expunge; be safe */
+        repair(p, page, "a slot points outside the page");
+        rc = store(p, pb, sh, key, klen, val, vlen, flags, expire_on, modseq, size, now);
+    }
+    return rc == FMM_ECORRUPT ? FMM_ETOOBIG : rc;
+}
+
+/* fmm_set_many for this format (each item already passed the size rule).
+ * The format has no dirty marker, so the page's magic is one for the
+ * batch: it is cleared before the first item is written and restored
+ * after the last, and a page found without its magic is re-initialised at
+ * the next lock (by this engine; a Perl process reports the page as
+ * corrupt until then).  Perl's slot tables never shrink, so the batch must
+ * fit the data area this page's table leaves it (after the growth
+ * expunge would apply), not that of an empty page. */
+int pfm_set_many(pfm_cache *p, uint32_t page, fmm_batch_item *items, uint32_t n, uint32_t expire_on,
+                 fmm_evict_fn evict, void *ctx, uint32_t *bad, uint32_t fault)
+{
+    unsigned char *pb = PB(p, page);
+    phdr *h = (phdr *)pb;
+    uint32_t now = pfm_now(p);
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < n; i++)
+        total += ROUND4(E_HDR + (uint64_t)items[i].klen + items[i].vlen);
+    /* The slot count expunge will leave: count the entries that survive expiry. */
+    uint32_t ns = h->num_slots, nkept = 0;
+    uint32_t *slots = PSLOTS(pb);
+    for (uint32_t i = 0; i < ns; i++) {
+        if (slots[i] <= 1)
+            continue;
+        pent *e = entry_at(p, pb, slots[i]);
+        if (!e) {
+            repair(p, page, "a slot points outside the page");
+            ns = h->num_slots;
+            nkept = 0;
+            break;
+        }
+        nkept += !is_expired(e, now);
+    }
+    uint32_t new_ns = expunge_slots(p, ns, nkept, 0, 2);
+    if ((uint64_t)n >= new_ns || total > (uint64_t)p->page_size - dstart(new_ns)) {
+        detail(p, "%u items need %llu bytes with their headers, more than page %u holds (%u bytes of data, %u slots)",
+               (unsigned)n, (unsigned long long)total, (unsigned)page, (unsigned)(p->page_size - dstart(new_ns)),
+               (unsigned)new_ns);
+        if (bad)
+            *bad = n;
+        return FMM_ETOOBIG;
+    }
+    if (n == 0)
+        return 0;
+    /* The tombstone rule against the page as the batch found it, before
+     * expunge can evict a tombstone (a refused store changes nothing). */
+    for (uint32_t i = 0; i < n; i++) {
+        long s = find_slot(p, pb, slot_hash_of(p, items[i].hash), items[i].key, items[i].klen, NULL);
+        items[i].rc = s >= 0 ? modseq_rule((pent *)(pb + slots[s]), now, items[i].flags & 0x7Fu, 0) : 0;
+    }
+    /* Room for all at once: bytes for every item as an append, and more
+     * empty slots than items (a probe ends at an empty slot). */
+    if (h->free_bytes < total || h->free_slots - h->old_slots <= n) {
+        int rc = expunge(p, page, 2, -1, (uint32_t)total, n + 1, evict, ctx);
+        if (rc)
+            return rc;
+        if (h->free_bytes < total || h->free_slots - h->old_slots <= n)
+            return FMM_ECORRUPT; /* expunge found the page corrupt and re-initialised it */
+    }
+    h->magic = 0;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    for (uint32_t i = 0; i < n; i++) {
+        if (UNLIKELY(fault == i + 1))
+            raise(SIGKILL);
+        fmm_batch_item *it = &items[i];
+        if (it->rc == FMM_EREFUSED)
+            continue;
+        int rc = store(p, pb, slot_hash_of(p, it->hash), it->key, it->klen, it->val, it->vlen, it->flags & 0x7Fu,
+                       expire_on, 0, ROUND4(E_HDR + (uint64_t)it->klen + it->vlen), now);
+        if (rc) {
+            /* the page changed under the lock: drop the part of the batch */
+            repair(p, page, "no room left for a batch that had room");
+            return FMM_ECORRUPT;
+        }
+        it->rc = 0;
+    }
+    if (UNLIKELY(fault == n + 1))
+        raise(SIGKILL);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    h->magic = P_MAGIC;
     return 0;
 }
 

@@ -35,6 +35,9 @@ int pfm_held(const pfm_cache *p, uint32_t page);
 int pfm_get(pfm_cache *p, uint32_t page, uint64_t hash, const void *key, uint32_t klen, int touch, fmm_item *out);
 int pfm_set(pfm_cache *p, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
             uint32_t vlen, uint32_t flags, uint32_t expire_on, uint64_t modseq, fmm_evict_fn evict, void *ctx);
+int pfm_item_fits(const pfm_cache *p, uint64_t klen, uint64_t vlen);
+int pfm_set_many(pfm_cache *p, uint32_t page, fmm_batch_item *items, uint32_t n, uint32_t expire_on,
+                 fmm_evict_fn evict, void *ctx, uint32_t *bad, uint32_t fault);
 int pfm_delete(pfm_cache *p, uint32_t page, uint64_t hash, const void *key, uint32_t klen, uint32_t *old_flags);
 int pfm_expunge(pfm_cache *p, uint32_t page, int mode, fmm_evict_fn evict, void *ctx);
 int pfm_page_foreach(pfm_cache *p, uint32_t page, fmm_visit_fn fn, void *ctx);

@@ -2126,6 +2126,187 @@ static void test_lru_clock_renumbering(void)
     fmm_close(c);
 }
 
+/* ------------------------------------------------------------------ fmm_set_many */
+
+/* A one-page cache (every key on page 0) of the given format. */
+static fmm_cache *open_batch_cache(const char *name, int format, uint32_t page_size)
+{
+    char p[PATH_MAX];
+    tpath(p, name);
+    fmm_config cfg = {0};
+    cfg.format = format;
+    cfg.page_size = page_size;
+    cfg.num_pages = 1;
+    cfg.init_file = 1;
+    cfg.explicit_geometry = FMM_GEOM_PAGE_SIZE | FMM_GEOM_NUM_PAGES;
+    if (format == FMM_FORMAT_PERL)
+        cfg.perl_value_flags = FMM_T_BYTES;
+    return open_cfg(p, &cfg, NULL);
+}
+
+/* n items "b0".."b{n-1}" with vlen-byte values of their index. */
+enum { BATCH_MAX = 8 };
+typedef struct {
+    char keys[BATCH_MAX][16];
+    unsigned char vals[BATCH_MAX][4096];
+    fmm_batch_item it[BATCH_MAX];
+} batch_buf;
+
+static void batch_fill(fmm_cache *c, batch_buf *b, uint32_t n, uint32_t vlen)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        snprintf(b->keys[i], sizeof b->keys[i], "b%u", (unsigned)i);
+        memset(b->vals[i], 'A' + (int)i, vlen);
+        fmm_batch_item *it = &b->it[i];
+        memset(it, 0, sizeof *it);
+        it->key = b->keys[i];
+        it->klen = (uint32_t)strlen(b->keys[i]);
+        it->hash = fmm_hash(c, it->key, it->klen);
+        it->val = b->vals[i];
+        it->vlen = vlen;
+        it->flags = FMM_T_BYTES;
+    }
+}
+
+static int batch_store(fmm_cache *c, batch_buf *b, uint32_t n, uint32_t *bad)
+{
+    int rc = fmm_lock(c, 0, -1);
+    if (rc)
+        return rc;
+    rc = fmm_set_many(c, 0, b->it, n, 0, NULL, NULL, bad);
+    fmm_unlock(c, 0);
+    return rc;
+}
+
+/* How many of the batch's n keys the page holds, each with its value. */
+static uint32_t batch_present(fmm_cache *c, const batch_buf *b, uint32_t n, uint32_t vlen)
+{
+    uint32_t found = 0;
+    if (fmm_lock(c, 0, -1) != 0)
+        return UINT32_MAX;
+    for (uint32_t i = 0; i < n; i++) {
+        fmm_item it;
+        if (fmm_get(c, 0, b->it[i].hash, b->keys[i], b->it[i].klen, 0, &it) == 0) {
+            found++;
+            CHECK(it.vlen == vlen && memcmp(it.val, b->vals[i], vlen) == 0);
+        }
+    }
+    fmm_unlock(c, 0);
+    return found;
+}
+
+static void set_many_format(int format, const char *tag)
+{
+    char name[64];
+    snprintf(name, sizeof name, "many-%s.fmm", tag);
+    fmm_cache *c = open_batch_cache(name, format, 4096);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    batch_buf *b = calloc(1, sizeof *b);
+    uint32_t bad = 99;
+
+    /* Too big together: five 1.5 KiB items in a 4 KiB page store nothing
+     * and evict nothing. */
+    CHECK_EQ(ksets(c, "old", "kept"), 0);
+    batch_fill(c, b, 5, 1536);
+    CHECK_RC(batch_store(c, b, 5, &bad), FMM_ETOOBIG);
+    CHECK_EQ(bad, 5);
+    CHECK_EQ(batch_present(c, b, 5, 1536), 0);
+    CHECK(khas(c, "old"));
+    CHECK_EQ(count_entries(c), 1);
+
+    /* One item that can never fit: its index, nothing stored. */
+    batch_fill(c, b, 3, 100);
+    b->it[1].vlen = fmm_max_item(c); /* + the key: over the limit */
+    CHECK_RC(batch_store(c, b, 3, &bad), FMM_ETOOBIG);
+    CHECK_EQ(bad, 1);
+    CHECK_EQ(count_entries(c), 1);
+
+    /* The size rule of every store: klen + vlen up to max_item - 20. */
+    uint32_t most = fmm_max_item(c) - FMM_ENTRY_HEADER_SIZE;
+    CHECK(fmm_item_fits(c, 2, most - 2));
+    CHECK(!fmm_item_fits(c, 2, most - 1));
+    for (uint32_t below = 0; below < 4; below++) {
+        batch_fill(c, b, 1, 0);
+        b->it[0].vlen = most - 2 - below; /* "b0": 2 bytes of key */
+        CHECK_RC(batch_store(c, b, 1, &bad), 0);
+        CHECK_RC(kset(c, "b0", b->vals[0], most - 2 - below), 0);
+    }
+
+    /* A batch that fits after eviction: stored entirely, others evicted. */
+    char k[16];
+    for (int i = 0; i < 40; i++) {
+        snprintf(k, sizeof k, "s%d", i);
+        CHECK_EQ(ksets(c, k, "0123456789012345678901234567890123456789"), 0);
+    }
+    batch_fill(c, b, 2, 1500);
+    CHECK_RC(batch_store(c, b, 2, &bad), 0);
+    CHECK_EQ(b->it[0].rc, 0);
+    CHECK_EQ(b->it[1].rc, 0);
+    CHECK_EQ(batch_present(c, b, 2, 1500), 2);
+    CHECK_EQ(check_all_pages(c), 0);
+    /* and again over itself (each key replaced), then with a duplicate key */
+    CHECK_RC(batch_store(c, b, 2, &bad), 0);
+    CHECK_EQ(batch_present(c, b, 2, 1500), 2);
+    batch_fill(c, b, 3, 1000);
+    b->it[2] = b->it[0];
+    CHECK_RC(batch_store(c, b, 3, &bad), 0);
+    CHECK_EQ(batch_present(c, b, 2, 1000), 2);
+    CHECK_EQ(check_all_pages(c), 0);
+
+    /* A tombstone holds "b1": that item is refused, the others stored, even
+     * though making room for the batch (nearly the whole data area: Perl's
+     * slot table has grown by now) evicts the tombstone. */
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    CHECK_EQ(fmm_expunge(c, 0, FMM_EXPUNGE_ALL, NULL, NULL), 0);
+    fmm_unlock(c, 0);
+    CHECK_RC(ktomb(c, "b1", 5, 0), 0);
+    batch_fill(c, b, 3, format == FMM_FORMAT_PERL ? 1080 : 1290);
+    CHECK_RC(batch_store(c, b, 3, &bad), 0);
+    CHECK_EQ(b->it[0].rc, 0);
+    CHECK_EQ(b->it[1].rc, FMM_EREFUSED);
+    CHECK_EQ(b->it[2].rc, 0);
+    CHECK(khas(c, "b0") && !khas(c, "b1") && khas(c, "b2"));
+    CHECK_EQ(check_all_pages(c), 0);
+
+    /* SIGKILL at every item boundary (k - 1 items stored): the next locker
+     * re-initialises the page, which then holds none of the batch. */
+    enum { N = 4 };
+    for (uint32_t kk = 1; kk <= N + 1; kk++) {
+        CHECK_EQ(fmm_lock(c, 0, -1), 0);
+        CHECK_EQ(fmm_expunge(c, 0, FMM_EXPUNGE_ALL, NULL, NULL), 0);
+        fmm_unlock(c, 0);
+        CHECK_EQ(ksets(c, "old", "kept"), 0);
+        batch_fill(c, b, N, 700);
+        uint64_t before = fmm_repairs(c);
+        fflush(NULL);
+        pid_t pid = fork();
+        if (pid == 0) {
+            fmm_set_batch_fault(c, kk);
+            batch_store(c, b, N, NULL);
+            _exit(0); /* not killed: the test fails on the status */
+        }
+        CHECK_EQ(wait_child(pid), 1000 + SIGKILL);
+        CHECK_EQ(batch_present(c, b, N, 700), 0);
+        CHECK(!khas(c, "old")); /* the page was re-initialised */
+        CHECK_EQ(fmm_repairs(c), before + 1);
+        CHECK_EQ(check_all_pages(c), 0);
+    }
+    /* and without the fault, the same batch is stored whole */
+    batch_fill(c, b, N, 700);
+    CHECK_RC(batch_store(c, b, N, &bad), 0);
+    CHECK_EQ(batch_present(c, b, N, 700), N);
+    free(b);
+    fmm_close(c);
+}
+
+static void test_set_many(void)
+{
+    set_many_format(FMM_FORMAT_NATIVE, "native");
+    set_many_format(FMM_FORMAT_PERL, "perl");
+}
+
 /* A child process that holds page `page` of c until told to let go.
  * Returns the pid; *release is the fd to write to. */
 static pid_t hold_page_in_child(fmm_cache *c, uint32_t page, int *release)
@@ -4194,6 +4375,7 @@ static const test TESTS[] = {
     T(test_optimistic_cross_process),
     T(test_prefetch_hint),
     T(test_fork_while_holding),
+    T(test_set_many),
 };
 
 int main(void)
