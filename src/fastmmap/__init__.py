@@ -476,13 +476,24 @@ class Cache(CacheBase):
         raise KeyError("popitem(): cache is empty")
 
     def setdefault(self, key: _Key, default: Any = None) -> Any:
-        """Return the value of key, storing default first if it is absent (atomically)."""
-        while True:
-            value = self.get(key, _MISSING)
-            if value is not _MISSING:
-                return value
-            if self.add(key, default):
-                return default
+        """Return the value of key, storing default first if it is absent (atomically).
+
+        Over a tombstone (modseq) the store is refused, as for
+        ``cache[key] = default``: default is returned and the key stays absent.
+        """
+        # get() first, for read_cb to answer a miss as it would there.  The
+        # check and the store then run under one page lock: a loop of get()
+        # and add() retries never ends on a key that reads as absent but
+        # refuses stores (a tombstone).
+        value = self.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
+        with self.lock(key) as entry:
+            value = entry._get(key, None, _MISSING)
+            if value is _MISSING:
+                entry._set(key, None, default)
+                value = default
+        return value
 
     def update(
         self, other: Mapping[_KeyT, Any] | Iterable[tuple[_Key, Any]] = (), /, **kwargs: Any
