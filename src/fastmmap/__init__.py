@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import threading
 import weakref
@@ -36,6 +37,7 @@ from ._fastmmap import (
     ItemTooLargeError,
     LockTimeout,
     RecursiveLockError,
+    WriteBackLostError,
 )
 
 # Names for type checkers only (mypy treats TYPE_CHECKING as true); at run
@@ -75,6 +77,7 @@ __all__ = [
     "RecursiveLockError",
     "FileReplacedError",
     "ItemTooLargeError",
+    "WriteBackLostError",
     "Share",
     "LockedEntry",
     "LockedPage",
@@ -94,8 +97,15 @@ def _close_all_at_exit() -> None:
     for cache in list(_exit_registry):
         try:
             cache.close()
-        except Exception:  # pragma: no cover - best effort at exit
-            pass
+        except Exception as e:
+            _report_close_failure(cache, e, "at exit")
+
+
+def _report_close_failure(cache: Cache, e: Exception, when: str) -> None:
+    # Nobody is left to catch the error: say so.  A failed empty_on_exit
+    # flush left its entries in the file, which is then not unlinked.
+    name = getattr(cache, "_share_file", None)
+    print(f"fastmmap: closing the cache {name!r} {when} failed: {e!r}", file=sys.stderr)
 
 
 def _json_dumps(obj: Any) -> bytes:
@@ -359,6 +369,9 @@ class Cache(CacheBase):
         """Close the cache.  Idempotent; later operations raise ValueError.
 
         In the process that created the file, unlink_on_exit removes it.
+        With empty_on_exit, a flush that fails (write_cb raised) raises here
+        and leaves the cache open, its unwritten entries still in it: call
+        close() again once the store works.
         """
         if self.closed:
             return
@@ -384,8 +397,8 @@ class Cache(CacheBase):
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:
-            pass
+        except Exception as e:
+            _report_close_failure(self, e, "at garbage collection")
 
     def __enter__(self) -> Self:
         return self

@@ -104,6 +104,12 @@ class FileReplacedError(Error):
 class ItemTooLargeError(Error, ValueError):
     """An item (key, stored value and entry header) can never fit in one page."""
 
+class WriteBackLostError(Error):
+    """Write-back failed and dirty values could not be put back in the cache: their keys are in .keys."""
+
+    #: the keys of the lost values (None for one that could not be recorded)
+    keys: tuple[str | bytes | None, ...]
+
 # ---------------------------------------------------------------- functions
 
 def xxh64(data: ReadableBuffer, seed: int = 0, /) -> int:
