@@ -221,11 +221,17 @@ def test_an_entry_that_cannot_be_put_back_is_reported_lost(make):
     store = Store(fail={"*"})
     c = make(store, num_pages=1, page_size="4k")
     keys = []
-    with pytest.raises(fastmmap.WriteBackLostError) as info:
-        for i in range(1000):
-            keys.append(f"k{i}")
+    err = None
+    for i in range(1000):
+        keys.append(f"k{i}")
+        try:
             c.set(keys[-1], "y" * 100)
-    err = info.value
+        except StoreDown:
+            continue  # the evicted entries could all be put back
+        except fastmmap.WriteBackLostError as e:
+            err = e
+            break
+    assert err is not None, "a 4 KB page cannot keep 1000 dirty entries"
     assert isinstance(err.__cause__, StoreDown)
     assert err.keys and all(k in keys for k in err.keys)
     assert "lost" in str(err) and repr(err.keys[0]) in str(err)
