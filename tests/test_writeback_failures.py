@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -239,6 +240,39 @@ def test_an_entry_that_cannot_be_put_back_is_reported_lost(make):
     assert not cached & set(err.keys)
     assert cached | set(err.keys) == set(keys)  # everything else is still cached
     assert store.data == {}
+
+
+def test_an_entry_whose_page_stays_locked_is_reported_lost(make):
+    """Another thread holds the key's page while write_cb fails: the entry
+    cannot go back within lock_timeout, and is named as lost."""
+    held, release = threading.Event(), threading.Event()
+    threads = []
+
+    def holder():
+        with c.lock("k"):
+            held.set()
+            release.wait(30)
+
+    def write_cb(ctx, key, value, expire_on):
+        threads.append(threading.Thread(target=holder))
+        threads[0].start()
+        held.wait(30)
+        raise StoreDown(key)
+
+    store = Store()
+    store.write = write_cb
+    c = make(store, lock_timeout=0.2)
+    c.set("k", "v")
+    try:
+        with pytest.raises(fastmmap.WriteBackLostError) as info:
+            c.expire("k")
+    finally:
+        release.set()
+        for t in threads:
+            t.join()
+    assert info.value.keys == ("k",)
+    assert isinstance(info.value.__cause__, StoreDown)
+    assert "k" not in c
 
 
 # ---------------------------------------------------------------- empty_on_exit
