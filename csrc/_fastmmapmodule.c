@@ -71,6 +71,7 @@ typedef struct {
     PyObject *FileReplacedError;
     PyObject *ItemTooLargeError;
     PyObject *UntrustedFileError;
+    PyObject *WriteBackLostError;
     PyObject *pickle_dumps;
     PyObject *pickle_loads;
     PyObject *pickle_protocol;
@@ -846,10 +847,10 @@ static int parse_modseq(PyObject *o, uint64_t *out, int *has)
  * When the engine drops a dirty entry (eviction, expiry reclaim, expunge)
  * it calls evict_collect under the page lock, which only copies the entry
  * into a list (no Python code runs); after the unlock, flush_evicted
- * passes each to write_cb. */
+ * passes each to write_cb, and puts back in the cache those it failed. */
 
 typedef struct {
-    PyObject *list; /* (key, raw value, flags, expire_on) tuples, or NULL */
+    PyObject *list; /* (key, raw value, flags, expire_on, modseq) tuples, or NULL */
     int err;
 } evict_ctx;
 
@@ -863,7 +864,9 @@ static void evict_collect(void *vctx, const fmm_item *it)
         return;
     }
     PyObject *key = key_object(it);
-    PyObject *t = key ? Py_BuildValue("(Ny#II)", key, it->val, (Py_ssize_t)it->vlen, it->flags, it->expire_on) : NULL;
+    PyObject *t = key ? Py_BuildValue("(Ny#IIK)", key, it->val, (Py_ssize_t)it->vlen, it->flags, it->expire_on,
+                                      (unsigned long long)it->modseq)
+                      : NULL;
     if (!t || PyList_Append(ec->list, t) < 0)
         ec->err = 1;
     Py_XDECREF(t);
@@ -897,9 +900,118 @@ static int call_delete_cb(CacheObject *self, PyObject *key)
     return 0;
 }
 
-/* Write evicted dirty entries to the store (no page lock held).  Every
- * entry is attempted; the first error is kept and reported.  Consumes
- * ec->list. */
+static int note_lost(PyObject **lost, PyObject *key)
+{
+    if (!*lost && !(*lost = PyList_New(0)))
+        return -1;
+    return PyList_Append(*lost, key);
+}
+
+/* Put back the dirty entries list[from:] whose write-back failed or was not
+ * tried.  Each goes back under its page lock, dirty, with its expiry and
+ * modseq, unless the key holds an entry now (a value, an expired one or a
+ * tombstone): that one was stored after ours left the cache, so it is newer
+ * and ours is not needed.  Dirty entries that a re-store evicts get one
+ * write_cb call; they are not put back again, or a page too small for all
+ * of them would cycle for ever.  The keys of entries that could be neither
+ * written nor kept are appended to *lost.  Returns -1 only when even that
+ * list cannot be built. */
+static int restore_dirty(CacheObject *self, PyObject *list, Py_ssize_t from, PyObject **lost)
+{
+    evict_ctx displaced = {0};
+    int unknown = 0; /* evicted entries that could not even be recorded */
+    for (Py_ssize_t i = from; i < PyList_GET_SIZE(list); i++) {
+        PyObject *t = PyList_GET_ITEM(list, i);
+        PyObject *key = PyTuple_GET_ITEM(t, 0), *raw = PyTuple_GET_ITEM(t, 1);
+        uint32_t flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 2));
+        uint32_t exp = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 3));
+        uint64_t modseq = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 4));
+        int rc = -1;
+        /* the stored key bytes: key_object decoded them with surrogateescape */
+        PyObject *kb = PyUnicode_Check(key) ? PyUnicode_AsEncodedString(key, "utf-8", "surrogateescape")
+                                            : Py_NewRef(key);
+        if (kb && self->c && !IS_LOST(self)) {
+            const char *kbuf = PyBytes_AS_STRING(kb);
+            uint32_t klen = (uint32_t)PyBytes_GET_SIZE(kb);
+            uint64_t h = fmm_hash(self->c, kbuf, klen);
+            uint32_t page = fmm_page_of(self->c, h);
+            if (lock_page(self, page) == 0) {
+                fmm_item it;
+                if (fmm_get(self->c, page, h, kbuf, klen, FMM_GET_EXPIRED | FMM_GET_TOMBSTONE, &it) == 0)
+                    rc = 0;
+                else
+                    rc = fmm_set_ms(self->c, page, h, kbuf, klen, PyBytes_AS_STRING(raw),
+                                    (uint32_t)PyBytes_GET_SIZE(raw), flags, exp, modseq, evict_collect, &displaced);
+                UNLOCK(self, page);
+            }
+        }
+        Py_XDECREF(kb);
+        if (rc != 0) {
+            PyErr_Clear(); /* the error that matters is the write_cb's; this one shows as the loss */
+            if (note_lost(lost, key) < 0)
+                goto fail;
+        }
+    }
+    if (displaced.err) {
+        PyErr_Clear();
+        unknown = 1;
+    }
+    if (displaced.list) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(displaced.list); i++) {
+            PyObject *t = PyList_GET_ITEM(displaced.list, i);
+            uint32_t flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 2));
+            uint32_t exp = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 3));
+            PyObject *v = decode_value(self, flags, NULL, 0, PyTuple_GET_ITEM(t, 1));
+            if (!v || call_write_cb(self, PyTuple_GET_ITEM(t, 0), v, exp) < 0) {
+                PyErr_Clear();
+                if (note_lost(lost, PyTuple_GET_ITEM(t, 0)) < 0) {
+                    Py_XDECREF(v);
+                    goto fail;
+                }
+            }
+            Py_XDECREF(v);
+        }
+    }
+    if (unknown && note_lost(lost, Py_None) < 0)
+        goto fail;
+    Py_XDECREF(displaced.list);
+    return 0;
+fail:
+    Py_XDECREF(displaced.list);
+    return -1;
+}
+
+/* The error for dirty values that are gone: a WriteBackLostError whose
+ * `keys` lists them (None for one that could not even be recorded), caused
+ * by `cause`, the write_cb error that started it (stolen, may be NULL). */
+static PyObject *lost_error(CacheObject *self, PyObject *lost, PyObject *cause)
+{
+    PyObject *e = NULL;
+    PyObject *msg = PyUnicode_FromFormat("write-back failed (%R) and %zd dirty value(s) could not be put back in the "
+                                         "cache, so they are lost: keys %R",
+                                         cause ? cause : Py_None, PyList_GET_SIZE(lost), lost);
+    if (msg) {
+        e = PyObject_CallOneArg(self->state->WriteBackLostError, msg);
+        Py_DECREF(msg);
+    }
+    PyObject *keys = e ? PyList_AsTuple(lost) : NULL;
+    if (e && (!keys || PyObject_SetAttrString(e, "keys", keys) < 0))
+        Py_CLEAR(e);
+    Py_XDECREF(keys);
+    if (!e) {
+        Py_XDECREF(cause);
+        return PyErr_GetRaisedException();
+    }
+    if (cause)
+        PyException_SetCause(e, cause); /* steals */
+    return e;
+}
+
+/* Write evicted dirty entries to the store (no page lock held), in order,
+ * stopping at the first that fails (write_cb or decoding raised): that one
+ * and those after it go back into the cache, still dirty (restore_dirty),
+ * and the exception is raised.  If some could not be put back, the error is
+ * a WriteBackLostError naming them.  Consumes ec->list. */
 static int flush_evicted(CacheObject *self, evict_ctx *ec)
 {
     int rc = 0;
@@ -911,20 +1023,32 @@ static int flush_evicted(CacheObject *self, evict_ctx *ec)
         exc = PyErr_GetRaisedException();
     }
     if (ec->list && self->write_cb) {
-        Py_ssize_t n = PyList_GET_SIZE(ec->list);
-        for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t n = PyList_GET_SIZE(ec->list), i;
+        for (i = 0; i < n; i++) {
             PyObject *t = PyList_GET_ITEM(ec->list, i);
             uint32_t flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 2));
             uint32_t exp = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 3));
             PyObject *v = decode_value(self, flags, NULL, 0, PyTuple_GET_ITEM(t, 1));
             if (!v || call_write_cb(self, PyTuple_GET_ITEM(t, 0), v, exp) < 0) {
+                Py_XDECREF(v);
                 rc = -1;
                 if (!exc)
                     exc = PyErr_GetRaisedException();
                 else
                     PyErr_Clear();
+                break;
             }
-            Py_XDECREF(v);
+            Py_DECREF(v);
+        }
+        if (i < n) {
+            PyObject *lost = NULL;
+            if (restore_dirty(self, ec->list, i, &lost) < 0) {
+                Py_XDECREF(exc);
+                exc = PyErr_GetRaisedException();
+            } else if (lost) {
+                exc = lost_error(self, lost, exc);
+            }
+            Py_XDECREF(lost);
         }
     }
     Py_CLEAR(ec->list);
@@ -1761,7 +1885,7 @@ static PyObject *cache_expire(PyObject *op, PyObject *key)
 {
     CacheObject *self = CacheObject_CAST(op);
     ENTER(self);
-    PyObject *res = NULL, *raw = NULL;
+    PyObject *res = NULL;
     keybuf k;
     if (get_key(key, &k) < 0)
         goto out;
@@ -1770,32 +1894,24 @@ static PyObject *cache_expire(PyObject *op, PyObject *key)
     if (lock_page(self, page) < 0)
         goto out;
     fmm_item it;
-    uint32_t flags = 0, exp = 0;
-    int err = 0;
+    evict_ctx ec = {0};
     if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, FMM_GET_EXPIRED, &it) == 0) {
-        if (self->write_back && (it.flags & FMM_F_DIRTY)) {
-            flags = it.flags;
-            exp = it.expire_on;
-            raw = PyBytes_FromStringAndSize(it.val, it.vlen);
-            err = raw == NULL;
-        }
-        if (!err)
+        /* recorded as an eviction is, so that a failed write-back puts it back */
+        if (self->write_back && (it.flags & FMM_F_DIRTY))
+            evict_collect(&ec, &it);
+        if (!ec.err)
             fmm_delete(self->c, page, h, k.buf, (uint32_t)k.len, NULL);
     }
     UNLOCK(self, page);
-    if (err)
+    if (ec.err) { /* nothing was deleted */
+        Py_CLEAR(ec.list);
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
         goto out;
-    if (raw && self->write_cb) {
-        PyObject *v = decode_value(self, flags, NULL, 0, raw);
-        if (!v || call_write_cb(self, key, v, exp) < 0) {
-            Py_XDECREF(v);
-            goto out;
-        }
-        Py_DECREF(v);
     }
-    res = Py_NewRef(Py_None);
+    if (flush_evicted(self, &ec) == 0)
+        res = Py_NewRef(Py_None);
 out:
-    Py_XDECREF(raw);
     LOST_R(self, res);
     LEAVE(self);
     return res;
@@ -3067,6 +3183,8 @@ static int fastmmap_exec(PyObject *mod)
         {&st->UntrustedFileError, "UntrustedFileError", PyExc_PermissionError,
          "An existing cache file (or directory) is owned by another user, or group/others may write it beyond "
          "permissions."},
+        {&st->WriteBackLostError, "WriteBackLostError", NULL,
+         "Write-back failed and dirty values could not be put back in the cache: their keys are in .keys."},
     };
     for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
         PyObject *bases = subs[i].builtin ? PyTuple_Pack(2, st->Error, subs[i].builtin) : PyTuple_Pack(1, st->Error);
@@ -3077,6 +3195,13 @@ static int fastmmap_exec(PyObject *mod)
         if (r < 0)
             return -1;
     }
+    /* the class default, so that .keys is always there (and typed in the stub) */
+    PyObject *no_keys = PyTuple_New(0);
+    if (!no_keys || PyObject_SetAttrString(st->WriteBackLostError, "keys", no_keys) < 0) {
+        Py_XDECREF(no_keys);
+        return -1;
+    }
+    Py_DECREF(no_keys);
     st->pickle_dumps = import_attr("pickle", "dumps");
     st->pickle_loads = import_attr("pickle", "loads");
     if (!st->pickle_dumps || !st->pickle_loads)
@@ -3121,6 +3246,7 @@ static int fastmmap_traverse(PyObject *mod, visitproc visit, void *arg)
     Py_VISIT(st->FileReplacedError);
     Py_VISIT(st->ItemTooLargeError);
     Py_VISIT(st->UntrustedFileError);
+    Py_VISIT(st->WriteBackLostError);
     Py_VISIT(st->pickle_dumps);
     Py_VISIT(st->pickle_loads);
     Py_VISIT(st->pickle_protocol);
@@ -3145,6 +3271,7 @@ static int fastmmap_clear(PyObject *mod)
     Py_CLEAR(st->FileReplacedError);
     Py_CLEAR(st->ItemTooLargeError);
     Py_CLEAR(st->UntrustedFileError);
+    Py_CLEAR(st->WriteBackLostError);
     Py_CLEAR(st->pickle_dumps);
     Py_CLEAR(st->pickle_loads);
     Py_CLEAR(st->pickle_protocol);

@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import threading
 import weakref
@@ -39,6 +40,7 @@ from ._fastmmap import (
     LockTimeout,
     RecursiveLockError,
     UntrustedFileError,
+    WriteBackLostError,
 )
 
 # Names for type checkers only (mypy treats TYPE_CHECKING as true); at run
@@ -79,6 +81,7 @@ __all__ = [
     "FileReplacedError",
     "ItemTooLargeError",
     "UntrustedFileError",
+    "WriteBackLostError",
     "Share",
     "LockedEntry",
     "LockedPage",
@@ -102,8 +105,15 @@ def _close_all_at_exit() -> None:
     for cache in list(_exit_registry):
         try:
             cache.close()
-        except Exception:  # pragma: no cover - best effort at exit
-            pass
+        except Exception as e:
+            _report_close_failure(cache, e, "at exit")
+
+
+def _report_close_failure(cache: Cache, e: Exception, when: str) -> None:
+    # Nobody is left to catch the error: say so.  A failed empty_on_exit
+    # flush left its entries in the file, which is then not unlinked.
+    name = getattr(cache, "_share_file", None)
+    print(f"fastmmap: closing the cache {name!r} {when} failed: {e!r}", file=sys.stderr)
 
 
 def _json_dumps(obj: Any) -> bytes:
@@ -428,6 +438,9 @@ class Cache(CacheBase):
         """Close the cache.  Idempotent; later operations raise ValueError.
 
         In the process that created the file, unlink_on_exit removes it.
+        With empty_on_exit, a flush that fails (write_cb raised) raises here
+        and leaves the cache open, its unwritten entries still in it: call
+        close() again once the store works.
         """
         if self.closed:
             return
@@ -453,8 +466,8 @@ class Cache(CacheBase):
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:
-            pass
+        except Exception as e:
+            _report_close_failure(self, e, "at garbage collection")
 
     def __enter__(self) -> Self:
         return self
@@ -545,13 +558,24 @@ class Cache(CacheBase):
         raise KeyError("popitem(): cache is empty")
 
     def setdefault(self, key: _Key, default: Any = None) -> Any:
-        """Return the value of key, storing default first if it is absent (atomically)."""
-        while True:
-            value = self.get(key, _MISSING)
-            if value is not _MISSING:
-                return value
-            if self.add(key, default):
-                return default
+        """Return the value of key, storing default first if it is absent (atomically).
+
+        Over a tombstone (modseq) the store is refused, as for
+        ``cache[key] = default``: default is returned and the key stays absent.
+        """
+        # get() first, for read_cb to answer a miss as it would there.  The
+        # check and the store then run under one page lock: a loop of get()
+        # and add() retries never ends on a key that reads as absent but
+        # refuses stores (a tombstone).
+        value = self.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
+        with self.lock(key) as entry:
+            value = entry._get(key, None, _MISSING)
+            if value is _MISSING:
+                entry._set(key, None, default)
+                value = default
+        return value
 
     def update(
         self, other: Mapping[_KeyT, Any] | Iterable[tuple[_Key, Any]] = (), /, **kwargs: Any

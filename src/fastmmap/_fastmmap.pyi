@@ -108,6 +108,11 @@ class ItemTooLargeError(Error, ValueError):
 
 class UntrustedFileError(Error, PermissionError):
     """An existing cache file (or directory) is owned by another user, or group/others may write it beyond permissions."""
+class WriteBackLostError(Error):
+    """Write-back failed and dirty values could not be put back in the cache: their keys are in .keys."""
+
+    #: the keys of the lost values (None for one that could not be recorded)
+    keys: tuple[str | bytes | None, ...]
 
 # ---------------------------------------------------------------- functions
 
