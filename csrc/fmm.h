@@ -11,15 +11,17 @@
  * fmm.c is static.
  *
  * ---------------------------------------------------------------------------
- * File format (native, version 3; files of older versions are rejected as
- * BadFileError: reopen with init_file.  Version 2 had no sequence word, and
- * its processes would write pages without moving it; version 1 also had the
- * page-header fields at 64..100 and XXH64 for every key).  All fields
+ * File format (native, version 4; files of older versions are rejected as
+ * BadFileError: reopen with init_file.  Version 3 left the first word of a
+ * 9..16-byte key unseeded in the short-key hash, so its keys live on other
+ * pages; version 2 had no sequence word, and its processes would write
+ * pages without moving it; version 1 also had the page-header fields at
+ * 64..100 and XXH64 for every key).  All fields
  * native-endian; the file is a shared-memory file, not an exchange format.
  *
  *   offset 0      file header, FMM_HEADER_SIZE (4096) bytes, first 128 used:
  *                   char     magic[8]      "FASTMMAP"
- *                   uint32   version       3
+ *                   uint32   version       4
  *                   uint32   state         FMM_STATE_READY once initialised
  *                   uint32   header_size   4096
  *                   uint32   page_size     power of two, 1 KiB .. 1 GiB
@@ -125,7 +127,7 @@ extern "C" {
 #define FMM_MAX_PAGES        (1u << 24)
 #define FMM_MAX_KEY_LEN      ((1u << 24) - 1)
 #define FMM_STATE_READY      0x52454459u  /* "READ" */
-#define FMM_FORMAT_VERSION   3u  /* 3: the page sequence word for lock-free reads; 2: hot page-header fields share the mutex's cache line, short-key hash */
+#define FMM_FORMAT_VERSION   4u  /* 4: every short-key word seeded; 3: the page sequence word for lock-free reads; 2: hot page-header fields share the mutex's cache line, short-key hash */
 
 /* ---------- Error codes ----------
  * 0 is success.  Negative values are engine codes below; positive values
