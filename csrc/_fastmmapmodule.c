@@ -110,12 +110,6 @@ typedef struct {
     PyObject *weakreflist;
 } CacheObject;
 
-/* Perl format, serializer="raw": the type the engine reports for values
- * Perl stored without its UTF-8/undef flags (plain byte strings).  Never
- * written to a file; decode_value checks these bytes for Perl's Storable
- * and Sereal formats before returning them. */
-#define T_PERL_RAW 0x07u
-
 #define CacheObject_CAST(op) ((CacheObject *)(op))
 
 /* ---------- Errors ---------- */
@@ -588,7 +582,11 @@ static PyObject *decode_value(CacheObject *self, uint32_t flags, const char *buf
         buf = PyBytes_AS_STRING(plain);
         len = PyBytes_GET_SIZE(plain);
     }
-    if (self->perl && (type == T_PERL_RAW || type == FMM_T_JSON)) {
+    /* A Perl-format JSON reader names Perl's Storable or Sereal serializer
+     * when it meets their headers, which no JSON text starts with.  A raw
+     * reader does not guess: like Perl's serializer => '' it returns the
+     * bytes as stored, since any byte string is a valid raw value. */
+    if (self->perl && type == FMM_T_JSON) {
         const char *which = perl_serializer_of(buf, len);
         if (which) {
             PyErr_Format(st->Error,
@@ -597,8 +595,6 @@ static PyObject *decode_value(CacheObject *self, uint32_t flags, const char *buf
                          which);
             goto done;
         }
-        if (type == T_PERL_RAW)
-            type = FMM_T_BYTES;
     }
     switch (type) {
     case FMM_T_BYTES:

@@ -120,11 +120,6 @@ def _resolve_serializer(serializer: _Serializer) -> _SerializerSpec:
     )
 
 
-#: The binding's T_PERL_RAW: Perl-format plain values, checked for Storable
-#: and Sereal before they are returned as bytes.
-_T_PERL_RAW = 0x07
-
-
 def _gzip_compress(data: bytes) -> bytes:
     """Compress::Zlib's memGzip format (a gzip member), as Perl's 'zlib' compressor writes."""
     z = zlib.compressobj(6, zlib.DEFLATED, 31)
@@ -291,7 +286,7 @@ class Cache(CacheBase):
         try:
             if perl:
                 # the type the engine reports for Perl's plain (unflagged) values
-                plain = _T_PERL_RAW if ser_type == _C.SER_RAW else ser_type
+                plain = _C.T_BYTES if ser_type == _C.SER_RAW else ser_type
                 created = self._open(
                     path, page, pages, slots or 0, explicit, bool(init_file), perms,
                     False, bool(enable_stats), 1, plain | comp_type,
