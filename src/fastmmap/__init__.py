@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import threading
 import weakref
@@ -257,8 +258,9 @@ class Cache(CacheBase):
             comp_type, compress, decompress = _resolve_perl_compressor(compressor)
         else:
             comp_type, compress, decompress = _resolve_compressor(compressor)
-        if isinstance(compress_threshold, bool) or not isinstance(compress_threshold, int) or compress_threshold < 0:
-            raise ValueError(f"compress_threshold must be an int >= 0, got {compress_threshold!r}")
+        if (isinstance(compress_threshold, bool) or not isinstance(compress_threshold, int)
+                or not 0 <= compress_threshold <= sys.maxsize):
+            raise ValueError(f"compress_threshold must be an int from 0 to {sys.maxsize}, got {compress_threshold!r}")
         for name, cb in (("read_cb", read_cb), ("write_cb", write_cb), ("delete_cb", delete_cb)):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be callable or None, not {type(cb).__name__}")
