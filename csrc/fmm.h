@@ -538,23 +538,25 @@ int fmm_check_file(const fmm_cache *c);
  * did not touch the lost range, are unaffected.  Any other SIGBUS is passed
  * on to the handler that was installed before (or the default action).
  *
- * Limits: at most FMM_GUARD_SLOTS mappings per process are guarded (the rest
- * work unguarded); a lost handle's zero memory is not unmapped by fmm_close
+ * Limits: none on the number of mappings guarded (the guard's table grows
+ * in chunks that are never freed; only an allocation failure leaves a
+ * mapping unguarded); a lost handle's zero memory is not unmapped by fmm_close
  * (the page mutexes in it may still be on a thread's robust-futex list, which
  * glibc writes to), so each lost handle leaks its address range; a thread
  * that is inside glibc's robust-mutex unlock at the very instant another
  * thread of the same process faults can still crash (a window of a few
  * instructions).  The guard also costs nothing until a fault: one load of
  * the flag per lock and unlock. */
-#define FMM_GUARD_SLOTS 256
-
 /** @brief Guard [start, start+len): on SIGBUS there, set *flag to 1.
- *  @return the slot (for fmm_guard_unregister), or -1 (table full). */
+ *  @return the slot (for fmm_guard_unregister), or -1 (out of memory, or
+ *  the handler could not be installed: the mapping works unguarded). */
 int fmm_guard_register(void *start, size_t len, int *flag);
 /** @brief Stop guarding a slot returned by fmm_guard_register (-1: no-op). */
 void fmm_guard_unregister(int slot);
 /** @brief 1 if the guard's handler is the current SIGBUS action. */
 int fmm_guard_active(void);
+/** @brief Entries the guard's table holds now (exposed for tests). */
+int fmm_guard_capacity(void);
 /** @brief 1 if the handle's file shrank under its mapping (see above). */
 int fmm_lost(const fmm_cache *c);
 /** @brief Address of the flag fmm_lost reads (non-zero: lost), valid until

@@ -3057,6 +3057,96 @@ static void test_guard_truncate(void)
     fmm_close(o);
 }
 
+/* More mappings than the guard's first table chunk holds are all guarded:
+ * the table grows, and a truncation under the last handle opened is an
+ * error on that handle, not a SIGBUS that kills the process.  In a child,
+ * so that an unguarded mapping fails the test instead of ending the driver. */
+static void test_guard_many_mappings(void)
+{
+    if (under_valgrind()) {
+        printf("skip test_guard_many_mappings: valgrind cannot resume an access after the SIGBUS guard remaps it\n");
+        return;
+    }
+    enum { N = 300 };
+    char path[PATH_MAX];
+    tpath(path, "guard-many.fmm");
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        static fmm_cache *h[N];
+        int bad = 0;
+        for (int i = 0; i < N; i++)
+            if (!(h[i] = open_geom(path, 4096, 1)))
+                _exit(10);
+        if (fmm_guard_capacity() < N)
+            _exit(11);
+        /* a second round reuses the entries the first one freed */
+        int cap = fmm_guard_capacity();
+        for (int i = 0; i < N; i++) {
+            fmm_close(h[i]);
+            if (!(h[i] = open_geom(path, 4096, 1)))
+                _exit(12);
+        }
+        if (fmm_guard_capacity() != cap)
+            _exit(13);
+        int fd = open(path, O_RDWR | O_CLOEXEC);
+        if (fd < 0 || ftruncate(fd, 0) != 0)
+            _exit(14);
+        close(fd);
+        /* the last handle opened, the first, and one in the middle */
+        const int which[] = {N - 1, 0, N / 2};
+        for (int j = 0; j < 3; j++) {
+            (void)*fmm_probe_addr(h[which[j]]); /* past the end of the file now */
+            bad += !fmm_lost(h[which[j]]);
+            bad += ksets(h[which[j]], "k", "v") != FMM_EREPLACED;
+        }
+        for (int i = 0; i < N; i++)
+            fmm_close(h[i]);
+        _exit(bad ? 15 : 0);
+    }
+    int status = 0;
+    CHECK(waitpid(pid, &status, 0) == pid);
+    CHECK(WIFEXITED(status));
+    if (WIFSIGNALED(status))
+        printf("test_guard_many_mappings: the child died of signal %d\n", WTERMSIG(status));
+    CHECK_EQ(WIFEXITED(status) ? WEXITSTATUS(status) : -1, 0);
+}
+
+/* Threads that register at once, past several table chunks, each get an
+ * entry of their own (growth races on the last chunk's `next`). */
+enum { GUARD_THREADS = 4, GUARD_PER_THREAD = 150 };
+static char g_guard_area[GUARD_THREADS * GUARD_PER_THREAD];
+static int g_guard_flags[GUARD_THREADS * GUARD_PER_THREAD];
+static int g_guard_slots[GUARD_THREADS * GUARD_PER_THREAD];
+
+static void *guard_register_many(void *arg)
+{
+    int t = (int)(intptr_t)arg;
+    for (int i = t * GUARD_PER_THREAD; i < (t + 1) * GUARD_PER_THREAD; i++)
+        g_guard_slots[i] = fmm_guard_register(&g_guard_area[i], 1, &g_guard_flags[i]);
+    return NULL;
+}
+
+static void test_guard_concurrent_growth(void)
+{
+    enum { N = GUARD_THREADS * GUARD_PER_THREAD };
+    pthread_t th[GUARD_THREADS];
+    for (int t = 0; t < GUARD_THREADS; t++)
+        CHECK(pthread_create(&th[t], NULL, guard_register_many, (void *)(intptr_t)t) == 0);
+    for (int t = 0; t < GUARD_THREADS; t++)
+        pthread_join(th[t], NULL);
+    int bad = 0;
+    for (int i = 0; i < N; i++) {
+        bad += g_guard_slots[i] < 0;
+        for (int j = 0; j < i; j++)
+            bad += g_guard_slots[j] == g_guard_slots[i];
+    }
+    CHECK_EQ(bad, 0);
+    CHECK(fmm_guard_capacity() >= N);
+    for (int i = 0; i < N; i++)
+        fmm_guard_unregister(g_guard_slots[i]);
+}
+
 /* A SIGBUS outside any cache mapping still goes to the previous handler. */
 static sig_atomic_t g_foreign_bus;
 static void foreign_bus_handler(int sig)
@@ -4173,6 +4263,8 @@ static const test TESTS[] = {
     T(test_page_size_extremes),
     T(test_guard_truncate),
     T(test_guard_chains_foreign),
+    T(test_guard_many_mappings),
+    T(test_guard_concurrent_growth),
     T(test_optimistic_basic),
     T(test_optimistic_torn_threads),
     T(test_optimistic_after_killed_writer),
