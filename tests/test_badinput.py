@@ -94,7 +94,7 @@ EXPIRE_CALLS = [
 @pytest.mark.parametrize("call", [f for _, f in EXPIRE_CALLS], ids=[n for n, _ in EXPIRE_CALLS])
 @pytest.mark.parametrize(
     "expire",
-    # every form of one duration above the maximum: the int form was accepted
+    # every form of a duration above the maximum, one rule for all
     [MAX_EXPIRE_TIME + 1, 2**31, 2**40, 2**64, float(MAX_EXPIRE_TIME + 1), str(MAX_EXPIRE_TIME + 1), -(2**64)],
     ids=repr,
 )
@@ -113,14 +113,14 @@ def test_per_call_expire_time_at_the_maximum_is_accepted(cache):
 @pytest.mark.parametrize("expire_on", [-1, -0.5, -0.001, -1e-300, float("-inf"), float("nan"), 2**32, 2**32 - 0.5,
                                        2**64])
 def test_negative_or_too_large_expire_on_is_refused_in_every_form(full, expire_on):
-    # -0.5 used to round up to 0 (never) while -1 raised
+    # checked before rounding up: -0.5 must not become 0 (never)
     with pytest.raises(ValueError, match=r"^expire_on must be unix seconds between 0 \(never\) and 2\*\*32-1"):
         full.set("a", "new", expire_on=expire_on)
 
 
 @pytest.mark.parametrize("mode", [2**32, 2**63, 2**64, -(2**64), -1, 3])
 def test_get_keys_mode_out_of_range_is_a_valueerror(full, mode):
-    # huge ints raised OverflowError, and 2**32 was truncated to mode 0
+    # any int out of range, not an OverflowError, nor one truncated to a C int
     with pytest.raises(ValueError, match=r"^get_keys mode must be 0, 1 or 2, not " + str(mode)):
         full.get_keys(mode)
 

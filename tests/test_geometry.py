@@ -193,9 +193,9 @@ def test_start_slots_is_accepted(cache):
 
 # ---------------------------------------------------------------- hash spread
 
-# Little-endian, the first word that zeroed the short-key hash's first
-# multiply when that word was not seeded: every 9..16-byte key starting with
-# it had one hash per key length in every file.
+# Little-endian, the first word that zeroes the short-key hash's first
+# multiply if that word is not seeded: every 9..16-byte key starting with it
+# would then have one hash per key length in every file.
 COLLIDING_PREFIX = (0xA0761D6478BD642F).to_bytes(8, "little")
 
 

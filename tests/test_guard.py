@@ -415,8 +415,8 @@ def _many_caches_then_truncate(path: str, n: int) -> dict:
 
 @pytest.mark.timeout(60)
 def test_truncate_under_hundreds_of_caches_of_one_process(tmp_path, forked):
-    # Each Cache is one guarded mapping; past the guard's first table chunk
-    # (and the old fixed table of 256) they must all stay guarded.
+    # Each Cache is one guarded mapping: well past the guard's first table
+    # chunk, every one must stay guarded.
     path = str(tmp_path / "cache.fmm")
     fastmmap.Cache(path, page_size=PAGE_SIZE, num_pages=1, init_file=True, unlink_on_exit=False).close()
     n = 300

@@ -518,7 +518,7 @@ def test_parse_permissions_good(value):
 
 
 def test_parse_permissions_refuses_0():
-    # 0 used to become 0600; applied exactly it would make a file no one can open
+    # applied exactly, 0 would make a file no one but root can open
     with pytest.raises(ValueError, match=r"^permissions=0 would create a file that no process but root's can open"):
         parse_permissions(0)
 
