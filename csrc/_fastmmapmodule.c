@@ -35,6 +35,7 @@
 #define LOCK_SLICE_NS 50000000LL /* 50 ms */
 #define SER_RAW 0xFFu            /* serializer "raw": no serializer at all */
 #define EXPIRE_NOW (-1LL)
+#define MAX_EXPIRE_TIME (50LL * 365 * 86400) /* fastmmap._options.MAX_EXPIRE_TIME */
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -116,12 +117,6 @@ typedef struct {
     const volatile unsigned char *probe; /* fmm_probe_addr(c), read before `lost` */
     PyObject *weakreflist;
 } CacheObject;
-
-/* Perl format, serializer="raw": the type the engine reports for values
- * Perl stored without its UTF-8/undef flags (plain byte strings).  Never
- * written to a file; decode_value checks these bytes for Perl's Storable
- * and Sereal formats before returning them. */
-#define T_PERL_RAW 0x07u
 
 #define CacheObject_CAST(op) ((CacheObject *)(op))
 
@@ -596,7 +591,11 @@ static PyObject *decode_value(CacheObject *self, uint32_t flags, const char *buf
         buf = PyBytes_AS_STRING(plain);
         len = PyBytes_GET_SIZE(plain);
     }
-    if (self->perl && (type == T_PERL_RAW || type == FMM_T_JSON)) {
+    /* A Perl-format JSON reader names Perl's Storable or Sereal serializer
+     * when it meets their headers, which no JSON text starts with.  A raw
+     * reader does not guess: like Perl's serializer => '' it returns the
+     * bytes as stored, since any byte string is a valid raw value. */
+    if (self->perl && type == FMM_T_JSON) {
         const char *which = perl_serializer_of(buf, len);
         if (which) {
             PyErr_Format(st->Error,
@@ -605,8 +604,6 @@ static PyObject *decode_value(CacheObject *self, uint32_t flags, const char *buf
                          which);
             goto done;
         }
-        if (type == T_PERL_RAW)
-            type = FMM_T_BYTES;
     }
     switch (type) {
     case FMM_T_BYTES:
@@ -719,6 +716,19 @@ static int expire_on_from_secs(CacheObject *self, long long secs, uint32_t *out)
     return 0;
 }
 
+/* An exact int expire_time within [0, MAX_EXPIRE_TIME]: 1 with *secs set.
+ * 0 for any other int, which parse_expire then refuses with the same
+ * message as for the other forms (so one rule covers them all). */
+static int int_expire_time(PyObject *v, long long *secs)
+{
+    int overflow;
+    long long s = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow || s < 0 || s > MAX_EXPIRE_TIME)
+        return 0;
+    *secs = s;
+    return 1;
+}
+
 /* Resolve set()'s expire_time / expire_on arguments to expire_on. */
 static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *expire_on, uint32_t *out)
 {
@@ -730,7 +740,12 @@ static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *ex
                 goto bad_on;
             d = (double)v;
         } else if (PyFloat_Check(expire_on)) {
-            d = ceil(PyFloat_AS_DOUBLE(expire_on));
+            /* Checked before rounding up, so that -0.5 is refused as -1 is
+             * rather than rounded to 0 (never). */
+            d = PyFloat_AS_DOUBLE(expire_on);
+            if (!(d >= 0))
+                goto bad_on;
+            d = ceil(d);
         } else {
             PyErr_Format(PyExc_TypeError, "expire_on must be unix seconds (int or float), not %.100s",
                          Py_TYPE(expire_on)->tp_name);
@@ -748,17 +763,14 @@ static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *ex
     long long secs;
     if (!expire_time || expire_time == Py_None) {
         secs = self->default_expire;
-    } else if (PyLong_CheckExact(expire_time)) {
-        secs = PyLong_AsLongLong(expire_time);
-        if (secs == -1 && PyErr_Occurred())
-            return -1;
-        if (secs < 0) {
-            PyErr_Format(PyExc_ValueError, "expire_time must be >= 0 seconds, got %lld", secs);
-            return -1;
-        }
+    } else if (PyLong_CheckExact(expire_time) && int_expire_time(expire_time, &secs)) {
+        /* the common case, without a call into Python */
     } else {
         if (!self->parse_expire) {
-            PyErr_SetString(PyExc_TypeError, "expire_time must be an int");
+            if (PyLong_Check(expire_time))
+                PyErr_Format(PyExc_ValueError, "expire_time must be between 0 and %lld seconds", MAX_EXPIRE_TIME);
+            else
+                PyErr_SetString(PyExc_TypeError, "expire_time must be an int");
             return -1;
         }
         PyObject *r = PyObject_CallOneArg(self->parse_expire, expire_time);
@@ -2017,11 +2029,15 @@ static PyObject *cache__entries(PyObject *op, PyObject *const *args, Py_ssize_t 
     if (nargs > 1)
         return PyErr_Format(PyExc_TypeError, "_entries expected at most 1 argument");
     if (nargs == 1) {
-        mode = PyLong_AsLong(args[0]);
-        if (mode == -1 && PyErr_Occurred())
+        /* Any int out of range (one too large for a C long included) is a
+         * ValueError naming the argument, not an OverflowError. */
+        int overflow;
+        long m = PyLong_AsLongAndOverflow(args[0], &overflow);
+        if (m == -1 && PyErr_Occurred())
             return NULL;
-        if (mode < 0 || mode > 2)
-            return PyErr_Format(PyExc_ValueError, "get_keys mode must be 0, 1 or 2, not %d", mode);
+        if (overflow || m < 0 || m > 2)
+            return PyErr_Format(PyExc_ValueError, "get_keys mode must be 0, 1 or 2, not %R", args[0]);
+        mode = (int)m;
     }
     ENTER(self);
     collect_ctx ctx = {PyList_New(0), mode};

@@ -266,7 +266,14 @@ uint64_t fmm_key_hash(const void *key, size_t len, uint64_t seed)
         return fmm_xxh64(key, len, seed);
     /* Keys of up to 16 bytes (most cache keys): two overlapping loads cover
      * the bytes, two multiply-folds mix them with the seed and the length.
-     * About 15 instructions where XXH64 takes about 70 for 16 bytes. */
+     * About 15 instructions where XXH64 takes about 70 for 16 bytes.
+     * Both words are XORed with the seed before the first multiply: a word
+     * that reaches the multiply as zero zeroes the product whatever the
+     * other word holds, so an unseeded word would let a client that picks
+     * keys choose the one first word that sends every key of a length to
+     * one hash in every file.  The second word takes the seed rotated, so
+     * that swapping the two words (the multiply is symmetric) is no
+     * seed-independent collision either. */
     const unsigned char *p = key;
     uint64_t a, b;
     if (len >= 8) {
@@ -281,7 +288,7 @@ uint64_t fmm_key_hash(const void *key, size_t len, uint64_t seed)
     } else {
         a = b = 0;
     }
-    uint64_t h = mum64(a ^ 0xa0761d6478bd642fULL, b ^ seed ^ 0xe7037ed1a0b428dbULL);
+    uint64_t h = mum64(a ^ seed ^ 0xa0761d6478bd642fULL, b ^ rotl64(seed, 32) ^ 0xe7037ed1a0b428dbULL);
     return mum64(h ^ 0x8ebc6af09c88c6e3ULL, (uint64_t)len ^ seed ^ 0x589965cc75374cc3ULL);
 }
 

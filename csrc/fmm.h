@@ -11,15 +11,17 @@
  * fmm.c is static.
  *
  * ---------------------------------------------------------------------------
- * File format (native, version 3; files of older versions are rejected as
- * BadFileError: reopen with init_file.  Version 2 had no sequence word, and
- * its processes would write pages without moving it; version 1 also had the
- * page-header fields at 64..100 and XXH64 for every key).  All fields
+ * File format (native, version 4; files of older versions are rejected as
+ * BadFileError: reopen with init_file.  Version 3 left the first word of a
+ * 9..16-byte key unseeded in the short-key hash, so its keys live on other
+ * pages; version 2 had no sequence word, and its processes would write
+ * pages without moving it; version 1 also had the page-header fields at
+ * 64..100 and XXH64 for every key).  All fields
  * native-endian; the file is a shared-memory file, not an exchange format.
  *
  *   offset 0      file header, FMM_HEADER_SIZE (4096) bytes, first 128 used:
  *                   char     magic[8]      "FASTMMAP"
- *                   uint32   version       3
+ *                   uint32   version       4
  *                   uint32   state         FMM_STATE_READY once initialised
  *                   uint32   header_size   4096
  *                   uint32   page_size     power of two, 1 KiB .. 1 GiB
@@ -125,7 +127,7 @@ extern "C" {
 #define FMM_MAX_PAGES        (1u << 24)
 #define FMM_MAX_KEY_LEN      ((1u << 24) - 1)
 #define FMM_STATE_READY      0x52454459u  /* "READ" */
-#define FMM_FORMAT_VERSION   3u  /* 3: the page sequence word for lock-free reads; 2: hot page-header fields share the mutex's cache line, short-key hash */
+#define FMM_FORMAT_VERSION   4u  /* 4: every short-key word seeded; 3: the page sequence word for lock-free reads; 2: hot page-header fields share the mutex's cache line, short-key hash */
 
 /* ---------- Error codes ----------
  * 0 is success.  Negative values are engine codes below; positive values
@@ -611,23 +613,25 @@ int fmm_check_file(const fmm_cache *c);
  * did not touch the lost range, are unaffected.  Any other SIGBUS is passed
  * on to the handler that was installed before (or the default action).
  *
- * Limits: at most FMM_GUARD_SLOTS mappings per process are guarded (the rest
- * work unguarded); a lost handle's zero memory is not unmapped by fmm_close
+ * Limits: none on the number of mappings guarded (the guard's table grows
+ * in chunks that are never freed; only an allocation failure leaves a
+ * mapping unguarded); a lost handle's zero memory is not unmapped by fmm_close
  * (the page mutexes in it may still be on a thread's robust-futex list, which
  * glibc writes to), so each lost handle leaks its address range; a thread
  * that is inside glibc's robust-mutex unlock at the very instant another
  * thread of the same process faults can still crash (a window of a few
  * instructions).  The guard also costs nothing until a fault: one load of
  * the flag per lock and unlock. */
-#define FMM_GUARD_SLOTS 256
-
 /** @brief Guard [start, start+len): on SIGBUS there, set *flag to 1.
- *  @return the slot (for fmm_guard_unregister), or -1 (table full). */
+ *  @return the slot (for fmm_guard_unregister), or -1 (out of memory, or
+ *  the handler could not be installed: the mapping works unguarded). */
 int fmm_guard_register(void *start, size_t len, int *flag);
 /** @brief Stop guarding a slot returned by fmm_guard_register (-1: no-op). */
 void fmm_guard_unregister(int slot);
 /** @brief 1 if the guard's handler is the current SIGBUS action. */
 int fmm_guard_active(void);
+/** @brief Entries the guard's table holds now (exposed for tests). */
+int fmm_guard_capacity(void);
 /** @brief 1 if the handle's file shrank under its mapping (see above). */
 int fmm_lost(const fmm_cache *c);
 /** @brief Address of the flag fmm_lost reads (non-zero: lost), valid until

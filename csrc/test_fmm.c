@@ -464,6 +464,45 @@ static void test_xxh64_vectors(void)
     fmm_close(a2);
 }
 
+/* The short-key hash (keys of up to 16 bytes) mixes every key byte with
+ * the seed: keys that share a first word still spread, whatever that word
+ * (one that cancels the hash's own constant included), and the same key
+ * hashes differently under another seed. */
+static void test_short_key_hash_seeds_every_byte(void)
+{
+    static const uint64_t firsts[] = {0xa0761d6478bd642fULL, 0, ~0ULL, 0x6b65792d6b65792dULL};
+    /* (A seed equal to a first word XOR the constant would zero that word:
+     * the collision then needs the file's random seed, so none is listed.) */
+    static const uint64_t seeds[] = {1, 0x9E3779B97F4A7C15ULL, 0x0123456789abcdefULL, 0xfedcba9876543210ULL};
+    enum { N = 256 };
+    for (size_t f = 0; f < sizeof firsts / sizeof firsts[0]; f++)
+        for (size_t s = 0; s < sizeof seeds / sizeof seeds[0]; s++)
+            for (size_t len = 9; len <= 16; len++) {
+                unsigned char k[16];
+                uint64_t h[N];
+                memcpy(k, &firsts[f], 8);
+                memset(k + 8, 'x', 8);
+                int dup = 0, same_other_seed = 0;
+                for (int i = 0; i < N; i++) {
+                    k[len - 1] = (unsigned char)i;
+                    h[i] = fmm_key_hash(k, len, seeds[s]);
+                    for (int j = 0; j < i; j++)
+                        dup += h[j] == h[i];
+                    same_other_seed += h[i] == fmm_key_hash(k, len, seeds[s] ^ 0x5555);
+                }
+                CHECK(dup == 0);
+                CHECK(same_other_seed == 0);
+                /* the page (the high word) spreads too: 256 keys over 64 pages */
+                int per_page[64] = {0}, worst = 0;
+                for (int i = 0; i < N; i++) {
+                    int p = (int)(((h[i] >> 32) * 64) >> 32);
+                    if (++per_page[p] > worst)
+                        worst = per_page[p];
+                }
+                CHECK(worst <= 24);
+            }
+}
+
 static void test_open_create(void)
 {
     char path[PATH_MAX];
@@ -3253,6 +3292,96 @@ static void test_guard_truncate(void)
     fmm_close(o);
 }
 
+/* More mappings than the guard's first table chunk holds are all guarded:
+ * the table grows, and a truncation under the last handle opened is an
+ * error on that handle, not a SIGBUS that kills the process.  In a child,
+ * so that an unguarded mapping fails the test instead of ending the driver. */
+static void test_guard_many_mappings(void)
+{
+    if (under_valgrind()) {
+        printf("skip test_guard_many_mappings: valgrind cannot resume an access after the SIGBUS guard remaps it\n");
+        return;
+    }
+    enum { N = 300 };
+    char path[PATH_MAX];
+    tpath(path, "guard-many.fmm");
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        static fmm_cache *h[N];
+        int bad = 0;
+        for (int i = 0; i < N; i++)
+            if (!(h[i] = open_geom(path, 4096, 1)))
+                _exit(10);
+        if (fmm_guard_capacity() < N)
+            _exit(11);
+        /* a second round reuses the entries the first one freed */
+        int cap = fmm_guard_capacity();
+        for (int i = 0; i < N; i++) {
+            fmm_close(h[i]);
+            if (!(h[i] = open_geom(path, 4096, 1)))
+                _exit(12);
+        }
+        if (fmm_guard_capacity() != cap)
+            _exit(13);
+        int fd = open(path, O_RDWR | O_CLOEXEC);
+        if (fd < 0 || ftruncate(fd, 0) != 0)
+            _exit(14);
+        close(fd);
+        /* the last handle opened, the first, and one in the middle */
+        const int which[] = {N - 1, 0, N / 2};
+        for (int j = 0; j < 3; j++) {
+            (void)*fmm_probe_addr(h[which[j]]); /* past the end of the file now */
+            bad += !fmm_lost(h[which[j]]);
+            bad += ksets(h[which[j]], "k", "v") != FMM_EREPLACED;
+        }
+        for (int i = 0; i < N; i++)
+            fmm_close(h[i]);
+        _exit(bad ? 15 : 0);
+    }
+    int status = 0;
+    CHECK(waitpid(pid, &status, 0) == pid);
+    CHECK(WIFEXITED(status));
+    if (WIFSIGNALED(status))
+        printf("test_guard_many_mappings: the child died of signal %d\n", WTERMSIG(status));
+    CHECK_EQ(WIFEXITED(status) ? WEXITSTATUS(status) : -1, 0);
+}
+
+/* Threads that register at once, past several table chunks, each get an
+ * entry of their own (growth races on the last chunk's `next`). */
+enum { GUARD_THREADS = 4, GUARD_PER_THREAD = 150 };
+static char g_guard_area[GUARD_THREADS * GUARD_PER_THREAD];
+static int g_guard_flags[GUARD_THREADS * GUARD_PER_THREAD];
+static int g_guard_slots[GUARD_THREADS * GUARD_PER_THREAD];
+
+static void *guard_register_many(void *arg)
+{
+    int t = (int)(intptr_t)arg;
+    for (int i = t * GUARD_PER_THREAD; i < (t + 1) * GUARD_PER_THREAD; i++)
+        g_guard_slots[i] = fmm_guard_register(&g_guard_area[i], 1, &g_guard_flags[i]);
+    return NULL;
+}
+
+static void test_guard_concurrent_growth(void)
+{
+    enum { N = GUARD_THREADS * GUARD_PER_THREAD };
+    pthread_t th[GUARD_THREADS];
+    for (int t = 0; t < GUARD_THREADS; t++)
+        CHECK(pthread_create(&th[t], NULL, guard_register_many, (void *)(intptr_t)t) == 0);
+    for (int t = 0; t < GUARD_THREADS; t++)
+        pthread_join(th[t], NULL);
+    int bad = 0;
+    for (int i = 0; i < N; i++) {
+        bad += g_guard_slots[i] < 0;
+        for (int j = 0; j < i; j++)
+            bad += g_guard_slots[j] == g_guard_slots[i];
+    }
+    CHECK_EQ(bad, 0);
+    CHECK(fmm_guard_capacity() >= N);
+    for (int i = 0; i < N; i++)
+        fmm_guard_unregister(g_guard_slots[i]);
+}
+
 /* A SIGBUS outside any cache mapping still goes to the previous handler. */
 static sig_atomic_t g_foreign_bus;
 static void foreign_bus_handler(int sig)
@@ -4338,6 +4467,7 @@ typedef struct test {
 #define T(f) {#f, f}
 static const test TESTS[] = {
     T(test_xxh64_vectors),
+    T(test_short_key_hash_seeds_every_byte),
     T(test_open_create),
     T(test_open_reopen_geometry),
     T(test_open_init_file),
@@ -4369,6 +4499,8 @@ static const test TESTS[] = {
     T(test_page_size_extremes),
     T(test_guard_truncate),
     T(test_guard_chains_foreign),
+    T(test_guard_many_mappings),
+    T(test_guard_concurrent_growth),
     T(test_optimistic_basic),
     T(test_optimistic_torn_threads),
     T(test_optimistic_after_killed_writer),

@@ -564,9 +564,15 @@ def test_parse_start_slots_type(value):
 # -------------------------------------------------------------- permissions
 
 
-@pytest.mark.parametrize("value", [0, 0o600, 0o640, 0o666, 0o777, 0o7777])
+@pytest.mark.parametrize("value", [1, 0o600, 0o640, 0o666, 0o777, 0o7777])
 def test_parse_permissions_good(value):
     assert parse_permissions(value) == value
+
+
+def test_parse_permissions_refuses_0():
+    # applied exactly, 0 would make a file no one but root can open
+    with pytest.raises(ValueError, match=r"^permissions=0 would create a file that no process but root's can open"):
+        parse_permissions(0)
 
 
 @pytest.mark.parametrize(
@@ -574,7 +580,7 @@ def test_parse_permissions_good(value):
     [(-1, r"got -1$"), (0o10000, r"got 4096 \(0o10000\)"), (1 << 40, r"got 1099511627776")],
 )
 def test_parse_permissions_range(value, pattern):
-    with pytest.raises(ValueError, match=r"^permissions must be between 0 and 0o7777, " + pattern):
+    with pytest.raises(ValueError, match=r"^permissions must be between 1 and 0o7777, " + pattern):
         parse_permissions(value)
 
 

@@ -138,11 +138,6 @@ def _resolve_serializer(serializer: _Serializer) -> _SerializerSpec:
     )
 
 
-#: The binding's T_PERL_RAW: Perl-format plain values, checked for Storable
-#: and Sereal before they are returned as bytes.
-_T_PERL_RAW = 0x07
-
-
 def _gzip_compress(data: bytes) -> bytes:
     """Compress::Zlib's memGzip format (a gzip member), as Perl's 'zlib' compressor writes."""
     z = zlib.compressobj(6, zlib.DEFLATED, 31)
@@ -330,8 +325,9 @@ class Cache(CacheBase):
             comp_type, compress, decompress = _resolve_perl_compressor(compressor)
         else:
             comp_type, compress, decompress = _resolve_compressor(compressor)
-        if isinstance(compress_threshold, bool) or not isinstance(compress_threshold, int) or compress_threshold < 0:
-            raise ValueError(f"compress_threshold must be an int >= 0, got {compress_threshold!r}")
+        if (isinstance(compress_threshold, bool) or not isinstance(compress_threshold, int)
+                or not 0 <= compress_threshold <= sys.maxsize):
+            raise ValueError(f"compress_threshold must be an int from 0 to {sys.maxsize}, got {compress_threshold!r}")
         for name, cb in (("read_cb", read_cb), ("write_cb", write_cb), ("delete_cb", delete_cb)):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be callable or None, not {type(cb).__name__}")
@@ -359,7 +355,7 @@ class Cache(CacheBase):
         try:
             if perl:
                 # the type the engine reports for Perl's plain (unflagged) values
-                plain = _T_PERL_RAW if ser_type == _C.SER_RAW else ser_type
+                plain = _C.T_BYTES if ser_type == _C.SER_RAW else ser_type
                 created = self._open(
                     path, page, pages, slots or 0, explicit, bool(init_file), perms,
                     False, bool(enable_stats), 1, plain | comp_type,

@@ -500,16 +500,22 @@ def parse_start_slots(value: object) -> int | None:
 def parse_permissions(value: object) -> int:
     """Validate permissions, the mode of a file the cache creates.
 
-    An int within [0, 0o7777], usually written in octal (0o600).  Raises
+    An int within [1, 0o7777], usually written in octal (0o600).  Raises
     TypeError for a non-int (bool and strings like "0600" included),
-    ValueError when out of range.
+    ValueError when out of range.  0 is refused rather than applied: a
+    file of mode 0 is one that no process but root's can open again.
     """
     mode = _as_int(value)
     if mode is None:
         raise TypeError(f"permissions must be an int such as 0o600, got {value!r}")
+    if mode == 0:
+        raise ValueError(
+            "permissions=0 would create a file that no process but root's can open; "
+            "pass a mode such as 0o600"
+        )
     if not 0 <= mode <= 0o7777:
         raise ValueError(
-            f"permissions must be between 0 and 0o7777, got {value!r}"
+            f"permissions must be between 1 and 0o7777, got {value!r}"
             + (f" ({oct(mode)})" if mode >= 0 else "")
         )
     return mode
