@@ -2459,8 +2459,8 @@ static void release_thread_locks(CacheObject *self)
     while (lk) {
         PageLockObject *next = lk->next;
         if (lk->pid != pid || lk->thread == me) {
-            int unlock = lk->pid == pid;
-            lk->closed_out = unlock;
+            int unlock = lk->pid == pid; /* else inherited across fork: the parent's */
+            lk->closed_out = 1;
             self->inflight++; /* pagelock_drop's LEAVE must not close under us */
             pagelock_drop(lk, unlock);
             self->inflight--;

@@ -457,3 +457,36 @@ def test_close_with_empty_on_exit_inside_a_lock_block(cache):
         c.close()
     with fastmmap.Cache(path, lock_timeout=5) as again:
         assert len(again) == 0
+
+
+@pytest.mark.multiprocess
+def test_close_in_a_child_forked_inside_a_block(cache):
+    """A child forked inside a block that closes the cache and then leaves
+    the block gets no error, and releases nothing: the parent still holds
+    the page until it leaves the block."""
+    c = cache(num_pages=1, page_size=4096, lock_timeout=0.2)
+    r, w = os.pipe()
+    with c.lock("k") as e:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(r)
+                try:
+                    c.close()
+                    e.__exit__(None, None, None)
+                    out = "ok"
+                except Exception as exc:
+                    out = repr(exc)
+                os.write(w, out.encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        report = _read_exactly(r, 2)
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert report == b"ok"
+        e.value = "parent"  # still held here
+    assert c["k"] == "parent"
