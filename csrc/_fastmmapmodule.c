@@ -19,7 +19,9 @@
  * Lifetime: each method that uses the engine handle brackets its work with
  * ENTER/LEAVE.  close() while another call is in flight (a thread waiting
  * for a lock, or a callback closing its own cache) only marks the object
- * closed; the last LEAVE frees the handle.
+ * closed; the last LEAVE frees the handle.  A held PageLock (a lock block,
+ * a Share) counts as a call in flight; close() first releases the ones the
+ * calling thread holds.
  *
  * Naming: CacheObject, cache_<method>, get_state(), set_error().
  */
