@@ -19,7 +19,9 @@
  * Lifetime: each method that uses the engine handle brackets its work with
  * ENTER/LEAVE.  close() while another call is in flight (a thread waiting
  * for a lock, or a callback closing its own cache) only marks the object
- * closed; the last LEAVE frees the handle.
+ * closed; the last LEAVE frees the handle.  A held PageLock (a lock block,
+ * a Share) counts as a call in flight; close() first releases the ones the
+ * calling thread holds.
  *
  * Naming: CacheObject, cache_<method>, get_state(), set_error().
  */
@@ -29,6 +31,7 @@
 
 #include <math.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "fmm.h"
 
@@ -64,6 +67,7 @@ static void PyErr_SetRaisedException(PyObject *e)
 
 typedef struct {
     PyTypeObject *CacheBase_Type;
+    PyTypeObject *PageLock_Type;
     PyObject *Error;
     PyObject *LockTimeout;
     PyObject *GeometryError;
@@ -116,7 +120,38 @@ typedef struct {
     const int *lost;          /* fmm_lost_flag(c): the file was truncated under us */
     const volatile unsigned char *probe; /* fmm_probe_addr(c), read before `lost` */
     PyObject *weakreflist;
+    struct PageLockObject *holders; /* PageLocks holding a page of this cache */
+    struct orphan_lock *orphans;    /* pages whose PageLock died in another thread */
 } CacheObject;
+
+/* A page lock held across calls: the C core of LockedEntry, LockedPage and
+ * Share (see "Page locks held across calls" below).  While depth > 0 it
+ * holds `page` for thread `thread` of process `pid`, is linked into its
+ * cache's `holders` list and counts as one call in flight (the handle
+ * outlives it). */
+typedef struct PageLockObject {
+    PyObject_HEAD
+    PyObject *cache;  /* the CacheObject */
+    PyObject *key;    /* the key whose page is locked */
+    int reentrant;    /* Share: lock() again in the holding thread nests */
+    int depth;        /* > 0 while held */
+    int closed_out;   /* close() released it: the next release is a no-op */
+    uint32_t page;
+    unsigned long thread;
+    pid_t pid;
+    struct PageLockObject *next, *prev; /* in the cache's holders list */
+} PageLockObject;
+
+/* A page whose PageLock was finalized in a thread other than its holder (a
+ * garbage-collected cycle): only the holding thread can unlock a robust
+ * mutex, so the page waits here for that thread's next lock of this cache
+ * (lock_slow) or its close(). */
+typedef struct orphan_lock {
+    struct orphan_lock *next;
+    unsigned long thread;
+    pid_t pid;
+    uint32_t page;
+} orphan_lock;
 
 #define CacheObject_CAST(op) ((CacheObject *)(op))
 
@@ -271,9 +306,40 @@ static PyObject *key_object(const fmm_item *it)
 
 /* ---------- Locking with the GIL released on contention ---------- */
 
+/* Release the page this thread orphaned (see orphan_lock), and forget
+ * orphans inherited from a parent process (their locks are the parent's).
+ * 1 if this thread's page was released. */
+static Py_NO_INLINE int release_orphans(CacheObject *self)
+{
+    unsigned long me = PyThread_get_thread_ident();
+    pid_t pid = getpid();
+    int released = 0;
+    orphan_lock **pp = &self->orphans;
+    while (*pp) {
+        orphan_lock *o = *pp;
+        if (o->pid == pid && o->thread != me) {
+            pp = &o->next;
+            continue;
+        }
+        *pp = o->next;
+        if (o->pid == pid) {
+            fmm_unlock(self->c, o->page);
+            released = 1;
+        }
+        PyMem_Free(o);
+        self->inflight--; /* the orphan's share; the caller's own keeps it above zero */
+    }
+    return released;
+}
+
 static Py_NO_INLINE int lock_slow(CacheObject *self, uint32_t page, int rc)
 {
     fastmmap_state *st = self->state;
+    if (rc == FMM_ELOCKED && self->orphans && release_orphans(self)) {
+        rc = fmm_lock(self->c, page, 0);
+        if (rc == 0)
+            return 0;
+    }
     if (rc == FMM_EREPLACED) {
         replaced_error(self);
         return -1;
@@ -349,6 +415,23 @@ static inline int lock_page(CacheObject *self, uint32_t page)
 }
 
 #define UNLOCK(self, page) fmm_unlock((self)->c, (page))
+
+/* Unlock after Python code ran under the lock (get_and_set's function,
+ * read_cb).  That code may have forked: in the child the page is its
+ * parent's (the engine forgot the inherited lock), every store was
+ * refused, and fmm_unlock releases nothing and says so.  The call must
+ * fail then rather than report a store that did not happen.  Returns -1
+ * with an error set (the first one, if one is already set); a truncated
+ * file (FMM_EREPLACED) is left to the caller's LOST_R. */
+static int unlock_after_python(CacheObject *self, uint32_t page)
+{
+    int rc = UNLOCK(self, page);
+    if (LIKELY(rc == 0 || rc == FMM_EREPLACED))
+        return 0;
+    if (!PyErr_Occurred())
+        set_error(self->state, "unlock", rc, fmm_errdetail(self->c), NULL);
+    return -1;
+}
 
 /* ---------- Values ---------- */
 
@@ -1152,7 +1235,7 @@ static Py_NO_INLINE PyObject *read_through(CacheObject *self, PyObject *key, con
     } else {
         v = PyObject_Vectorcall(self->read_cb, args, 2, NULL);
         if (!v) {
-            UNLOCK(self, page);
+            unlock_after_python(self, page);
             return NULL;
         }
     }
@@ -1180,12 +1263,13 @@ static Py_NO_INLINE PyObject *read_through(CacheObject *self, PyObject *key, con
             int rc = fmm_set(self->c, page, h, k->buf, (uint32_t)k->len, e.buf, (uint32_t)e.len,
                              e.flags | (k->isstr ? FMM_F_KEYSTR : 0), exp, EVICT_FN(self), &ec);
             if (rc && rc != FMM_ETOOBIG && rc != FMM_EREFUSED) {
-                set_error(self->state, "read-through store", rc, NULL, NULL);
+                set_error(self->state, "read-through store", rc, fmm_errdetail(self->c), NULL);
                 bad = 1;
             }
         }
     }
-    UNLOCK(self, page);
+    if (unlock_after_python(self, page) < 0)
+        bad = 1;
     Py_XDECREF(e.owner);
     if (flush_evicted(self, &ec) < 0)
         bad = 1;
@@ -1711,9 +1795,10 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
         else if (rc == FMM_ETOOBIG)
             too_big_error(self, key);
         else
-            set_error(self->state, "get_and_set", rc, NULL, NULL);
+            set_error(self->state, "get_and_set", rc, fmm_errdetail(self->c), NULL);
     }
-    UNLOCK(self, page);
+    if (unlock_after_python(self, page) < 0)
+        stored = kept = 0;
     if (flush_evicted(self, &ec) < 0)
         stored = kept = 0;
     else if (stored && self->write_cb && !self->write_back && call_write_cb(self, key, newv, exp) < 0)
@@ -2418,11 +2503,11 @@ static PyObject *cache__set_batch_fault(PyObject *op, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-/* ---------- Page locks held across calls (cache.lock / cache.page) ----------
- * _lock_for(key) locks the page of key and returns its number; the Python
- * context managers then call the _held_* methods, which check that this
- * thread holds that page, and finally _unlock(page).  Callbacks are not run
- * here: _held_set returns what the caller must write back once unlocked. */
+/* ---------- Page locks held across calls (cache.lock / cache.page / Share) ----------
+ * A PageLock (below) locks the page of its key; the Python context managers
+ * built on it call the _held_* methods with its page number, which check
+ * that this thread holds that page.  Callbacks are not run here: _held_set
+ * returns what the caller must write back once unlocked. */
 
 static int held_key(CacheObject *self, PyObject *pageobj, PyObject *key, PyObject *page_key, uint32_t *page,
                     PyObject **owner, keybuf *k)
@@ -2458,45 +2543,6 @@ static int held_key(CacheObject *self, PyObject *pageobj, PyObject *key, PyObjec
     k->len = PyBytes_GET_SIZE(ck);
     k->isstr = isstr;
     return 0;
-}
-
-static PyObject *cache__lock_for(PyObject *op, PyObject *key)
-{
-    CacheObject *self = CacheObject_CAST(op);
-    ENTER(self);
-    PyObject *res = NULL;
-    keybuf k;
-    if (get_key(key, &k) == 0) {
-        uint32_t page = fmm_page_of(self->c, fmm_hash(self->c, k.buf, (size_t)k.len));
-        if (lock_page(self, page) == 0) {
-            res = PyLong_FromUnsignedLong(page);
-            if (!res)
-                UNLOCK(self, page);
-            else
-                self->inflight++; /* the handle stays alive while the page is held */
-        }
-    }
-    LEAVE(self);
-    return res;
-}
-
-static PyObject *cache__unlock(PyObject *op, PyObject *pageobj)
-{
-    CacheObject *self = CacheObject_CAST(op);
-    if (!self->c)
-        return closed_error();
-    unsigned long p = PyLong_AsUnsignedLong(pageobj);
-    if (p == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
-    if (p >= fmm_num_pages(self->c) || !fmm_held(self->c, (uint32_t)p))
-        return PyErr_Format(self->state->Error, "page %lu is not locked by this thread", p);
-    int rc = UNLOCK(self, (uint32_t)p);
-    if (rc == FMM_EREPLACED)
-        replaced_error(self);
-    LEAVE(self); /* pairs with the inflight++ of _lock_for */
-    if (rc == FMM_EREPLACED)
-        return NULL;
-    Py_RETURN_NONE;
 }
 
 static PyObject *cache__held_get(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
@@ -2553,7 +2599,8 @@ static PyObject *cache__held_set(PyObject *op, PyObject *const *args, Py_ssize_t
         goto out;
     }
     if (rc && rc != FMM_ETOOBIG && rc != FMM_EREFUSED) {
-        set_error(self->state, "set", rc, NULL, NULL);
+        /* (FMM_EBADARG: the serializer forked, and this is the child) */
+        set_error(self->state, "set", rc, fmm_errdetail(self->c), NULL);
         goto out;
     }
     /* stored: True, too big: False, refused by a tombstone: None */
@@ -2598,6 +2645,384 @@ static PyObject *cache__flush_evicted(PyObject *op, PyObject *list)
         return NULL;
     Py_RETURN_NONE;
 }
+
+/* ---------- PageLock: a page lock held across calls ----------
+ * The lock of a `with cache.lock(key)` / `cache.page(pk)` block or a Share
+ * is taken and recorded in one C call, and released in one: no Python code
+ * runs between the moment the page is locked and the moment this object
+ * says it holds it, nor between the decision to release and the unlock.
+ * Python code run there (a signal handler at a bytecode boundary, say a
+ * KeyboardInterrupt or a SIGALRM timeout) could otherwise raise with the
+ * page locked and nothing left to unlock it: the thread would hit
+ * RecursiveLockError on every later call and every other process would
+ * wait on that page until this one exited.
+ *
+ * The remaining ways for Python code to run with the page held are all
+ * covered:
+ *   - a signal that arrived while acquire() waited (GIL released): its
+ *     handler runs in acquire(), and if it raises the page is released
+ *     before acquire() returns;
+ *   - __enter__ and __exit__ are these C functions, so the `with`
+ *     statement calls no Python code between taking the lock and entering
+ *     the block's protected range (BEFORE_WITH does not run signal
+ *     handlers);
+ *   - a PageLock that dies still holding its page (an exception escaped
+ *     between a plain acquire() and the caller's try, or Python versions
+ *     that check for signals after __enter__) releases it when finalized;
+ *     in another thread (a garbage-collected cycle) it leaves the page to
+ *     its holding thread, which releases it at its next lock of this cache
+ *     or at close();
+ *   - close() releases the pages this thread holds through PageLocks.
+ * A lock inherited by a forked child stays with the parent: the child's
+ * release forgets it without unlocking. */
+
+#define PageLock_CAST(op) ((PageLockObject *)(op))
+
+static void holders_link(CacheObject *c, PageLockObject *lk)
+{
+    lk->prev = NULL;
+    lk->next = c->holders;
+    if (c->holders)
+        c->holders->prev = lk;
+    c->holders = lk;
+}
+
+static void holders_unlink(CacheObject *c, PageLockObject *lk)
+{
+    if (lk->prev)
+        lk->prev->next = lk->next;
+    else if (c->holders == lk)
+        c->holders = lk->next;
+    if (lk->next)
+        lk->next->prev = lk->prev;
+    lk->next = lk->prev = NULL;
+}
+
+/* Stop holding (depth to 0) and unlock if this is the holding process.
+ * Returns the engine's unlock code (0 when nothing was unlocked).  The
+ * caller must not use `c` afterwards: LEAVE may free its handle. */
+static int pagelock_drop(PageLockObject *lk, int unlock)
+{
+    CacheObject *c = CacheObject_CAST(lk->cache);
+    lk->depth = 0;
+    holders_unlink(c, lk);
+    int rc = unlock ? UNLOCK(c, lk->page) : 0;
+    if (rc == FMM_EREPLACED)
+        replaced_error(c);
+    else if (rc)
+        set_error(c->state, "unlock", rc, c->c ? fmm_errdetail(c->c) : NULL, NULL);
+    LEAVE(c); /* pairs with the inflight++ of pagelock_acquire */
+    return rc;
+}
+
+static int pagelock_acquire(PageLockObject *lk)
+{
+    if (!lk->cache)
+        return PyErr_SetString(PyExc_TypeError, "PageLock.__init__() was not called"), -1;
+    CacheObject *c = CacheObject_CAST(lk->cache);
+    unsigned long me = PyThread_get_thread_ident();
+    pid_t pid = getpid();
+    if (lk->depth > 0 && lk->pid != pid)
+        pagelock_drop(lk, 0); /* inherited across fork: the parent's */
+    if (lk->depth > 0) {
+        if (lk->reentrant && lk->thread == me) {
+            lk->depth++;
+            return 0;
+        }
+        if (!lk->reentrant) {
+            PyErr_SetString(c->state->Error, "this lock block is already active");
+            return -1;
+        }
+        /* a Share held by another thread: wait for the page like anyone */
+    }
+    if (UNLIKELY(c->closed || !c->c)) {
+        closed_error();
+        return -1;
+    }
+    keybuf k;
+    if (get_key(lk->key, &k) < 0)
+        return -1;
+    uint32_t page = fmm_page_of(c->c, fmm_hash(c->c, k.buf, (size_t)k.len));
+    c->inflight++;
+    if (lock_page(c, page) < 0) {
+        LEAVE(c);
+        return -1;
+    }
+    /* Locked: record it before anything can run Python code. */
+    lk->depth = 1;
+    lk->closed_out = 0;
+    lk->page = page;
+    lk->thread = me;
+    lk->pid = pid;
+    holders_link(c, lk);
+    /* A signal that arrived during the wait runs its handler now; if that
+     * raises, the caller never learns it held the page, so release it. */
+    if (PyErr_CheckSignals() < 0) {
+        PyObject *exc = PyErr_GetRaisedException();
+        pagelock_drop(lk, 1);
+        PyErr_SetRaisedException(exc); /* the handler's exception wins */
+        return -1;
+    }
+    return 0;
+}
+
+/* 1 if the page was unlocked, 0 if still held (nested) or left to the
+ * parent (a forked child), -1 on error. */
+static int pagelock_release(PageLockObject *lk)
+{
+    if (lk->depth > 0 && lk->pid != getpid()) {
+        /* a child forked while the lock was held: the lock stays with the
+         * parent; leaving the block here only forgets it */
+        if (--lk->depth == 0)
+            pagelock_drop(lk, 0);
+        return 0;
+    }
+    if (lk->depth == 0 && lk->closed_out) {
+        lk->closed_out = 0; /* close() already released it */
+        return 0;
+    }
+    if (lk->depth == 0 || lk->thread != PyThread_get_thread_ident()) {
+        PyErr_SetString(lk->cache ? CacheObject_CAST(lk->cache)->state->Error : PyExc_RuntimeError,
+                        "unlock without lock in this thread");
+        return -1;
+    }
+    if (--lk->depth > 0)
+        return 0;
+    return pagelock_drop(lk, 1) ? -1 : 1;
+}
+
+/* close(): release the pages this thread holds through PageLocks (and
+ * orphans), so that a lock block still open, or one whose exit never ran,
+ * does not keep the page locked in the file. */
+static void release_thread_locks(CacheObject *self)
+{
+    unsigned long me = PyThread_get_thread_ident();
+    pid_t pid = getpid();
+    PyObject *exc = PyErr_GetRaisedException();
+    PageLockObject *lk = self->holders;
+    while (lk) {
+        PageLockObject *next = lk->next;
+        if (lk->pid != pid || lk->thread == me) {
+            int unlock = lk->pid == pid; /* else inherited across fork: the parent's */
+            lk->closed_out = 1;
+            self->inflight++; /* pagelock_drop's LEAVE must not close under us */
+            pagelock_drop(lk, unlock);
+            self->inflight--;
+            PyErr_Clear(); /* closing: a truncated file is no news */
+        }
+        lk = next;
+    }
+    if (self->orphans) {
+        self->inflight++;
+        release_orphans(self);
+        self->inflight--;
+    }
+    PyErr_SetRaisedException(exc);
+}
+
+static PyObject *cache__release_locks(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    release_thread_locks(CacheObject_CAST(op));
+    Py_RETURN_NONE;
+}
+
+static int pagelock_init(PyObject *op, PyObject *args, PyObject *kwds)
+{
+    PageLockObject *lk = PageLock_CAST(op);
+    static char *kwlist[] = {"", "", "reentrant", NULL};
+    PyObject *cache, *key;
+    int reentrant = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|p:PageLock", kwlist, &cache, &key, &reentrant))
+        return -1;
+    PyObject *mod = PyType_GetModuleByDef(Py_TYPE(op), &fastmmap_module);
+    if (!mod)
+        return -1;
+    fastmmap_state *mst = PyModule_GetState(mod);
+    if (!PyObject_TypeCheck(cache, mst->CacheBase_Type)) {
+        PyErr_Format(PyExc_TypeError, "PageLock: cache must be a fastmmap cache, not %.100s", Py_TYPE(cache)->tp_name);
+        return -1;
+    }
+    keybuf k;
+    if (get_key(key, &k) < 0)
+        return -1;
+    if (lk->depth > 0) {
+        PyErr_SetString(mst->Error, "PageLock.__init__() on a held lock");
+        return -1;
+    }
+    Py_XSETREF(lk->cache, Py_NewRef(cache));
+    Py_XSETREF(lk->key, Py_NewRef(key));
+    lk->reentrant = reentrant;
+    return 0;
+}
+
+static PyObject *pagelock__acquire(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    if (pagelock_acquire(PageLock_CAST(op)) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *pagelock__release(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    if (pagelock_release(PageLock_CAST(op)) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *pagelock_enter(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    if (pagelock_acquire(PageLock_CAST(op)) < 0)
+        return NULL;
+    return Py_NewRef(op);
+}
+
+/* __exit__: release, then (once the page is unlocked, or forgotten in a
+ * forked child) call the subclass's _after_exit(released) hook, where
+ * LockedEntry/LockedPage run the callbacks they deferred. */
+static PyObject *pagelock_exit(PyObject *op, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
+{
+    PageLockObject *lk = PageLock_CAST(op);
+    int nested = lk->depth > 1 && lk->pid == getpid();
+    int r = pagelock_release(lk);
+    if (r < 0)
+        return NULL;
+    if (!nested) {
+        PyObject *hook = PyObject_GetAttrString(op, "_after_exit");
+        if (!hook) {
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+                return NULL;
+            PyErr_Clear();
+        } else {
+            PyObject *res = PyObject_CallOneArg(hook, r ? Py_True : Py_False);
+            Py_DECREF(hook);
+            if (!res)
+                return NULL;
+            Py_DECREF(res);
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *pagelock__held(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    PageLockObject *lk = PageLock_CAST(op);
+    return PyBool_FromLong(lk->depth > 0 && lk->thread == PyThread_get_thread_ident() && lk->pid == getpid());
+}
+
+static PyObject *pagelock_get_page(PyObject *op, void *Py_UNUSED(closure))
+{
+    PageLockObject *lk = PageLock_CAST(op);
+    if (lk->depth == 0)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLong(lk->page);
+}
+
+/* A PageLock that dies holding its page releases it (see above). */
+static void pagelock_finalize(PyObject *op)
+{
+    PageLockObject *lk = PageLock_CAST(op);
+    if (lk->depth == 0 || !lk->cache)
+        return;
+    PyObject *exc = PyErr_GetRaisedException();
+    CacheObject *c = CacheObject_CAST(lk->cache);
+    if (lk->pid != getpid()) {
+        pagelock_drop(lk, 0);
+    } else if (lk->thread == PyThread_get_thread_ident()) {
+        pagelock_drop(lk, 1);
+    } else {
+        orphan_lock *o = PyMem_Malloc(sizeof *o);
+        if (o) {
+            /* the orphan takes over the held page and its inflight share */
+            o->thread = lk->thread;
+            o->pid = lk->pid;
+            o->page = lk->page;
+            o->next = c->orphans;
+            c->orphans = o;
+            lk->depth = 0;
+            holders_unlink(c, lk);
+        } else {
+            lk->depth = 0;
+            holders_unlink(c, lk);
+            LEAVE(c);
+        }
+    }
+    PyErr_Clear(); /* nobody to report an unlock error to */
+    PyErr_SetRaisedException(exc);
+}
+
+static int pagelock_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    PageLockObject *lk = PageLock_CAST(op);
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(lk->cache);
+    Py_VISIT(lk->key);
+    return 0;
+}
+
+static int pagelock_clear(PyObject *op)
+{
+    PageLockObject *lk = PageLock_CAST(op);
+    if (lk->depth == 0) /* a held lock needs its cache to release it */
+        Py_CLEAR(lk->cache);
+    Py_CLEAR(lk->key);
+    return 0;
+}
+
+static void pagelock_dealloc(PyObject *op)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    if (PyObject_CallFinalizerFromDealloc(op) < 0)
+        return; /* resurrected */
+    PyObject_GC_UnTrack(op);
+    PageLockObject *lk = PageLock_CAST(op);
+    if (lk->depth > 0 && lk->cache) /* not finalized (should not happen): do not leave it linked */
+        holders_unlink(CacheObject_CAST(lk->cache), lk);
+    lk->depth = 0;
+    pagelock_clear(op);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef pagelock_methods[] = {
+    {"_acquire", pagelock__acquire, METH_NOARGS,
+     "_acquire($self, /)\n--\n\nLock the page (waiting for other holders); nests if reentrant."},
+    {"_release", pagelock__release, METH_NOARGS, "_release($self, /)\n--\n\nUndo one _acquire()."},
+    {"_held", pagelock__held, METH_NOARGS, "_held($self, /)\n--\n\nTrue if this thread holds the lock."},
+    {"__enter__", pagelock_enter, METH_NOARGS, "__enter__($self, /)\n--\n\nLock the page; return self."},
+    {"__exit__", (PyCFunction)(void (*)(void))pagelock_exit, METH_FASTCALL,
+     "__exit__($self, /, *exc)\n--\n\nUnlock the page (then call self._after_exit(released) if defined)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef pagelock_getset[] = {
+    {"_page", pagelock_get_page, NULL, "The locked page's number, or None when not held.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyDoc_STRVAR(pagelock_doc, "PageLock(cache, key, /, reentrant=False)\n--\n\n"
+                           "The lock of key's page, held across calls: the base of LockedEntry, LockedPage\n"
+                           "and Share.  Taken and recorded in one C call, released when its holder leaves\n"
+                           "the with block, when it is garbage-collected, or when the cache is closed.");
+
+static PyType_Slot pagelock_slots[] = {
+    {Py_tp_doc, (void *)pagelock_doc},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, pagelock_init},
+    {Py_tp_finalize, pagelock_finalize},
+    {Py_tp_dealloc, pagelock_dealloc},
+    {Py_tp_traverse, pagelock_traverse},
+    {Py_tp_clear, pagelock_clear},
+    {Py_tp_methods, pagelock_methods},
+    {Py_tp_getset, pagelock_getset},
+    {0, NULL},
+};
+
+static PyType_Spec pagelock_spec = {
+    .name = "fastmmap._fastmmap.PageLock",
+    .basicsize = sizeof(PageLockObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = pagelock_slots,
+};
 
 static PyObject *cache__set_callbacks(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -2876,6 +3301,7 @@ static PyObject *cache_close(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
     CacheObject *self = CacheObject_CAST(op);
     self->closed = 1;
+    release_thread_locks(self);
     if (self->inflight == 0)
         really_close(self);
     Py_RETURN_NONE;
@@ -2956,8 +3382,8 @@ static PyMethodDef cache_methods[] = {
     {"_open", (PyCFunction)(void (*)(void))cache__open, METH_FASTCALL, cache__open_doc},
     {"_configure", (PyCFunction)(void (*)(void))cache__configure, METH_FASTCALL, cache__configure_doc},
     {"close", cache_close, METH_NOARGS, cache_close_doc},
-    {"_lock_for", cache__lock_for, METH_O, "_lock_for($self, key, /)\n--\n\nLock the page of key; return its number."},
-    {"_unlock", cache__unlock, METH_O, "_unlock($self, page, /)\n--\n\nUnlock a page locked by _lock_for."},
+    {"_release_locks", cache__release_locks, METH_NOARGS,
+     "_release_locks($self, /)\n--\n\nRelease the pages this thread holds through lock blocks (close() does it)."},
     {"_held_get", (PyCFunction)(void (*)(void))cache__held_get, METH_FASTCALL,
      "_held_get($self, page, key, page_key, default, /)\n--\n\nRead in a page this thread holds."},
     {"_held_set", (PyCFunction)(void (*)(void))cache__held_set, METH_FASTCALL,
@@ -3036,6 +3462,11 @@ static void cache_dealloc(PyObject *op)
     if (self->weakreflist)
         PyObject_ClearWeakRefs(op);
     self->closed = 1;
+    while (self->orphans) { /* their pages: fmm_close releases this thread's */
+        orphan_lock *o = self->orphans;
+        self->orphans = o->next;
+        PyMem_Free(o);
+    }
     really_close(self);
     cache_clear_refs(op);
     tp->tp_free(op);
@@ -3179,6 +3610,9 @@ static int fastmmap_exec(PyObject *mod)
     st->CacheBase_Type = (PyTypeObject *)PyType_FromModuleAndSpec(mod, &cache_spec, NULL);
     if (!st->CacheBase_Type || PyModule_AddType(mod, st->CacheBase_Type) < 0)
         return -1;
+    st->PageLock_Type = (PyTypeObject *)PyType_FromModuleAndSpec(mod, &pagelock_spec, NULL);
+    if (!st->PageLock_Type || PyModule_AddType(mod, st->PageLock_Type) < 0)
+        return -1;
     if (add_exception(mod, &st->Error, "Error", NULL, "Base class of fastmmap's own errors.") < 0)
         return -1;
     struct {
@@ -3254,6 +3688,7 @@ static int fastmmap_traverse(PyObject *mod, visitproc visit, void *arg)
 {
     fastmmap_state *st = PyModule_GetState(mod);
     Py_VISIT(st->CacheBase_Type);
+    Py_VISIT(st->PageLock_Type);
     Py_VISIT(st->Error);
     Py_VISIT(st->LockTimeout);
     Py_VISIT(st->GeometryError);
@@ -3279,6 +3714,7 @@ static int fastmmap_clear(PyObject *mod)
 {
     fastmmap_state *st = PyModule_GetState(mod);
     Py_CLEAR(st->CacheBase_Type);
+    Py_CLEAR(st->PageLock_Type);
     Py_CLEAR(st->Error);
     Py_CLEAR(st->LockTimeout);
     Py_CLEAR(st->GeometryError);

@@ -609,7 +609,11 @@ static uint64_t next_handle_id = 1;
  * with them, its fmm_unlock would make a page's seq even while the parent
  * is still writing it, and readers would accept torn copies. */
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
-static void forget_held_in_child(void) { tl_n = 0; }
+static void forget_held_in_child(void)
+{
+    tl_n = 0;
+    tl_tid = 0; /* the stores' owner check (CHECK_HELD): the child is another thread */
+}
 static void install_atfork(void) { pthread_atfork(NULL, NULL, forget_held_in_child); }
 
 static int tl_find(const fmm_cache *c)
@@ -994,11 +998,42 @@ int fmm_held(const fmm_cache *c, uint32_t page)
     return i >= 0 && tl_held[i].page == page;
 }
 
+/* Every store checks that the calling thread holds the page.  A caller
+ * runs Python code under the lock (get_and_set's function, read_cb, a lock
+ * block's serializer), and that code may fork: the child holds none of its
+ * parent's locks (forget_held_in_child) but carries on into the store.
+ * Writing there would land in a page whose real holder may be writing it,
+ * without moving its sequence word, so lock-free readers could accept a
+ * torn copy and lockers find a page to repair.
+ *
+ * With glibc the common case is decided by the mutex's owner TID against
+ * this thread's (tl_tid: 0 until the thread first locks a page, and again
+ * in a forked child): a load from the page header's first cache line,
+ * which the store reads anyway.  Any mismatch, including an owner word
+ * damaged or zeroed under the lock, falls back to the thread's own records
+ * (held_slow), which alone decide. */
+static __attribute__((noinline, cold)) int held_slow(fmm_cache *c, uint32_t page)
+{
+    int i = tl_find(c);
+    if (i >= 0 && tl_held[i].page == page)
+        return 0;
+    snprintf(c->err, sizeof c->err, "page %u is not locked by this thread (a child forked under the lock?)", page);
+    return FMM_EBADARG;
+}
+#ifdef __GLIBC__
+#define OWNER_IS_ME(ph) \
+    (tl_tid != 0 && __atomic_load_n(&(ph)->lock.m.__data.__owner, __ATOMIC_RELAXED) == (int)tl_tid)
+#else
+#define OWNER_IS_ME(ph) 0
+#endif
+/* 0 if this thread holds the page, else FMM_EBADARG (to return). */
+#define CHECK_HELD(c, ph, page) (LIKELY(OWNER_IS_ME(ph)) ? 0 : held_slow((c), (page)))
+
 int fmm_unlock(fmm_cache *c, uint32_t page)
 {
     if (UNLIKELY(c->perl)) {
-        pfm_unlock(c->perl, page);
-        return fmm_lost(c) ? FMM_EREPLACED : 0;
+        int rc = pfm_unlock(c->perl, page);
+        return rc ? rc : fmm_lost(c) ? FMM_EREPLACED : 0;
     }
     int i = tl_find(c);
     if (UNLIKELY(i < 0 || tl_held[i].page != page)) {
@@ -1553,6 +1588,9 @@ static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t
     if (!need_fits(c, need))
         return FMM_ETOOBIG;
     page_hdr *ph = PH(c, page);
+    int held = CHECK_HELD(c, ph, page);
+    if (UNLIKELY(held))
+        return held;
     uint32_t lo = (uint32_t)hash;
     int rebuilt = 0, repaired = 0;
     for (;;) {
@@ -1787,6 +1825,9 @@ int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint
     if (UNLIKELY(c->perl))
         return pfm_delete(c->perl, page, hash, key, klen, old_flags);
     page_hdr *ph = PH(c, page);
+    int held = CHECK_HELD(c, ph, page);
+    if (UNLIKELY(held))
+        return held;
     esnap sn;
     long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &sn);
     if (UNLIKELY(idx == -2)) {
@@ -1819,6 +1860,9 @@ int fmm_expunge(fmm_cache *c, uint32_t page, int mode, fmm_evict_fn evict, void 
     if (UNLIKELY(c->perl))
         return pfm_expunge(c->perl, page, mode, evict, ctx);
     page_hdr *ph = PH(c, page);
+    int held = CHECK_HELD(c, ph, page);
+    if (UNLIKELY(held))
+        return held;
     int rc = rebuild(c, ph, mode == FMM_EXPUNGE_ALL ? RB_ALL : RB_EXPIRED, -1, 0, 0, evict, ctx);
     if (rc == FMM_ECORRUPT)
         return 0;

@@ -415,7 +415,11 @@ int fmm_lock_stale(fmm_cache *c, uint32_t page);
 /** @brief 1 if the calling thread holds @p page of this cache, else 0. */
 int fmm_held(const fmm_cache *c, uint32_t page);
 
-/* ---------- Entry operations (page locked by the caller) ---------- */
+/* ---------- Entry operations (page locked by the caller) ----------
+ * The calls that write a page (fmm_set, fmm_set_ms, fmm_delete,
+ * fmm_expunge) first check that the calling thread holds it, and return
+ * FMM_EBADARG, writing nothing, if not: in particular in a child forked
+ * while its parent held the page (code run under the lock that forks). */
 
 #define FMM_GET_TOUCH   1 /* a hit updates LRU position and statistics */
 #define FMM_GET_EXPIRED 2 /* also return an expired entry (write-back flushes) */
@@ -484,7 +488,8 @@ int fmm_read_valid(const fmm_cache *c, uint32_t page, uint32_t token);
  * @param[in] expire_on  absolute unix seconds, 0 = never.
  * @param[in] evict      called for dirty entries removed to make room (may be NULL).
  * @return 0 or FMM_ETOOBIG; FMM_EREFUSED if an unexpired tombstone holds
- *         the key (fmm_set is fmm_set_ms without FMM_F_MODSEQ).
+ *         the key (fmm_set is fmm_set_ms without FMM_F_MODSEQ);
+ *         FMM_EBADARG if this thread does not hold @p page.
  */
 int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash,
             const void *key, uint32_t klen, const void *val, uint32_t vlen,
@@ -501,7 +506,8 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash,
  * @return 0 (stored), FMM_ENOCHANGE (accepted, existing entry kept),
  *         FMM_EREFUSED (refused, nothing changed), FMM_ETOOBIG, or
  *         FMM_EBADARG (a tombstone with vlen > 0; Perl format: also type
- *         FMM_T_TOMBSTONE without FMM_F_MODSEQ).
+ *         FMM_T_TOMBSTONE without FMM_F_MODSEQ; or the page is not held
+ *         by this thread).
  */
 int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash,
                const void *key, uint32_t klen, const void *val, uint32_t vlen,
@@ -549,7 +555,8 @@ int fmm_set_many(fmm_cache *c, uint32_t page, fmm_batch_item *items, uint32_t n,
  * @brief Delete a key from a locked page.
  * @param[out] old_flags  flags of the deleted entry (may be NULL).
  * @return 0, or FMM_ENOTFOUND if absent, expired or a tombstone (an
- *         expired entry or a tombstone is deleted all the same).
+ *         expired entry or a tombstone is deleted all the same), or
+ *         FMM_EBADARG if this thread does not hold @p page.
  */
 int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash,
                const void *key, uint32_t klen, uint32_t *old_flags);
@@ -561,7 +568,7 @@ int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash,
 /**
  * @brief Remove expired (or all) entries of a locked page and compact it.
  * Dirty removed entries are passed to @p evict first.
- * @return 0.
+ * @return 0, or FMM_EBADARG if this thread does not hold @p page.
  */
 int fmm_expunge(fmm_cache *c, uint32_t page, int mode,
                 fmm_evict_fn evict, void *ctx);

@@ -404,21 +404,35 @@ int pfm_lock(pfm_cache *p, uint32_t page, int64_t timeout_ns)
     return 0;
 }
 
-void pfm_unlock(pfm_cache *p, uint32_t page)
+int pfm_unlock(pfm_cache *p, uint32_t page)
 {
     int i = tl_find(p);
-    if (i < 0 || tl_held[i].page != page)
-        return;
+    if (i < 0 || tl_held[i].page != page) {
+        /* not ours (a child forked under the lock): releasing the fcntl
+         * lock through the descriptor it shares would free the parent's */
+        detail(p, "page %u is not locked by this thread", page);
+        return FMM_EBADARG;
+    }
     tl_held[i] = tl_held[tl_n - 1];
     tl_n--;
     file_lock(p, page, F_OFD_SETLK, F_UNLCK);
     pthread_mutex_unlock(&p->mx[page]);
+    return 0;
 }
 
 int pfm_held(const pfm_cache *p, uint32_t page)
 {
     int i = tl_find(p);
     return i >= 0 && tl_held[i].page == page;
+}
+
+/* Stores check that this thread holds the page, as fmm.c's do (see
+ * not_held there): a child forked by code run under the lock holds
+ * nothing, and its write would land in a page its parent may be writing. */
+static __attribute__((noinline, cold)) int not_held(pfm_cache *p, uint32_t page)
+{
+    detail(p, "page %u is not locked by this thread (a child forked under the lock?)", page);
+    return FMM_EBADARG;
 }
 
 /* ---------- probing ---------- */
@@ -643,6 +657,8 @@ static int expunge(pfm_cache *p, uint32_t page, int mode, int64_t len, uint32_t 
 
 int pfm_expunge(pfm_cache *p, uint32_t page, int mode, fmm_evict_fn evict, void *ctx)
 {
+    if (UNLIKELY(!pfm_held(p, page)))
+        return not_held(p, page);
     return expunge(p, page, mode == FMM_EXPUNGE_ALL ? 1 : 0, -1, 0, 0, evict, ctx);
 }
 
@@ -686,6 +702,8 @@ int pfm_item_fits(const pfm_cache *p, uint64_t klen, uint64_t vlen)
 static int store(pfm_cache *p, unsigned char *pb, uint32_t sh, const void *key, uint32_t klen, const void *val,
                  uint32_t vlen, uint32_t flags, uint32_t expire_on, uint64_t modseq, uint64_t size, uint32_t now)
 {
+    if (UNLIKELY(!pfm_held(p, page)))
+        return not_held(p, page);
     int has_ms = (flags & FMM_F_MODSEQ) != 0;
     phdr *h = (phdr *)pb;
     long ins = -1;
@@ -851,6 +869,8 @@ int pfm_set_many(pfm_cache *p, uint32_t page, fmm_batch_item *items, uint32_t n,
 
 int pfm_delete(pfm_cache *p, uint32_t page, uint64_t hash, const void *key, uint32_t klen, uint32_t *old_flags)
 {
+    if (UNLIKELY(!pfm_held(p, page)))
+        return not_held(p, page);
     unsigned char *pb = PB(p, page);
     phdr *h = (phdr *)pb;
     long s = find_slot(p, pb, slot_hash_of(p, hash), key, klen, NULL);

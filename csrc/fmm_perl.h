@@ -29,7 +29,7 @@ uint32_t pfm_now(const pfm_cache *p);
 void pfm_set_time(pfm_cache *p, uint32_t now);
 
 int pfm_lock(pfm_cache *p, uint32_t page, int64_t timeout_ns);
-void pfm_unlock(pfm_cache *p, uint32_t page);
+int pfm_unlock(pfm_cache *p, uint32_t page);
 int pfm_held(const pfm_cache *p, uint32_t page);
 
 int pfm_get(pfm_cache *p, uint32_t page, uint64_t hash, const void *key, uint32_t klen, int touch, fmm_item *out);

@@ -3550,6 +3550,70 @@ static void test_fork_while_holding(void)
     fmm_close(c);
 }
 
+/* Every call that writes a page checks that this thread holds it: code run
+ * under the lock (a binding's callback) may fork, and the child, which
+ * holds nothing, must not write the page its parent still holds (the
+ * page's seq would not move, so lock-free readers could take a torn copy).
+ * In the child each store is refused and no byte of the page changes; the
+ * same for a page this thread never locked. */
+static void test_store_needs_the_lock(void)
+{
+    fmm_cache *c = open_anon(4096, 2);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    CHECK_EQ(ksets(c, "k", "v"), 0);
+    uint64_t h = fmm_hash(c, "k", 1);
+    uint32_t p = fmm_page_of(c, h), q = 1 - p;
+    uint32_t ps = fmm_page_size(c);
+    unsigned char *before = malloc(ps);
+    CHECK(before != NULL);
+    if (!before) {
+        fmm_close(c);
+        return;
+    }
+    /* a page nobody holds */
+    memcpy(before, fmm_page_ptr(c, p), ps);
+    CHECK_RC(fmm_set(c, p, h, "k", 1, "w", 1, 0, 0, NULL, NULL), FMM_EBADARG);
+    CHECK_RC(fmm_set_ms(c, p, h, "k", 1, "w", 1, FMM_F_MODSEQ, 0, 5, NULL, NULL), FMM_EBADARG);
+    CHECK_RC(fmm_delete(c, p, h, "k", 1, NULL), FMM_EBADARG);
+    CHECK_RC(fmm_expunge(c, p, FMM_EXPUNGE_ALL, NULL, NULL), FMM_EBADARG);
+    CHECK(strstr(fmm_errdetail(c), "not locked by this thread") != NULL);
+    CHECK(memcmp(before, fmm_page_ptr(c, p), ps) == 0);
+    /* holding the other page does not make this one writable */
+    CHECK_RC(fmm_lock(c, q, -1), 0);
+    CHECK_RC(fmm_set(c, p, h, "k", 1, "w", 1, 0, 0, NULL, NULL), FMM_EBADARG);
+    CHECK(memcmp(before, fmm_page_ptr(c, p), ps) == 0);
+    CHECK_RC(fmm_unlock(c, q), 0);
+    /* a child forked while the parent holds the page */
+    CHECK_RC(fmm_lock(c, p, -1), 0);
+    memcpy(before, fmm_page_ptr(c, p), ps);
+    pid_t pid = fork();
+    if (pid == 0) {
+        int ok = fmm_set(c, p, h, "k", 1, "child", 5, 0, 0, NULL, NULL) == FMM_EBADARG;
+        ok &= fmm_set_ms(c, p, h, "k", 1, "child", 5, FMM_F_MODSEQ, 0, 9, NULL, NULL) == FMM_EBADARG;
+        ok &= fmm_set(c, p, h, "new", 3, "child", 5, 0, 0, NULL, NULL) == FMM_EBADARG;
+        ok &= fmm_delete(c, p, h, "k", 1, NULL) == FMM_EBADARG;
+        ok &= fmm_expunge(c, p, FMM_EXPUNGE_ALL, NULL, NULL) == FMM_EBADARG;
+        ok &= fmm_unlock(c, p) == FMM_EBADARG;
+        ok &= memcmp(before, fmm_page_ptr(c, p), ps) == 0;
+        _exit(ok ? 0 : 1);
+    }
+    int st = 0;
+    CHECK(pid > 0 && waitpid(pid, &st, 0) == pid);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    CHECK(memcmp(before, fmm_page_ptr(c, p), ps) == 0);
+    /* the holder itself still writes */
+    CHECK_RC(fmm_set(c, p, h, "k", 1, "parent", 6, 0, 0, NULL, NULL), 0);
+    CHECK_RC(fmm_unlock(c, p), 0);
+    char buf[16];
+    uint32_t vlen = 0;
+    CHECK_RC(kget(c, "k", buf, sizeof buf, &vlen), 0);
+    CHECK(vlen == 6 && memcmp(buf, "parent", 6) == 0);
+    free(before);
+    fmm_close(c);
+}
+
 /* fmm_prefetch is a hint: whatever the page holds (fresh, full, with slots
  * pointing anywhere, a page number out of range), it changes no byte of
  * the file and every operation after it gives the same results. */
@@ -4508,6 +4572,7 @@ static const test TESTS[] = {
     T(test_prefetch_hint),
     T(test_fork_while_holding),
     T(test_set_many),
+    T(test_store_needs_the_lock),
 };
 
 int main(void)

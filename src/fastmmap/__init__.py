@@ -22,7 +22,6 @@ import pickle
 import shutil
 import sys
 import tempfile
-import threading
 import weakref
 import zlib
 from collections.abc import MutableMapping
@@ -440,6 +439,9 @@ class Cache(CacheBase):
         """
         if self.closed:
             return
+        # a lock block still open in this thread would make empty() fail
+        # and keep its page locked: release it first (CacheBase.close too)
+        self._release_locks()
         if getattr(self, "_creator_pid", None) == os.getpid():
             if self._empty_on_exit:
                 self.empty()
@@ -607,36 +609,29 @@ class Cache(CacheBase):
 MutableMapping.register(Cache)
 
 
-class _Held:
-    """A page lock held for a with block; callbacks deferred to the exit."""
+class _Held(_C.PageLock):
+    """A page lock held for a with block; callbacks deferred to the exit.
+
+    __enter__ and __exit__ are PageLock's, in C: the page is locked and
+    recorded as held in one C call, and unlocked in one, so a signal
+    handler raising at any point cannot leave the page locked with nothing
+    to unlock it (see PageLock in csrc/_fastmmapmodule.c).
+    """
 
     def __init__(self, cache: Cache, lock_key: _Key, page_key: _Key | None) -> None:
+        super().__init__(cache, lock_key)
         self._cache = cache
-        self._lock_key = lock_key
         self._page_key = page_key
-        self._page: Any = None  # the held page's number (an int), else None
-        self._pid = 0  # the process that entered the block
         # ("write", key, value, expire_on) / ("delete", key) / ("evicted", list)
         self._pending: list[tuple[Any, ...]] = []
 
-    def __enter__(self) -> Self:
-        if self._page is not None:
-            raise Error("this lock block is already active")
-        self._page = self._cache._lock_for(self._lock_key)
-        self._pid = os.getpid()
-        return self
-
-    def __exit__(self, *exc: object) -> Literal[False]:
-        page, self._page = self._page, None
-        if self._pid != os.getpid():
-            # a child forked inside the block: the page lock (and the
-            # callbacks queued before the fork) stay with the parent
-            self._pending = []
-            return False
-        self._cache._unlock(page)
+    def _after_exit(self, released: bool) -> None:
+        # Called by PageLock.__exit__ once the page is unlocked; released is
+        # False in a child forked inside the block, where the page lock (and
+        # the callbacks queued before the fork) stay with the parent.
         pending, self._pending = self._pending, []
-        self._run_callbacks(pending)
-        return False
+        if released:
+            self._run_callbacks(pending)
 
     def _run_callbacks(self, pending: list[tuple[Any, ...]]) -> None:
         cache = self._cache
@@ -655,20 +650,23 @@ class _Held:
         if first_error is not None:
             raise first_error
 
-    def _check(self) -> None:
-        if self._page is None:
+    def _check(self) -> int:
+        page = self._page
+        if page is None:
+            if self._cache.closed:
+                raise ValueError("I/O operation on closed cache")
             raise Error("use this object inside its with block")
+        return page
 
     def _get(self, key: _Key, page_key: _Key | None, default: Any) -> Any:
-        self._check()
-        return self._cache._held_get(self._page, key, page_key, default)
+        return self._cache._held_get(self._check(), key, page_key, default)
 
     def _set(
         self, key: _Key, page_key: _Key | None, value: Any, expire_time: _ExpireTime | None = None
     ) -> None:
-        self._check()
+        page = self._check()
         # stored: True; too big: False; refused by a tombstone (modseq rules): None
-        stored, expire_on, evicted = self._cache._held_set(self._page, key, page_key, value, expire_time)
+        stored, expire_on, evicted = self._cache._held_set(page, key, page_key, value, expire_time)
         c = self._cache
         if evicted:
             self._pending.append(("evicted", evicted))
@@ -680,8 +678,7 @@ class _Held:
             raise ItemTooLargeError(f"item for key {key!r} does not fit in a page")
 
     def _delete(self, key: _Key, page_key: _Key | None) -> bool:
-        self._check()
-        existed = self._cache._held_delete(self._page, key, page_key)
+        existed = self._cache._held_delete(self._check(), key, page_key)
         if page_key is None and self._cache._delete_cb is not None:
             self._pending.append(("delete", key))
         return existed
@@ -750,12 +747,14 @@ class LockedPage(_Held):
         return self._get(key, self._page_key, _MISSING) is not _MISSING
 
 
-class Share:
+class Share(_C.PageLock):
     """One picklable object in anonymous shared memory (IPC::Mmap::Share).
 
     Visible to this process and every child it forks afterwards.  No file
     is created.  ``size`` bounds the pickled size of the object.  lock() is
     re-entrant within a thread; other threads and processes wait.
+    ``with share:`` locks and unlocks in C (PageLock), so a signal cannot
+    leave the lock held.
     """
 
     _KEY = b"\x00share"
@@ -766,19 +765,11 @@ class Share:
         page = 1 << max(10, (size + 512).bit_length())
         self._size = size
         self._cache = Cache(anonymous=True, num_pages=1, page_size=page, start_slots=4)
-        self._page: Any = None  # the locked page's number (an int), else None
-        self._owner: int | None = None  # thread ident holding the lock
-        self._owner_pid = 0  # and its process
-        self._depth = 0
+        super().__init__(self._cache, self._KEY, True)
 
     @property
     def size(self) -> int:
         return self._size
-
-    def _held(self) -> bool:
-        # a forked child does not inherit the lock (its thread may have
-        # the same ident as the parent's)
-        return self._owner == threading.get_ident() and self._owner_pid == os.getpid()
 
     def set(self, obj: Any) -> None:
         """Store obj; ValueError (old value kept) if it needs more than size bytes.
@@ -794,45 +785,27 @@ class Share:
             n = len(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
         if n > self._size:
             raise ValueError(f"object needs {n} bytes, more than this Share's size of {self._size}")
-        if self._held():
-            self._cache._held_set(self._page, self._KEY, None, obj, None)
+        page = self._page
+        if page is not None and self._held():
+            self._cache._held_set(page, self._KEY, None, obj, None)
         else:
             self._cache.set(self._KEY, obj)
 
     def get(self) -> Any:
         """Return the stored object (None if nothing was stored)."""
-        if self._held():
-            return self._cache._held_get(self._page, self._KEY, None, None)
+        page = self._page
+        if page is not None and self._held():
+            return self._cache._held_get(page, self._KEY, None, None)
         return self._cache.get(self._KEY)
 
     def lock(self) -> None:
         """Lock the shared object (re-entrant within one thread)."""
-        if self._held():
-            self._depth += 1
-            return
-        page = self._cache._lock_for(self._KEY)  # waits for other holders
-        self._page, self._owner, self._depth = page, threading.get_ident(), 1
-        self._owner_pid = os.getpid()
+        self._acquire()  # waits for other holders
 
     def unlock(self) -> None:
-        # A child forked while the lock was held leaves what it inherited;
-        # the lock itself stays with the parent.
-        inherited = self._owner == threading.get_ident() and self._owner_pid != os.getpid()
-        if not inherited and not self._held():
-            raise Error("Share.unlock() without lock() in this thread")
-        self._depth -= 1
-        if self._depth == 0:
-            page, self._page, self._owner, self._owner_pid = self._page, None, None, 0
-            if not inherited:
-                self._cache._unlock(page)
-
-    def __enter__(self) -> Self:
-        self.lock()
-        return self
-
-    def __exit__(self, *exc: object) -> Literal[False]:
-        self.unlock()
-        return False
+        """Undo one lock().  In a child forked while the lock was held, this
+        forgets the inherited lock; the lock itself stays with the parent."""
+        self._release()
 
     def close(self) -> None:
         self._cache.close()
