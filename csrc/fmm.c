@@ -1768,6 +1768,9 @@ int fmm_set_many(fmm_cache *c, uint32_t page, fmm_batch_item *items, uint32_t n,
     if (n == 0)
         return 0;
     page_hdr *ph = PH(c, page);
+    int held = CHECK_HELD(c, ph, page);
+    if (UNLIKELY(held))
+        return held;
     /* The tombstone rule against the page as the batch found it, before
      * making room can evict a tombstone (a refused store changes nothing,
      * as for fmm_set).  A damaged entry is left to the store, which

@@ -702,8 +702,6 @@ int pfm_item_fits(const pfm_cache *p, uint64_t klen, uint64_t vlen)
 static int store(pfm_cache *p, unsigned char *pb, uint32_t sh, const void *key, uint32_t klen, const void *val,
                  uint32_t vlen, uint32_t flags, uint32_t expire_on, uint64_t modseq, uint64_t size, uint32_t now)
 {
-    if (UNLIKELY(!pfm_held(p, page)))
-        return not_held(p, page);
     int has_ms = (flags & FMM_F_MODSEQ) != 0;
     phdr *h = (phdr *)pb;
     long ins = -1;
@@ -756,6 +754,8 @@ static int store(pfm_cache *p, unsigned char *pb, uint32_t sh, const void *key, 
 int pfm_set(pfm_cache *p, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
             uint32_t vlen, uint32_t flags, uint32_t expire_on, uint64_t modseq, fmm_evict_fn evict, void *ctx)
 {
+    if (UNLIKELY(!pfm_held(p, page)))
+        return not_held(p, page);
     int has_ms = (flags & FMM_F_MODSEQ) != 0;
     if ((flags & FMM_F_TYPE_MASK) == FMM_T_TOMBSTONE && (!has_ms || vlen))
         return FMM_EBADARG;
@@ -796,6 +796,8 @@ int pfm_set(pfm_cache *p, uint32_t page, uint64_t hash, const void *key, uint32_
 int pfm_set_many(pfm_cache *p, uint32_t page, fmm_batch_item *items, uint32_t n, uint32_t expire_on,
                  fmm_evict_fn evict, void *ctx, uint32_t *bad, uint32_t fault)
 {
+    if (UNLIKELY(!pfm_held(p, page)))
+        return not_held(p, page);
     unsigned char *pb = PB(p, page);
     phdr *h = (phdr *)pb;
     uint32_t now = pfm_now(p);
