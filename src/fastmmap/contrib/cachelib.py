@@ -17,6 +17,12 @@ and ``dec`` are atomic across processes.  Values go through fastmmap's
 serializer (pickle by default), so anyone who can write the file can run
 code in the processes that read it: see "Security and trust" in the
 fastmmap manual.
+
+A cachelib serializer (an object with ``dumps(value) -> bytes`` and
+``loads(bytes)``, such as ``cachelib.serializers.JSONSerializer``) replaces
+fastmmap's own when it is assigned to ``cache.serializer``, passed as
+``serializer=``, or set through Flask-Caching's ``CACHE_SERIALIZER``: values
+are then stored as the bytes it returns, as cachelib's own backends do.
 """
 
 from __future__ import annotations
@@ -71,7 +77,17 @@ class FastMmapCache(BaseCache):
 
     The file is opened on first use in each process; a process forked after
     that keeps using the parent's mapping.
+
+    ``serializer`` is either fastmmap's option (``"pickle"``, ``"json"``,
+    ``"raw"``, a ``(dumps, loads)`` pair) or a cachelib serializer object,
+    which becomes the ``serializer`` attribute.
     """
+
+    #: A cachelib serializer (``dumps(value) -> bytes``, ``loads(bytes)``),
+    #: or None for fastmmap's own (the ``serializer`` option).  Read at
+    #: every call, so that assigning it after construction (as Flask-Caching
+    #: does for CACHE_SERIALIZER) takes effect.
+    serializer: Any = None
 
     def __init__(
         self,
@@ -94,6 +110,9 @@ class FastMmapCache(BaseCache):
                 f"FastMmapCache: unknown option(s) {', '.join(sorted(unknown))}; options are "
                 f"key_prefix and the fastmmap.Cache options: {', '.join(sorted(_CACHE_OPTIONS))}"
             )
+        ser = options.get("serializer")
+        if hasattr(ser, "dumps") and hasattr(ser, "loads"):
+            self.serializer = options.pop("serializer")
         options.setdefault("unlink_on_exit", False)
         self.key_prefix = key_prefix or ""
         self._share_file = os.path.abspath(os.fspath(share_file))
@@ -146,23 +165,42 @@ class FastMmapCache(BaseCache):
             return _EXPIRED
         return min(time.time() + seconds, _MAX_EXPIRE_ON)
 
+    def _dumps(self, value: Any) -> Any:
+        """value as stored: the serializer's bytes, or value itself without one.
+
+        None means the serializer could not encode it (cachelib's
+        serializers log the error and return None).
+        """
+        serializer = self.serializer
+        return value if serializer is None else serializer.dumps(value)
+
+    def _loads(self, stored: Any) -> Any:
+        """The value of a stored entry (None for a miss)."""
+        serializer = self.serializer
+        # Only bytes come from a serializer; anything else was written by a
+        # process configured without one, and is returned as fastmmap read it.
+        if serializer is None or not isinstance(stored, bytes):
+            return stored
+        return serializer.loads(stored)
+
     def _store(self, cache: fastmmap.Cache, key: str, value: Any, expire_on: float) -> bool:
         if expire_on == _EXPIRED:
             cache.remove(key)
             return True
-        if cache.set(key, value, expire_on=expire_on):
+        stored = self._dumps(value)
+        if (stored is not None or value is None) and cache.set(key, stored, expire_on=expire_on):
             return True
-        cache.remove(key)  # too big for a page: do not leave the old value
+        cache.remove(key)  # too big for a page, or not encodable: do not leave the old value
         return False
 
     # ----- cachelib.BaseCache -----
 
     def get(self, key: str) -> Any:
-        return self.fastmmap_cache.get(self.key_prefix + key)
+        return self._loads(self.fastmmap_cache.get(self.key_prefix + key))
 
     def get_many(self, *keys: str) -> list[Any]:
         cache, prefix = self.fastmmap_cache, self.key_prefix
-        return [cache.get(prefix + key) for key in keys]
+        return [self._loads(cache.get(prefix + key)) for key in keys]
 
     def set(self, key: str, value: Any, timeout: Any = None) -> bool:
         return self._store(self.fastmmap_cache, self.key_prefix + key, value, self._expire_on(timeout))
@@ -173,8 +211,11 @@ class FastMmapCache(BaseCache):
         expire_on = self._expire_on(timeout)
         if expire_on == _EXPIRED:
             return not cache.exists(key)
+        stored = self._dumps(value)
+        if stored is None and value is not None:
+            return False
         try:
-            return cache.add(key, value, expire_on=expire_on)
+            return cache.add(key, stored, expire_on=expire_on)
         except fastmmap.ItemTooLargeError:
             return False
 
@@ -211,12 +252,18 @@ class FastMmapCache(BaseCache):
         expire_on = self._expire_on(None)
         if expire_on == _EXPIRED:
             expire_on = 1  # in the past: stored already expired
+        new = None
+
+        def add_delta(_key: Any, old: Any) -> Any:
+            nonlocal new
+            new = (self._loads(old) or 0) + delta
+            return self._dumps(new)
+
         try:
-            return self.fastmmap_cache.get_and_set(
-                self.key_prefix + key, lambda _k, old: (old or 0) + delta, expire_on=expire_on
-            )
+            self.fastmmap_cache.get_and_set(self.key_prefix + key, add_delta, expire_on=expire_on)
         except fastmmap.ItemTooLargeError:
             return None
+        return new
 
     def dec(self, key: str, delta: int = 1) -> Any:
         return self.inc(key, -delta)
