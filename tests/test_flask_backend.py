@@ -21,7 +21,7 @@ import pytest
 
 cachelib = pytest.importorskip("cachelib")
 
-from fastmmap.contrib.cachelib import FastMmapCache, fastmmap_cache  # noqa: E402
+from fastmmap.contrib.cachelib import FastMmapCache, NativeSerializer, fastmmap_cache  # noqa: E402
 
 PAGE_SIZE = 64 * 1024
 
@@ -265,7 +265,13 @@ def _raw_values(cache):
 def test_assigned_serializer_is_used(cache):
     """cache.serializer assigned after construction (cachelib's protocol, as
     Flask-Caching does for CACHE_SERIALIZER) encodes every value."""
-    from cachelib.serializers import JSONSerializer
+    from cachelib.serializers import JSONSerializer, SimpleSerializer
+
+    # the default: a SimpleSerializer (pickle) to whoever inspects it, but
+    # values are stored natively, as a plain fastmmap.Cache stores them
+    assert isinstance(cache.serializer, SimpleSerializer)
+    assert cache.set("d", (1, 2)) and cache.get("d") == (1, 2)
+    assert _raw_values(cache)["d"] == (1, 2)
 
     cache.serializer = JSONSerializer()
     assert cache.set("t", (1, 2))
@@ -304,7 +310,7 @@ def test_serializer_option_and_failures(cache_factory):
     assert c.set_many({"a": "ok", "b": "bad"}) == ["a"] and c.get("a") == "ok"
 
     plain = cache_factory("plain.cache", serializer="json")
-    assert plain.serializer is None
+    assert type(plain.serializer) is NativeSerializer
     assert plain.set("t", (1, 2)) and plain.get("t") == [1, 2]
 
 

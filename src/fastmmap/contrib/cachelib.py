@@ -34,10 +34,11 @@ import time
 from typing import Any
 
 from cachelib import BaseCache
+from cachelib.serializers import SimpleSerializer
 
 import fastmmap
 
-__all__ = ["FastMmapCache", "fastmmap_cache"]
+__all__ = ["FastMmapCache", "NativeSerializer", "fastmmap_cache"]
 
 #: fastmmap.Cache options accepted as keyword arguments.
 _CACHE_OPTIONS = frozenset(inspect.signature(fastmmap.Cache.__init__).parameters) - {"self", "share_file", "anonymous"}
@@ -59,6 +60,17 @@ def _reset_open_lock() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_open_lock)
+
+
+class NativeSerializer(SimpleSerializer):
+    """The default serializer: values go to fastmmap as they are.
+
+    fastmmap's own serializer (the ``serializer`` option, pickle by
+    default) then stores them, so that the file holds the same entries as a
+    plain ``fastmmap.Cache`` writes.  It is a cachelib ``SimpleSerializer``
+    (pickle) for code that inspects ``cache.serializer`` or calls its
+    ``dumps``/``loads``; a subclass of it is used as any other serializer.
+    """
 
 
 class FastMmapCache(BaseCache):
@@ -83,11 +95,11 @@ class FastMmapCache(BaseCache):
     which becomes the ``serializer`` attribute.
     """
 
-    #: A cachelib serializer (``dumps(value) -> bytes``, ``loads(bytes)``),
-    #: or None for fastmmap's own (the ``serializer`` option).  Read at
-    #: every call, so that assigning it after construction (as Flask-Caching
-    #: does for CACHE_SERIALIZER) takes effect.
-    serializer: Any = None
+    #: A cachelib serializer (``dumps(value) -> bytes``, ``loads(bytes)``);
+    #: NativeSerializer (or None) for fastmmap's own (the ``serializer``
+    #: option).  Read at every call, so that assigning it after construction
+    #: (as Flask-Caching does for CACHE_SERIALIZER) takes effect.
+    serializer: Any = NativeSerializer()
 
     def __init__(
         self,
@@ -172,14 +184,16 @@ class FastMmapCache(BaseCache):
         serializers log the error and return None).
         """
         serializer = self.serializer
-        return value if serializer is None else serializer.dumps(value)
+        if serializer is None or type(serializer) is NativeSerializer:
+            return value
+        return serializer.dumps(value)
 
     def _loads(self, stored: Any) -> Any:
         """The value of a stored entry (None for a miss)."""
         serializer = self.serializer
         # Only bytes come from a serializer; anything else was written by a
         # process configured without one, and is returned as fastmmap read it.
-        if serializer is None or not isinstance(stored, bytes):
+        if serializer is None or type(serializer) is NativeSerializer or not isinstance(stored, bytes):
             return stored
         return serializer.loads(stored)
 
