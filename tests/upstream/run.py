@@ -1,5 +1,8 @@
 """Run other projects' own cache test suites against fastmmap's backends.
 
+Django, cachelib, Flask-Caching, cachetools and dogpile.cache: their tests
+of the parts that any backend (or any mapping, for cachetools) must pass.
+
 ``make test-upstream`` runs this in .venv-upstream, where the projects are
 installed at the versions pinned below (tests/upstream/requirements.txt).
 For each suite it
@@ -57,6 +60,10 @@ class Suite:
     # Count only the tests that built a fastmmap backend (Flask-Caching's
     # suite, most of which tests Flask-Caching itself on other backends).
     reached_only: bool = False
+    # A pytest.ini to write at the top of their tree, for a project that
+    # keeps no pytest configuration there: pytest would otherwise look for
+    # one further up and find this repository's.
+    pytest_ini: str | None = None
     timeout: int = 900
 
 
@@ -104,6 +111,16 @@ SUITES = {
             ],
             env={"FMM_UPSTREAM_FLASK_APP": "1"},
             reached_only=True,
+        ),
+        Suite(
+            name="cachetools",
+            dist="cachetools",
+            version="8.0.3",
+            sdist_glob="cachetools-8.0.3.tar.gz",
+            module_src="cachetools_test_fastmmap.py",
+            module_dest="tests/test_fastmmap.py",
+            command=PYTEST + ["tests/test_fastmmap.py"],
+            pytest_ini="[pytest]\n",
         ),
         Suite(
             name="dogpile",
@@ -170,6 +187,9 @@ def unpack(suite: Suite, sdist: str) -> str:
     (top,) = os.listdir(dest)
     tree = os.path.join(dest, top)
     shutil.copyfile(os.path.join(HERE, "suites", suite.module_src), os.path.join(tree, suite.module_dest))
+    if suite.pytest_ini is not None:
+        with open(os.path.join(tree, "pytest.ini"), "w") as f:
+            f.write(suite.pytest_ini)
     return tree
 
 
