@@ -1,7 +1,8 @@
 """Run other projects' own cache test suites against fastmmap's backends.
 
-Django, cachelib, Flask-Caching, cachetools and dogpile.cache: their tests
-of the parts that any backend (or any mapping, for cachetools) must pass.
+Django, cachelib, Flask-Caching, cachetools, aiocache and dogpile.cache:
+their tests of the parts that any backend (or any mapping, for cachetools)
+must pass.
 
 ``make test-upstream`` runs this in .venv-upstream, where the projects are
 installed at the versions pinned below (tests/upstream/requirements.txt).
@@ -67,7 +68,12 @@ class Suite:
     timeout: int = 900
 
 
-PYTEST = [sys.executable, "-m", "pytest", "-p", "fmm_upstream_plugin", "-q", "-rfE"]
+# pytest-asyncio (for aiocache's tests) is installed for every suite: it
+# warns, an error under their filterwarnings, unless this is set.
+PYTEST = [
+    sys.executable, "-m", "pytest", "-p", "fmm_upstream_plugin", "-q", "-rfE",
+    "-o", "asyncio_default_fixture_loop_scope=function",
+]
 
 SUITES = {
     s.name: s
@@ -121,6 +127,16 @@ SUITES = {
             module_dest="tests/test_fastmmap.py",
             command=PYTEST + ["tests/test_fastmmap.py"],
             pytest_ini="[pytest]\n",
+        ),
+        Suite(
+            name="aiocache",
+            dist="aiocache",
+            version="0.12.3",
+            sdist_glob="aiocache-0.12.3.tar.gz",
+            module_src="aiocache_test_fastmmap.py",
+            module_dest="tests/acceptance/test_fastmmap.py",
+            # their addopts ask for coverage (pytest-cov), which is not ours to run
+            command=PYTEST + ["-o", "addopts=--strict-markers", "tests/acceptance/test_fastmmap.py"],
         ),
         Suite(
             name="dogpile",
