@@ -17,6 +17,12 @@ and ``dec`` are atomic across processes.  Values go through fastmmap's
 serializer (pickle by default), so anyone who can write the file can run
 code in the processes that read it: see "Security and trust" in the
 fastmmap manual.
+
+A cachelib serializer (an object with ``dumps(value) -> bytes`` and
+``loads(bytes)``, such as ``cachelib.serializers.JSONSerializer``) replaces
+fastmmap's own when it is assigned to ``cache.serializer``, passed as
+``serializer=``, or set through Flask-Caching's ``CACHE_SERIALIZER``: values
+are then stored as the bytes it returns, as cachelib's own backends do.
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ import time
 from typing import Any
 
 from cachelib import BaseCache
+from cachelib.serializers import SimpleSerializer
 
 import fastmmap
 
 from . import _web
 
-__all__ = ["FastMmapCache", "fastmmap_cache"]
+__all__ = ["FastMmapCache", "NativeSerializer", "fastmmap_cache"]
 
 #: fastmmap.Cache options accepted as keyword arguments.
 _CACHE_OPTIONS = frozenset(inspect.signature(fastmmap.Cache.__init__).parameters) - {"self", "share_file", "anonymous"}
@@ -57,6 +64,17 @@ def _reset_open_lock() -> None:
 os.register_at_fork(after_in_child=_reset_open_lock)
 
 
+class NativeSerializer(SimpleSerializer):
+    """The default serializer: values go to fastmmap as they are.
+
+    fastmmap's own serializer (the ``serializer`` option, pickle by
+    default) then stores them, so that the file holds the same entries as a
+    plain ``fastmmap.Cache`` writes.  It is a cachelib ``SimpleSerializer``
+    (pickle) for code that inspects ``cache.serializer`` or calls its
+    ``dumps``/``loads``; a subclass of it is used as any other serializer.
+    """
+
+
 class FastMmapCache(BaseCache):
     """A cachelib cache in a file shared by every process that opens it.
 
@@ -76,7 +94,17 @@ class FastMmapCache(BaseCache):
 
     The file is opened on first use in each process; a process forked after
     that keeps using the parent's mapping.
+
+    ``serializer`` is either fastmmap's option (``"pickle"``, ``"json"``,
+    ``"raw"``, a ``(dumps, loads)`` pair) or a cachelib serializer object,
+    which becomes the ``serializer`` attribute.
     """
+
+    #: A cachelib serializer (``dumps(value) -> bytes``, ``loads(bytes)``);
+    #: NativeSerializer (or None) for fastmmap's own (the ``serializer``
+    #: option).  Read at every call, so that assigning it after construction
+    #: (as Flask-Caching does for CACHE_SERIALIZER) takes effect.
+    serializer: Any = NativeSerializer()
 
     def __init__(
         self,
@@ -100,6 +128,9 @@ class FastMmapCache(BaseCache):
                 f"FastMmapCache: unknown option(s) {', '.join(sorted(unknown))}; options are "
                 f"key_prefix and the fastmmap.Cache options: {', '.join(sorted(_CACHE_OPTIONS))}"
             )
+        ser = options.get("serializer")
+        if hasattr(ser, "dumps") and hasattr(ser, "loads"):
+            self.serializer = options.pop("serializer")
         options.setdefault("unlink_on_exit", False)
         self.key_prefix = key_prefix or ""
         self.raise_too_large = bool(raise_too_large)
@@ -159,24 +190,46 @@ class FastMmapCache(BaseCache):
             return _EXPIRED
         return min(time.time() + seconds, _MAX_EXPIRE_ON)
 
+    def _dumps(self, value: Any) -> Any:
+        """value as stored: the serializer's bytes, or value itself without one.
+
+        None means the serializer could not encode it (cachelib's
+        serializers log the error and return None).
+        """
+        serializer = self.serializer
+        if serializer is None or type(serializer) is NativeSerializer:
+            return value
+        return serializer.dumps(value)
+
+    def _loads(self, stored: Any) -> Any:
+        """The value of a stored entry (None for a miss)."""
+        serializer = self.serializer
+        # Only bytes come from a serializer; anything else was written by a
+        # process configured without one, and is returned as fastmmap read it.
+        if serializer is None or type(serializer) is NativeSerializer or not isinstance(stored, bytes):
+            return stored
+        return serializer.loads(stored)
+
     def _store(self, cache: fastmmap.Cache, key: str, value: Any, expire_on: float) -> bool:
         if expire_on == _EXPIRED:
             cache.remove(key)
             return True
-        if cache.set(key, value, expire_on=expire_on):
+        stored = self._dumps(value)
+        if (stored is not None or value is None) and cache.set(key, stored, expire_on=expire_on):
             return True
-        cache.remove(key)  # too big for a page: do not leave the old value
-        _web.report(cache, key, value, debug=self.raise_too_large)
+        cache.remove(key)  # too big for a page, or not encodable: do not leave the old value
+        if stored is not None or value is None:
+            _web.report(cache, key, value if stored is None else stored, debug=self.raise_too_large)
         return False
 
     # ----- cachelib.BaseCache -----
 
     def get(self, key: str) -> Any:
-        return self.fastmmap_cache.get(self.key_prefix + key)
+        return self._loads(self.fastmmap_cache.get(self.key_prefix + key))
 
     def get_many(self, *keys: str) -> list[Any]:
         cache, prefix = self.fastmmap_cache, self.key_prefix
-        return [cache.get(prefix + key) for key in keys]
+        return [self._loads(cache.get(prefix + key)) for key in keys]
 
     def set(self, key: str, value: Any, timeout: Any = None) -> bool:
         return self._store(self.fastmmap_cache, self.key_prefix + key, value, self._expire_on(timeout))
@@ -187,8 +240,11 @@ class FastMmapCache(BaseCache):
         expire_on = self._expire_on(timeout)
         if expire_on == _EXPIRED:
             return not cache.exists(key)
+        stored = self._dumps(value)
+        if stored is None and value is not None:
+            return False
         try:
-            return cache.add(key, value, expire_on=expire_on)
+            return cache.add(key, stored, expire_on=expire_on)
         except fastmmap.ItemTooLargeError:
             _web.report(cache, key, value, debug=self.raise_too_large)
             return False
@@ -226,12 +282,18 @@ class FastMmapCache(BaseCache):
         expire_on = self._expire_on(None)
         if expire_on == _EXPIRED:
             expire_on = 1  # in the past: stored already expired
+        new = None
+
+        def add_delta(_key: Any, old: Any) -> Any:
+            nonlocal new
+            new = (self._loads(old) or 0) + delta
+            return self._dumps(new)
+
         try:
-            return self.fastmmap_cache.get_and_set(
-                self.key_prefix + key, lambda _k, old: (old or 0) + delta, expire_on=expire_on
-            )
+            self.fastmmap_cache.get_and_set(self.key_prefix + key, add_delta, expire_on=expire_on)
         except fastmmap.ItemTooLargeError:
             return None
+        return new
 
     def dec(self, key: str, delta: int = 1) -> Any:
         return self.inc(key, -delta)
