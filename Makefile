@@ -12,6 +12,9 @@
 #                (the Perl file format), FUZZ_SECONDS each
 #   make fuzz-merge      fold new fuzz finds into a minimal tests/fuzz_corpus
 #   make stress  the tests marked "stress", then `make fuzz`
+#   make flake-hunt      the pytest suite FLAKE_RUNS times while FLAKE_LOAD
+#                busy loops load the cores; reports every test that failed
+#                even once (.ci/flake_hunt.py, output in build/flake-hunt)
 #   make bench / bench-smoke   benchmarks/run.py (full / quick)
 #   make clean / distclean     remove build outputs / also .venv
 #
@@ -76,7 +79,7 @@ VALGRIND_CFLAGS := -std=gnu11 -g -O0 -Wall -Wextra -Werror
 VALGRIND := valgrind --error-exitcode=1 -q --leak-check=full
 
 .PHONY: all venv install install-test demo ctest ctest-valgrind test test-asan stress fuzz \
-	fuzz-merge bench-deps bench bench-smoke clean distclean
+	fuzz-merge flake-hunt bench-deps bench bench-smoke clean distclean
 
 all: test
 
@@ -169,6 +172,14 @@ stress: install-test
 	if [ $$rc -eq 5 ]; then echo "stress: no stress tests collected"; rc=0; fi; \
 	exit $$rc
 	$(MAKE) --no-print-directory fuzz
+
+# A test that passes idle but fails when its processes are scheduled late
+# (a sleep used to wait for another process, a timing assertion) fails
+# here; one failure in any run is a flaky test to fix.
+FLAKE_RUNS ?= 10
+FLAKE_LOAD ?= 2
+flake-hunt: install-test
+	$(VPY) .ci/flake_hunt.py --runs $(FLAKE_RUNS) --load $(FLAKE_LOAD)
 
 # The benchmarks' Python peers (diskcache, lmdb, redis, ...) and charting.
 bench-deps: install
