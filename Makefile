@@ -4,7 +4,9 @@
 #   make test    C engine tests under ASan+UBSan (and the fuzz corpus replayed),
 #                the pytest suite, the pytest suite again against an
 #                ASan+UBSan build of the extension (test-asan), and the C
-#                engine tests under valgrind (ctest-valgrind)
+#                engine tests under valgrind (ctest-valgrind); first it
+#                installs (as root, with apt-get) or lists the Debian
+#                packages that these need (.ci/APT_PACKAGES)
 #   make ctest   only the C engine tests and the fuzz corpus replay
 #   make test-asan       only the pytest suite against the sanitizer build
 #   make ctest-valgrind  only the C engine tests under valgrind
@@ -83,7 +85,17 @@ VALGRIND := valgrind --error-exitcode=1 -q --leak-check=full
 
 all: test
 
+# What the system must provide (.ci/APT_PACKAGES, by group): checked before
+# anything is built, installed with apt-get when run as root, else listed.
+# The targets that need more than the build add their group; a target's
+# variables reach its prerequisites, so `make test` checks them in venv.
+CHECK_DEPS := PYTHON=$(PYTHON) .ci/check-deps
+DEPS_GROUPS := build
+test: DEPS_GROUPS += test
+stress: DEPS_GROUPS += test fuzz
+
 venv:
+	$(CHECK_DEPS) $(DEPS_GROUPS)
 	@if [ ! -x $(VPY) ]; then echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); fi
 	$(VPIP) install -q --upgrade pip
 
@@ -141,6 +153,7 @@ test-asan:
 	done; exit $$rc
 
 fuzz:
+	$(CHECK_DEPS) fuzz
 	mkdir -p build/fuzz-new build/fuzz-artifacts
 	$(CLANG) $(FUZZ_CFLAGS) -Icsrc $(ENGINE_SRC) csrc/fuzz_fmm.c -o build/fuzz_fmm -lpthread
 	build/fuzz_fmm $(FUZZ_RUN_FLAGS) -max_total_time=$(FUZZ_SECONDS) build/fuzz-new $(FUZZ_CORPUS)
