@@ -35,6 +35,7 @@ unless ``RedisStore.from_url`` is used.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import threading
@@ -175,14 +176,15 @@ class RedisStore:
             return None
         return self.loads(data)
 
-    def write_cb(self, context: Any, key: str | bytes, value: Any, expire_on: int) -> None:
+    def write_cb(self, context: Any, key: str | bytes, value: Any, expire_on: float) -> None:
         """fastmmap write_cb: SET with EXAT expire_on (0: no expiry); PUBLISH if channel is set."""
         rkey = self.redis_key(key)
         pipe = self.client.pipeline(transaction=False)
         if expire_on and expire_on <= time.time():
             pipe.delete(rkey)  # already expired: what Redis holds is out of date too
         elif expire_on:
-            pipe.set(rkey, self.dumps(value), exat=int(expire_on))
+            # whole seconds for EXAT, rounded up: Redis must not drop the key early
+            pipe.set(rkey, self.dumps(value), exat=math.ceil(expire_on))
         else:
             pipe.set(rkey, self.dumps(value))
         if self.channel is not None:
