@@ -788,6 +788,10 @@ static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *ex
         if (ms == -1 && PyErr_Occurred())
             return -1;
     }
+    if (ms == 0) { /* never, the usual default: no call on the hot path */
+        *out = 0;
+        return 0;
+    }
     return expire_from_ms(self, ms, out);
 }
 
