@@ -87,7 +87,13 @@ def main() -> int:
                    f"--junitxml={xml}", *args.pytest_args]
             t0 = time.monotonic()
             with open(args.out / f"run-{run}.log", "wb") as log:
-                rc = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+                suite = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+                try:
+                    rc = suite.wait()
+                finally:
+                    if suite.poll() is None:  # interrupted: stop the run too
+                        suite.kill()
+                        suite.wait()
             seconds.append(time.monotonic() - t0)
             failed = failed_tests(xml)
             if rc != 0 and not failed:
