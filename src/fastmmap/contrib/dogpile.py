@@ -37,7 +37,6 @@ fastmmap manual applies to the file.
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import threading
 import time
@@ -79,7 +78,7 @@ class FastMmapMutex(CacheMutex):
     is still this mutex's.
     """
 
-    def __init__(self, cache: fastmmap.Cache, lock_key: str, timeout: int, sleep: float) -> None:
+    def __init__(self, cache: fastmmap.Cache, lock_key: str, timeout: float, sleep: float) -> None:
         self._cache = cache
         self._key = lock_key
         self._timeout = timeout
@@ -153,9 +152,8 @@ class FastMmapBackend(BytesBackend):
         if isinstance(lock_sleep, bool) or not isinstance(lock_sleep, (int, float)) or not lock_sleep > 0:
             raise ValueError(f"lock_sleep must be a number of seconds > 0, got {lock_sleep!r}")
         self.lock_prefix: str = arguments.pop("lock_prefix", DEFAULT_LOCK_PREFIX)
-        # whole seconds: the engine's expiry resolution; rounded up, so that
-        # a lease lasts at least lock_timeout
-        self.lock_timeout = int(math.ceil(lock_timeout))
+        # the lease's expiry: the engine keeps it at least this long
+        self.lock_timeout = float(lock_timeout)
         self.lock_sleep = float(lock_sleep)
         arguments.setdefault("unlink_on_exit", False)
         # values are dogpile's bytes: "raw" stores them as they are
