@@ -130,14 +130,26 @@ def test_old_value_served_while_another_process_regenerates(tmp_path, forked):
 def test_lock_of_a_killed_holder_expires(tmp_path, forked):
     path = tmp_path / "r.cache"
 
+    # Both processes read a fixed clock: with the real one, the 1 s lease
+    # can run out between the child's death and the parent's first look
+    # (a slow fork, or a lease taken late in its second).
+    t0 = 1_700_000_000
+
     def holder():
-        assert _region(path, lock_timeout=1).backend.get_mutex("k").acquire(False)
+        backend = _region(path, lock_timeout=1).backend
+        backend.cache._set_time_override(t0)
+        assert backend.get_mutex("k").acquire(False)
         os._exit(0)  # dies holding the lock
 
     forked.start(holder).wait()
-    mutex = _region(path, lock_timeout=1).backend.get_mutex("k")
+    backend = _region(path, lock_timeout=1).backend
+    mutex = backend.get_mutex("k")
+    backend.cache._set_time_override(t0)
     assert mutex.locked()
-    assert mutex.acquire()  # waits until the lease expires
+    assert not mutex.acquire(False)  # the dead holder's lease still runs
+    backend.cache._set_time_override(t0 + 1)
+    assert not mutex.locked()  # the lease expired
+    assert mutex.acquire(False)
     mutex.release()
     assert not mutex.locked()
 
