@@ -490,3 +490,37 @@ def test_close_in_a_child_forked_inside_a_block(cache):
         assert report == b"ok"
         e.value = "parent"  # still held here
     assert c["k"] == "parent"
+
+
+@pytest.mark.multiprocess
+def test_a_child_forked_while_a_share_is_locked_waits_for_its_lock():
+    """A child forked inside ``with share:`` holds nothing: its set() takes
+    the lock like any other process, so it waits until the parent leaves
+    its block and lands after the parent's own set().  A set() that wrote
+    without the lock would come first (the parent sets only after hearing
+    from the child) and be overwritten."""
+    s = fastmmap.Share(100)
+    r, w = os.pipe()
+    try:
+        s.set("before")
+        with s:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    os.close(r)
+                    os.write(w, b"s")  # about to set
+                    s.set("child")
+                    code = 0 if s.get() == "child" else 2
+                finally:
+                    os._exit(code)
+            os.close(w)
+            assert _read_exactly(r, 1) == b"s"
+            s.set("parent")
+            assert s.get() == "parent"
+        _, status = os.waitpid(pid, 0)
+        os.close(r)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        assert s.get() == "child"
+    finally:
+        s.close()
