@@ -10,9 +10,10 @@
 - A PageLock that dies holding its page releases it, in its thread or, from
   another thread, at the holder's next lock; close() releases the pages
   this thread holds.
-- Fork under the lock: a child forked inside get_and_set's function or
-  inside read_cb holds nothing, so its store is refused (fastmmap.Error)
-  and writes no byte of the page its parent still holds.
+- Fork under the lock: a child forked inside get_and_set's function,
+  inside read_cb or inside a lock block's serializer holds nothing, so its
+  store is refused (fastmmap.Error) and writes no byte of the page its
+  parent still holds.
 """
 
 from __future__ import annotations
@@ -445,6 +446,34 @@ def test_a_child_forked_in_read_cb_writes_nothing(cache, fmt, child_value):
     assert c.get("k") == "from-the-parent"
 
 
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("block", ["lock", "page"])
+def test_a_child_forked_in_a_blocks_serializer_writes_nothing(cache, block):
+    """A value pickled inside a lock block is serialized under the page
+    lock, after the block checked that it holds the page; a fork in there
+    leaves a child that goes on into the store, which must be refused."""
+    # lock_timeout: a child whose store went through would next wait for
+    # the page its parent holds while the parent waits for it
+    c = _make(cache, "native", lock_timeout=5)
+    c["k"] = "v0"
+
+    def store_in_block(cb):
+        class Forks:
+            def __reduce__(self):
+                return (str, (cb(),))
+
+        if block == "lock":
+            with c.lock("k") as e:
+                e.value = Forks()
+            return c["k"]
+        with c.page("p") as p:
+            p["k"] = Forks()
+        return c.multi_get("p", ["k"])["k"]
+
+    out, report = _fork_in_callback(store_in_block)
+    _assert_child_refused(c, out, report)
+
 def test_close_with_empty_on_exit_inside_a_lock_block(cache):
     """empty_on_exit empties every page at close(): the page this thread
     holds is released first, so the close does not fail half-way."""
@@ -490,3 +519,37 @@ def test_close_in_a_child_forked_inside_a_block(cache):
         assert report == b"ok"
         e.value = "parent"  # still held here
     assert c["k"] == "parent"
+
+
+@pytest.mark.multiprocess
+def test_a_child_forked_while_a_share_is_locked_waits_for_its_lock():
+    """A child forked inside ``with share:`` holds nothing: its set() takes
+    the lock like any other process, so it waits until the parent leaves
+    its block and lands after the parent's own set().  A set() that wrote
+    without the lock would come first (the parent sets only after hearing
+    from the child) and be overwritten."""
+    s = fastmmap.Share(100)
+    r, w = os.pipe()
+    try:
+        s.set("before")
+        with s:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    os.close(r)
+                    os.write(w, b"s")  # about to set
+                    s.set("child")
+                    code = 0 if s.get() == "child" else 2
+                finally:
+                    os._exit(code)
+            os.close(w)
+            assert _read_exactly(r, 1) == b"s"
+            s.set("parent")
+            assert s.get() == "parent"
+        _, status = os.waitpid(pid, 0)
+        os.close(r)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        assert s.get() == "child"
+    finally:
+        s.close()
