@@ -15,14 +15,10 @@ robust, process-shared lock, LRU eviction and expiry.  The engine is C;
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import pickle
-import shutil
-import tempfile
 import threading
 import weakref
-import zlib
 from collections.abc import MutableMapping
 
 from . import _fastmmap as _C
@@ -98,7 +94,13 @@ def _close_all_at_exit() -> None:
             pass
 
 
+# json, zlib, shutil and tempfile are imported where an option or method
+# first needs them, not with fastmmap, so that `import fastmmap` stays cheap.
+
+
 def _json_dumps(obj: Any) -> bytes:
+    import json
+
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -127,12 +129,16 @@ _T_PERL_RAW = 0x07
 
 def _gzip_compress(data: bytes) -> bytes:
     """Compress::Zlib's memGzip format (a gzip member), as Perl's 'zlib' compressor writes."""
+    import zlib
+
     z = zlib.compressobj(6, zlib.DEFLATED, 31)
     return z.compress(data) + z.flush()
 
 
 def _gzip_decompress(data: bytes) -> bytes:
     """Read memGzip output (and, leniently, a zlib stream)."""
+    import zlib
+
     return zlib.decompress(data, 47)
 
 
@@ -164,6 +170,8 @@ def _resolve_compressor(compressor: _Compressor) -> _CompressorSpec:
     if compressor is None:
         return _C.C_NONE, None, None
     if compressor == "zlib":
+        import zlib
+
         return _C.C_ZLIB, zlib.compress, None
     if compressor == "lz4":
         try:
@@ -185,6 +193,8 @@ def _resolve_compressor(compressor: _Compressor) -> _CompressorSpec:
 
 def _default_dir() -> str:
     """A new private (0700) directory for a cache file, in memory when possible."""
+    import tempfile
+
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     return tempfile.mkdtemp(prefix="fastmmap-", dir=base)
 
@@ -303,6 +313,8 @@ class Cache(CacheBase):
                 )
         except BaseException:
             if private_dir:
+                import shutil
+
                 shutil.rmtree(private_dir, ignore_errors=True)
             raise
         self._configure(
@@ -379,6 +391,8 @@ class Cache(CacheBase):
             except FileNotFoundError:
                 pass
             if self._private_dir:
+                import shutil
+
                 shutil.rmtree(self._private_dir, ignore_errors=True)
 
     def __del__(self) -> None:
