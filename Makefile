@@ -8,6 +8,10 @@
 #   make ctest   only the C engine tests and the fuzz corpus replay
 #   make test-asan       only the pytest suite against the sanitizer build
 #   make ctest-valgrind  only the C engine tests under valgrind
+#   make test-upstream   Django's, cachelib's, Flask-Caching's and
+#                dogpile.cache's own test suites (sdists from PyPI, pinned in
+#                tests/upstream/) against fastmmap's backends, compared with
+#                tests/upstream/expected/
 #   make fuzz    libFuzzer (clang) on csrc/fuzz_fmm.c, then csrc/fuzz_fmm_perl.c
 #                (the Perl file format), FUZZ_SECONDS each
 #   make fuzz-merge      fold new fuzz finds into a minimal tests/fuzz_corpus
@@ -86,7 +90,7 @@ ASAN_ENV = LD_PRELOAD="$$($(ASAN_CC) -print-file-name=libasan.so)" PYTHONMALLOC=
 VALGRIND_CFLAGS := -std=gnu11 -g -O0 -Wall -Wextra -Werror
 VALGRIND := valgrind --error-exitcode=1 -q --leak-check=full
 
-.PHONY: all venv install install-test demo ctest ctest-valgrind test test-asan stress fuzz \
+.PHONY: all venv install install-test demo ctest ctest-valgrind test test-asan test-upstream stress fuzz \
 	fuzz-merge bench-deps bench bench-smoke clean distclean test-matrix dist-tools wheels \
 	ctest-cross wheel-test sdist-check
 
@@ -148,6 +152,19 @@ test-asan:
 		$(ASAN_ENV) $(ASAN_VPY) -m pytest -q -p no:cacheprovider -m "not stress" "$$f" || \
 			{ s=$$?; if [ $$s -ne 5 ]; then rc=1; fi; }; \
 	done; exit $$rc
+
+# Other projects' suites, in a venv of their own: they need the pinned
+# versions of Django & co., which the [test] extra leaves unpinned.
+UPSTREAM_VENV := .venv-upstream
+UPSTREAM_VPY := $(UPSTREAM_VENV)/bin/python
+
+test-upstream:
+	@if [ ! -x $(UPSTREAM_VPY) ]; then echo "creating $(UPSTREAM_VENV)"; $(PYTHON) -m venv $(UPSTREAM_VENV); fi
+	$(UPSTREAM_VPY) -m pip install -q --upgrade pip
+	rm -rf $(SETUPTOOLS_BUILD_DIRS)
+	$(UPSTREAM_VPY) -m pip install -q . -r tests/upstream/requirements.txt
+	rm -rf $(SETUPTOOLS_BUILD_DIRS)
+	$(UPSTREAM_VPY) tests/upstream/run.py
 
 fuzz:
 	mkdir -p build/fuzz-new build/fuzz-artifacts
@@ -299,4 +316,4 @@ clean:
 		-exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(ASAN_VENV) $(DIST_VENV) .venv-3.* $(WHEELHOUSE)
+	rm -rf $(VENV) $(ASAN_VENV) $(UPSTREAM_VENV) $(DIST_VENV) .venv-3.* $(WHEELHOUSE)

@@ -10,7 +10,8 @@ totals by 100,000: setup cancels out and what is left is one loop iteration
 (the loop itself, the call and the operation).  Add --cache-sim=yes for
 simulated cache misses.  Operations: get, set (100 B bytes values), dget, dset
 (the small dict through pickle), ploads, pdumps (pickle alone) and empty
-(dict.get on an empty dict: the loop's own floor).
+(dict.get on an empty dict: the loop's own floor).  An optional third
+argument is the page size (default 64k), to compare geometries.
 """
 
 import os
@@ -23,9 +24,9 @@ import fastmmap
 SMALL_DICT = {"id": 12345, "name": "alice", "tags": ["a", "b"], "score": 3.14, "active": True}
 
 
-def main(op, n):
+def main(op, n, page_size="64k"):
     path = "/dev/shm/cgbench-%d.cache" % os.getpid()
-    c = fastmmap.Cache(path, init_file=True, cache_size="64m", page_size="64k")
+    c = fastmmap.Cache(path, init_file=True, cache_size="64m", page_size=page_size)
     keys = [b"k%015d" % i for i in range(10000)]
     v = SMALL_DICT if op in ("dget", "dset") else random.Random(100).randbytes(100)
     for k in keys:
@@ -64,4 +65,4 @@ def main(op, n):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4])

@@ -19,7 +19,9 @@
  * Lifetime: each method that uses the engine handle brackets its work with
  * ENTER/LEAVE.  close() while another call is in flight (a thread waiting
  * for a lock, or a callback closing its own cache) only marks the object
- * closed; the last LEAVE frees the handle.
+ * closed; the last LEAVE frees the handle.  A held PageLock (a lock block,
+ * a Share) counts as a call in flight; close() first releases the ones the
+ * calling thread holds.
  *
  * Naming: CacheObject, cache_<method>, get_state(), set_error().
  */
@@ -29,12 +31,14 @@
 
 #include <math.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "fmm.h"
 
 #define LOCK_SLICE_NS 50000000LL /* 50 ms */
 #define SER_RAW 0xFFu            /* serializer "raw": no serializer at all */
 #define EXPIRE_NOW (-1LL)
+#define MAX_EXPIRE_TIME (50LL * 365 * 86400) /* fastmmap._options.MAX_EXPIRE_TIME */
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -63,6 +67,7 @@ static void PyErr_SetRaisedException(PyObject *e)
 
 typedef struct {
     PyTypeObject *CacheBase_Type;
+    PyTypeObject *PageLock_Type;
     PyObject *Error;
     PyObject *LockTimeout;
     PyObject *GeometryError;
@@ -70,12 +75,19 @@ typedef struct {
     PyObject *RecursiveLockError;
     PyObject *FileReplacedError;
     PyObject *ItemTooLargeError;
+    PyObject *UntrustedFileError;
+    PyObject *WriteBackLostError;
     PyObject *pickle_dumps;
     PyObject *pickle_loads;
     PyObject *pickle_protocol;
     PyObject *json_loads;   /* imported on first use */
     PyObject *zlib_decompress;
     PyObject *lz4_decompress;
+    /* fastmmap.NO_CHANGE, fastmmap.Update and fastmmap.Entry, registered by
+     * the Python package at import (_set_result_types): NULL until then */
+    PyObject *no_change;
+    PyObject *update_type;
+    PyObject *entry_type;
 } fastmmap_state;
 
 static struct PyModuleDef fastmmap_module;
@@ -108,13 +120,38 @@ typedef struct {
     const int *lost;          /* fmm_lost_flag(c): the file was truncated under us */
     const volatile unsigned char *probe; /* fmm_probe_addr(c), read before `lost` */
     PyObject *weakreflist;
+    struct PageLockObject *holders; /* PageLocks holding a page of this cache */
+    struct orphan_lock *orphans;    /* pages whose PageLock died in another thread */
 } CacheObject;
 
-/* Perl format, serializer="raw": the type the engine reports for values
- * Perl stored without its UTF-8/undef flags (plain byte strings).  Never
- * written to a file; decode_value checks these bytes for Perl's Storable
- * and Sereal formats before returning them. */
-#define T_PERL_RAW 0x07u
+/* A page lock held across calls: the C core of LockedEntry, LockedPage and
+ * Share (see "Page locks held across calls" below).  While depth > 0 it
+ * holds `page` for thread `thread` of process `pid`, is linked into its
+ * cache's `holders` list and counts as one call in flight (the handle
+ * outlives it). */
+typedef struct PageLockObject {
+    PyObject_HEAD
+    PyObject *cache;  /* the CacheObject */
+    PyObject *key;    /* the key whose page is locked */
+    int reentrant;    /* Share: lock() again in the holding thread nests */
+    int depth;        /* > 0 while held */
+    int closed_out;   /* close() released it: the next release is a no-op */
+    uint32_t page;
+    unsigned long thread;
+    pid_t pid;
+    struct PageLockObject *next, *prev; /* in the cache's holders list */
+} PageLockObject;
+
+/* A page whose PageLock was finalized in a thread other than its holder (a
+ * garbage-collected cycle): only the holding thread can unlock a robust
+ * mutex, so the page waits here for that thread's next lock of this cache
+ * (lock_slow) or its close(). */
+typedef struct orphan_lock {
+    struct orphan_lock *next;
+    unsigned long thread;
+    pid_t pid;
+    uint32_t page;
+} orphan_lock;
 
 #define CacheObject_CAST(op) ((CacheObject *)(op))
 
@@ -130,6 +167,7 @@ static const struct {
     {FMM_ELOCKED, "RecursiveLockError", offsetof(fastmmap_state, RecursiveLockError)},
     {FMM_EREPLACED, "FileReplacedError", offsetof(fastmmap_state, FileReplacedError)},
     {FMM_ETIMEDOUT, "LockTimeout", offsetof(fastmmap_state, LockTimeout)},
+    {FMM_EUNTRUSTED, "UntrustedFileError", offsetof(fastmmap_state, UntrustedFileError)},
 };
 
 /* Raise the exception for engine or errno code rc.  `what` names the
@@ -268,9 +306,40 @@ static PyObject *key_object(const fmm_item *it)
 
 /* ---------- Locking with the GIL released on contention ---------- */
 
+/* Release the page this thread orphaned (see orphan_lock), and forget
+ * orphans inherited from a parent process (their locks are the parent's).
+ * 1 if this thread's page was released. */
+static Py_NO_INLINE int release_orphans(CacheObject *self)
+{
+    unsigned long me = PyThread_get_thread_ident();
+    pid_t pid = getpid();
+    int released = 0;
+    orphan_lock **pp = &self->orphans;
+    while (*pp) {
+        orphan_lock *o = *pp;
+        if (o->pid == pid && o->thread != me) {
+            pp = &o->next;
+            continue;
+        }
+        *pp = o->next;
+        if (o->pid == pid) {
+            fmm_unlock(self->c, o->page);
+            released = 1;
+        }
+        PyMem_Free(o);
+        self->inflight--; /* the orphan's share; the caller's own keeps it above zero */
+    }
+    return released;
+}
+
 static Py_NO_INLINE int lock_slow(CacheObject *self, uint32_t page, int rc)
 {
     fastmmap_state *st = self->state;
+    if (rc == FMM_ELOCKED && self->orphans && release_orphans(self)) {
+        rc = fmm_lock(self->c, page, 0);
+        if (rc == 0)
+            return 0;
+    }
     if (rc == FMM_EREPLACED) {
         replaced_error(self);
         return -1;
@@ -346,6 +415,23 @@ static inline int lock_page(CacheObject *self, uint32_t page)
 }
 
 #define UNLOCK(self, page) fmm_unlock((self)->c, (page))
+
+/* Unlock after Python code ran under the lock (get_and_set's function,
+ * read_cb).  That code may have forked: in the child the page is its
+ * parent's (the engine forgot the inherited lock), every store was
+ * refused, and fmm_unlock releases nothing and says so.  The call must
+ * fail then rather than report a store that did not happen.  Returns -1
+ * with an error set (the first one, if one is already set); a truncated
+ * file (FMM_EREPLACED) is left to the caller's LOST_R. */
+static int unlock_after_python(CacheObject *self, uint32_t page)
+{
+    int rc = UNLOCK(self, page);
+    if (LIKELY(rc == 0 || rc == FMM_EREPLACED))
+        return 0;
+    if (!PyErr_Occurred())
+        set_error(self->state, "unlock", rc, fmm_errdetail(self->c), NULL);
+    return -1;
+}
 
 /* ---------- Values ---------- */
 
@@ -588,7 +674,11 @@ static PyObject *decode_value(CacheObject *self, uint32_t flags, const char *buf
         buf = PyBytes_AS_STRING(plain);
         len = PyBytes_GET_SIZE(plain);
     }
-    if (self->perl && (type == T_PERL_RAW || type == FMM_T_JSON)) {
+    /* A Perl-format JSON reader names Perl's Storable or Sereal serializer
+     * when it meets their headers, which no JSON text starts with.  A raw
+     * reader does not guess: like Perl's serializer => '' it returns the
+     * bytes as stored, since any byte string is a valid raw value. */
+    if (self->perl && type == FMM_T_JSON) {
         const char *which = perl_serializer_of(buf, len);
         if (which) {
             PyErr_Format(st->Error,
@@ -597,8 +687,6 @@ static PyObject *decode_value(CacheObject *self, uint32_t flags, const char *buf
                          which);
             goto done;
         }
-        if (type == T_PERL_RAW)
-            type = FMM_T_BYTES;
     }
     switch (type) {
     case FMM_T_BYTES:
@@ -711,6 +799,19 @@ static int expire_on_from_secs(CacheObject *self, long long secs, uint32_t *out)
     return 0;
 }
 
+/* An exact int expire_time within [0, MAX_EXPIRE_TIME]: 1 with *secs set.
+ * 0 for any other int, which parse_expire then refuses with the same
+ * message as for the other forms (so one rule covers them all). */
+static int int_expire_time(PyObject *v, long long *secs)
+{
+    int overflow;
+    long long s = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow || s < 0 || s > MAX_EXPIRE_TIME)
+        return 0;
+    *secs = s;
+    return 1;
+}
+
 /* Resolve set()'s expire_time / expire_on arguments to expire_on. */
 static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *expire_on, uint32_t *out)
 {
@@ -722,7 +823,12 @@ static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *ex
                 goto bad_on;
             d = (double)v;
         } else if (PyFloat_Check(expire_on)) {
-            d = ceil(PyFloat_AS_DOUBLE(expire_on));
+            /* Checked before rounding up, so that -0.5 is refused as -1 is
+             * rather than rounded to 0 (never). */
+            d = PyFloat_AS_DOUBLE(expire_on);
+            if (!(d >= 0))
+                goto bad_on;
+            d = ceil(d);
         } else {
             PyErr_Format(PyExc_TypeError, "expire_on must be unix seconds (int or float), not %.100s",
                          Py_TYPE(expire_on)->tp_name);
@@ -740,17 +846,14 @@ static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *ex
     long long secs;
     if (!expire_time || expire_time == Py_None) {
         secs = self->default_expire;
-    } else if (PyLong_CheckExact(expire_time)) {
-        secs = PyLong_AsLongLong(expire_time);
-        if (secs == -1 && PyErr_Occurred())
-            return -1;
-        if (secs < 0) {
-            PyErr_Format(PyExc_ValueError, "expire_time must be >= 0 seconds, got %lld", secs);
-            return -1;
-        }
+    } else if (PyLong_CheckExact(expire_time) && int_expire_time(expire_time, &secs)) {
+        /* the common case, without a call into Python */
     } else {
         if (!self->parse_expire) {
-            PyErr_SetString(PyExc_TypeError, "expire_time must be an int");
+            if (PyLong_Check(expire_time))
+                PyErr_Format(PyExc_ValueError, "expire_time must be between 0 and %lld seconds", MAX_EXPIRE_TIME);
+            else
+                PyErr_SetString(PyExc_TypeError, "expire_time must be an int");
             return -1;
         }
         PyObject *r = PyObject_CallOneArg(self->parse_expire, expire_time);
@@ -762,6 +865,47 @@ static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *ex
             return -1;
     }
     return expire_on_from_secs(self, secs, out);
+}
+
+/* A fastmmap.Update returned by a get_and_set function or a read_cb:
+ * *value gets a new reference to its value and *exp its expiry, resolved
+ * by resolve_expiry (so the per-call rules apply to it unchanged).
+ * keep_expiry takes the entry's current expiry when there is one
+ * (*keep_exp, or NULL for none), else `fallback`.  Returns 1 for an
+ * Update, 0 for any other object (nothing set), -1 on error. */
+static int unwrap_update(CacheObject *self, PyObject *obj, PyObject **value, const uint32_t *keep_exp,
+                         uint32_t fallback, uint32_t *exp)
+{
+    fastmmap_state *st = self->state;
+    if (!st->update_type || !PyObject_TypeCheck(obj, (PyTypeObject *)st->update_type))
+        return 0;
+    PyObject *v = PyObject_GetAttrString(obj, "value");
+    PyObject *et = v ? PyObject_GetAttrString(obj, "expire_time") : NULL;
+    PyObject *eo = et ? PyObject_GetAttrString(obj, "expire_on") : NULL;
+    PyObject *keep = eo ? PyObject_GetAttrString(obj, "keep_expiry") : NULL;
+    int rc = -1;
+    if (keep) {
+        int k = PyObject_IsTrue(keep);
+        if (k > 0) {
+            *exp = keep_exp ? *keep_exp : fallback;
+            rc = 1;
+        } else if (k == 0) {
+            if (et == Py_None && eo == Py_None) {
+                *exp = fallback;
+                rc = 1;
+            } else if (resolve_expiry(self, et, eo, exp) == 0) {
+                rc = 1;
+            }
+        }
+    }
+    Py_XDECREF(et);
+    Py_XDECREF(eo);
+    Py_XDECREF(keep);
+    if (rc == 1)
+        *value = v;
+    else
+        Py_XDECREF(v);
+    return rc;
 }
 
 /* ---------- Modseq arguments ---------- */
@@ -798,10 +942,10 @@ static int parse_modseq(PyObject *o, uint64_t *out, int *has)
  * When the engine drops a dirty entry (eviction, expiry reclaim, expunge)
  * it calls evict_collect under the page lock, which only copies the entry
  * into a list (no Python code runs); after the unlock, flush_evicted
- * passes each to write_cb. */
+ * passes each to write_cb, and puts back in the cache those it failed. */
 
 typedef struct {
-    PyObject *list; /* (key, raw value, flags, expire_on) tuples, or NULL */
+    PyObject *list; /* (key, raw value, flags, expire_on, modseq) tuples, or NULL */
     int err;
 } evict_ctx;
 
@@ -815,7 +959,9 @@ static void evict_collect(void *vctx, const fmm_item *it)
         return;
     }
     PyObject *key = key_object(it);
-    PyObject *t = key ? Py_BuildValue("(Ny#II)", key, it->val, (Py_ssize_t)it->vlen, it->flags, it->expire_on) : NULL;
+    PyObject *t = key ? Py_BuildValue("(Ny#IIK)", key, it->val, (Py_ssize_t)it->vlen, it->flags, it->expire_on,
+                                      (unsigned long long)it->modseq)
+                      : NULL;
     if (!t || PyList_Append(ec->list, t) < 0)
         ec->err = 1;
     Py_XDECREF(t);
@@ -849,9 +995,118 @@ static int call_delete_cb(CacheObject *self, PyObject *key)
     return 0;
 }
 
-/* Write evicted dirty entries to the store (no page lock held).  Every
- * entry is attempted; the first error is kept and reported.  Consumes
- * ec->list. */
+static int note_lost(PyObject **lost, PyObject *key)
+{
+    if (!*lost && !(*lost = PyList_New(0)))
+        return -1;
+    return PyList_Append(*lost, key);
+}
+
+/* Put back the dirty entries list[from:] whose write-back failed or was not
+ * tried.  Each goes back under its page lock, dirty, with its expiry and
+ * modseq, unless the key holds an entry now (a value, an expired one or a
+ * tombstone): that one was stored after ours left the cache, so it is newer
+ * and ours is not needed.  Dirty entries that a re-store evicts get one
+ * write_cb call; they are not put back again, or a page too small for all
+ * of them would cycle for ever.  The keys of entries that could be neither
+ * written nor kept are appended to *lost.  Returns -1 only when even that
+ * list cannot be built. */
+static int restore_dirty(CacheObject *self, PyObject *list, Py_ssize_t from, PyObject **lost)
+{
+    evict_ctx displaced = {0};
+    int unknown = 0; /* evicted entries that could not even be recorded */
+    for (Py_ssize_t i = from; i < PyList_GET_SIZE(list); i++) {
+        PyObject *t = PyList_GET_ITEM(list, i);
+        PyObject *key = PyTuple_GET_ITEM(t, 0), *raw = PyTuple_GET_ITEM(t, 1);
+        uint32_t flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 2));
+        uint32_t exp = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 3));
+        uint64_t modseq = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 4));
+        int rc = -1;
+        /* the stored key bytes: key_object decoded them with surrogateescape */
+        PyObject *kb = PyUnicode_Check(key) ? PyUnicode_AsEncodedString(key, "utf-8", "surrogateescape")
+                                            : Py_NewRef(key);
+        if (kb && self->c && !IS_LOST(self)) {
+            const char *kbuf = PyBytes_AS_STRING(kb);
+            uint32_t klen = (uint32_t)PyBytes_GET_SIZE(kb);
+            uint64_t h = fmm_hash(self->c, kbuf, klen);
+            uint32_t page = fmm_page_of(self->c, h);
+            if (lock_page(self, page) == 0) {
+                fmm_item it;
+                if (fmm_get(self->c, page, h, kbuf, klen, FMM_GET_EXPIRED | FMM_GET_TOMBSTONE, &it) == 0)
+                    rc = 0;
+                else
+                    rc = fmm_set_ms(self->c, page, h, kbuf, klen, PyBytes_AS_STRING(raw),
+                                    (uint32_t)PyBytes_GET_SIZE(raw), flags, exp, modseq, evict_collect, &displaced);
+                UNLOCK(self, page);
+            }
+        }
+        Py_XDECREF(kb);
+        if (rc != 0) {
+            PyErr_Clear(); /* the error that matters is the write_cb's; this one shows as the loss */
+            if (note_lost(lost, key) < 0)
+                goto fail;
+        }
+    }
+    if (displaced.err) {
+        PyErr_Clear();
+        unknown = 1;
+    }
+    if (displaced.list) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(displaced.list); i++) {
+            PyObject *t = PyList_GET_ITEM(displaced.list, i);
+            uint32_t flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 2));
+            uint32_t exp = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 3));
+            PyObject *v = decode_value(self, flags, NULL, 0, PyTuple_GET_ITEM(t, 1));
+            if (!v || call_write_cb(self, PyTuple_GET_ITEM(t, 0), v, exp) < 0) {
+                PyErr_Clear();
+                if (note_lost(lost, PyTuple_GET_ITEM(t, 0)) < 0) {
+                    Py_XDECREF(v);
+                    goto fail;
+                }
+            }
+            Py_XDECREF(v);
+        }
+    }
+    if (unknown && note_lost(lost, Py_None) < 0)
+        goto fail;
+    Py_XDECREF(displaced.list);
+    return 0;
+fail:
+    Py_XDECREF(displaced.list);
+    return -1;
+}
+
+/* The error for dirty values that are gone: a WriteBackLostError whose
+ * `keys` lists them (None for one that could not even be recorded), caused
+ * by `cause`, the write_cb error that started it (stolen, may be NULL). */
+static PyObject *lost_error(CacheObject *self, PyObject *lost, PyObject *cause)
+{
+    PyObject *e = NULL;
+    PyObject *msg = PyUnicode_FromFormat("write-back failed (%R) and %zd dirty value(s) could not be put back in the "
+                                         "cache, so they are lost: keys %R",
+                                         cause ? cause : Py_None, PyList_GET_SIZE(lost), lost);
+    if (msg) {
+        e = PyObject_CallOneArg(self->state->WriteBackLostError, msg);
+        Py_DECREF(msg);
+    }
+    PyObject *keys = e ? PyList_AsTuple(lost) : NULL;
+    if (e && (!keys || PyObject_SetAttrString(e, "keys", keys) < 0))
+        Py_CLEAR(e);
+    Py_XDECREF(keys);
+    if (!e) {
+        Py_XDECREF(cause);
+        return PyErr_GetRaisedException();
+    }
+    if (cause)
+        PyException_SetCause(e, cause); /* steals */
+    return e;
+}
+
+/* Write evicted dirty entries to the store (no page lock held), in order,
+ * stopping at the first that fails (write_cb or decoding raised): that one
+ * and those after it go back into the cache, still dirty (restore_dirty),
+ * and the exception is raised.  If some could not be put back, the error is
+ * a WriteBackLostError naming them.  Consumes ec->list. */
 static int flush_evicted(CacheObject *self, evict_ctx *ec)
 {
     int rc = 0;
@@ -863,20 +1118,32 @@ static int flush_evicted(CacheObject *self, evict_ctx *ec)
         exc = PyErr_GetRaisedException();
     }
     if (ec->list && self->write_cb) {
-        Py_ssize_t n = PyList_GET_SIZE(ec->list);
-        for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t n = PyList_GET_SIZE(ec->list), i;
+        for (i = 0; i < n; i++) {
             PyObject *t = PyList_GET_ITEM(ec->list, i);
             uint32_t flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 2));
             uint32_t exp = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 3));
             PyObject *v = decode_value(self, flags, NULL, 0, PyTuple_GET_ITEM(t, 1));
             if (!v || call_write_cb(self, PyTuple_GET_ITEM(t, 0), v, exp) < 0) {
+                Py_XDECREF(v);
                 rc = -1;
                 if (!exc)
                     exc = PyErr_GetRaisedException();
                 else
                     PyErr_Clear();
+                break;
             }
-            Py_XDECREF(v);
+            Py_DECREF(v);
+        }
+        if (i < n) {
+            PyObject *lost = NULL;
+            if (restore_dirty(self, ec->list, i, &lost) < 0) {
+                Py_XDECREF(exc);
+                exc = PyErr_GetRaisedException();
+            } else if (lost) {
+                exc = lost_error(self, lost, exc);
+            }
+            Py_XDECREF(lost);
         }
     }
     Py_CLEAR(ec->list);
@@ -968,30 +1235,41 @@ static Py_NO_INLINE PyObject *read_through(CacheObject *self, PyObject *key, con
     } else {
         v = PyObject_Vectorcall(self->read_cb, args, 2, NULL);
         if (!v) {
-            UNLOCK(self, page);
+            unlock_after_python(self, page);
             return NULL;
         }
     }
     /* page locked */
-    int store = v != Py_None || self->cache_not_found;
     evict_ctx ec = {0};
     encoded e = {0};
-    uint32_t exp;
+    uint32_t exp = 0;
     int bad = 0;
+    /* fastmmap.Update(value, expire_time=...): the source's own freshness */
+    int upd = resolve_expiry(self, NULL, NULL, &exp);
+    if (upd == 0) {
+        PyObject *inner;
+        upd = unwrap_update(self, v, &inner, NULL, exp, &exp);
+        if (upd == 1)
+            Py_SETREF(v, inner);
+    }
+    if (upd < 0)
+        bad = 1;
+    int store = !bad && (v != Py_None || self->cache_not_found);
     if (store) {
-        if (resolve_expiry(self, NULL, NULL, &exp) < 0 || encode_value(self, v, &e) < 0) {
+        if (encode_value(self, v, &e) < 0) {
             bad = 1;
         } else if (e.len <= (Py_ssize_t)UINT32_MAX) {
             /* over a tombstone the store is refused: the value is still returned */
             int rc = fmm_set(self->c, page, h, k->buf, (uint32_t)k->len, e.buf, (uint32_t)e.len,
                              e.flags | (k->isstr ? FMM_F_KEYSTR : 0), exp, EVICT_FN(self), &ec);
             if (rc && rc != FMM_ETOOBIG && rc != FMM_EREFUSED) {
-                set_error(self->state, "read-through store", rc, NULL, NULL);
+                set_error(self->state, "read-through store", rc, fmm_errdetail(self->c), NULL);
                 bad = 1;
             }
         }
     }
-    UNLOCK(self, page);
+    if (unlock_after_python(self, page) < 0)
+        bad = 1;
     Py_XDECREF(e.owner);
     if (flush_evicted(self, &ec) < 0)
         bad = 1;
@@ -1406,38 +1684,51 @@ static PyObject *cache_get_modseq(PyObject *op, PyObject *key)
 }
 
 PyDoc_STRVAR(cache_get_and_set_doc,
-             "get_and_set($self, key, fn, expire_time=None, *, expire_on=None, modseq=None)\n--\n\n"
-             "Atomically replace the value of key with fn(key, old_value_or_None) and return the new value.\n\n"
+             "get_and_set($self, key, fn, expire_time=None, *, expire_on=None, modseq=None, default=None,\n"
+             "            entry=False, with_stored=False)\n--\n\n"
+             "Atomically replace the value of key with fn(key, old) and return the new value.\n\n"
+             "old is the current value, or default if the key is absent; with entry=True, fn gets a\n"
+             "fastmmap.Entry(value, exists, expire_on, modseq) instead.  fn may return the new value,\n"
+             "fastmmap.Update(value, expire_time=None, *, expire_on=None, keep_expiry=False) to give it\n"
+             "its own expiry (or keep the entry's), or fastmmap.NO_CHANGE to store nothing (the call\n"
+             "then returns the current value, or default).  with_stored=True returns (value, stored).\n\n"
              "fn runs while the key's page is locked, so no other thread or process can change the key\n"
              "in between.  fn must not use this cache: doing so raises fastmmap.RecursiveLockError.\n"
-             "Raises ValueError (keeping the old value) if the new item can never fit in a page.\n"
+             "Raises ItemTooLargeError (keeping the old value) if the new item can never fit in a page.\n"
              "modseq: store the new value with this modseq.  If the modseq rules refuse the store (a newer\n"
              "modseq, or a tombstone, holds the key), nothing changes and the current value is returned\n"
-             "(None over a tombstone) instead of fn's.");
+             "(default over a tombstone) instead of fn's.");
 
 static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     CacheObject *self = CacheObject_CAST(op);
-    static const char *const names[] = {"key", "fn", "expire_time", "expire_on", "modseq"};
-    PyObject *a[5];
-    if (parse_kw("get_and_set", args, nargs, kwnames, names, 3, a, 5) < 0)
+    static const char *const names[] = {"key",    "fn",      "expire_time", "expire_on",
+                                        "modseq", "default", "entry",       "with_stored"};
+    PyObject *a[8];
+    if (parse_kw("get_and_set", args, nargs, kwnames, names, 3, a, 8) < 0)
         return NULL;
     if (!a[0] || !a[1])
         return PyErr_Format(PyExc_TypeError, "get_and_set() missing required argument '%s'", a[0] ? "fn" : "key");
-    PyObject *key = a[0], *fn = a[1];
+    PyObject *key = a[0], *fn = a[1], *dflt = a[5] ? a[5] : Py_None;
     if (!PyCallable_Check(fn))
         return PyErr_Format(PyExc_TypeError, "get_and_set: fn must be callable, not %.100s", Py_TYPE(fn)->tp_name);
+    int want_entry = a[6] ? PyObject_IsTrue(a[6]) : 0;
+    int want_stored = a[7] ? PyObject_IsTrue(a[7]) : 0;
+    if (want_entry < 0 || want_stored < 0)
+        return NULL;
     uint64_t ms;
     int has_ms;
     if (parse_modseq(a[4], &ms, &has_ms) < 0)
         return NULL;
+    if (want_entry && !self->state->entry_type)
+        return PyErr_Format(PyExc_TypeError, "get_and_set: entry=True needs the fastmmap package imported");
     ENTER(self);
-    PyObject *old = NULL, *raw = NULL, *newv = NULL, *res = NULL;
+    PyObject *old = NULL, *raw = NULL, *ret = NULL, *newv = NULL, *val = NULL, *res = NULL;
     encoded e = {0};
     evict_ctx ec = {0};
     keybuf k;
-    uint32_t exp;
-    int stored = 0, refused = 0;
+    uint32_t exp, old_exp = 0;
+    int stored = 0, kept = 0, found = 0;
     if (get_key(key, &k) < 0 || resolve_expiry(self, a[2], a[3], &exp) < 0)
         goto out;
     uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
@@ -1447,7 +1738,13 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
     /* Page locked from here to UNLOCK below; Python code runs under it by design. */
     fmm_item it;
     int err = 0;
+    uint64_t old_ms = 0;
+    int old_has_ms = 0;
     if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, FMM_GET_TOUCH, &it) == 0) {
+        found = 1;
+        old_exp = it.expire_on;
+        old_has_ms = (it.flags & FMM_F_MODSEQ) != 0;
+        old_ms = it.modseq;
         old = value_under_lock(&it, &raw, &err);
         if (raw) {
             old = decode_value(self, it.flags, NULL, 0, raw);
@@ -1455,7 +1752,7 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
                 err = 1;
         }
     } else {
-        old = Py_NewRef(Py_None);
+        old = Py_NewRef(dflt);
     }
     if (!err && UNLIKELY(IS_LOST(self))) {
         /* the old value may have been read from zeros: fn must not see it */
@@ -1463,8 +1760,27 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
         err = 1;
     }
     if (!err) {
-        PyObject *cargs[2] = {key, old};
-        newv = PyObject_Vectorcall(fn, cargs, 2, NULL);
+        PyObject *arg = old;
+        if (want_entry)
+            arg = PyObject_CallFunction(self->state->entry_type, "(OONN)", old, found ? Py_True : Py_False,
+                                        found ? PyLong_FromUnsignedLong(old_exp) : Py_NewRef(Py_None),
+                                        found && old_has_ms ? PyLong_FromUnsignedLongLong(old_ms)
+                                                            : Py_NewRef(Py_None));
+        if (arg) {
+            PyObject *cargs[2] = {key, arg};
+            ret = PyObject_Vectorcall(fn, cargs, 2, NULL);
+            if (arg != old)
+                Py_DECREF(arg);
+        }
+    }
+    if (ret && ret == self->state->no_change) {
+        kept = 1; /* fn asked for no store */
+    } else if (ret) {
+        int u = unwrap_update(self, ret, &val, found ? &old_exp : NULL, exp, &exp);
+        if (u == 0)
+            val = Py_NewRef(ret);
+        if (u >= 0)
+            newv = val;
     }
     if (newv && encode_value(self, newv, &e) == 0) {
         uint32_t flags = e.flags | (k.isstr ? FMM_F_KEYSTR : 0) | (self->write_back ? FMM_F_DIRTY : 0);
@@ -1475,30 +1791,38 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
         if (rc == 0)
             stored = 1;
         else if (rc == FMM_EREFUSED)
-            refused = 1;
+            kept = 1;
         else if (rc == FMM_ETOOBIG)
             too_big_error(self, key);
         else
-            set_error(self->state, "get_and_set", rc, NULL, NULL);
+            set_error(self->state, "get_and_set", rc, fmm_errdetail(self->c), NULL);
     }
-    UNLOCK(self, page);
+    if (unlock_after_python(self, page) < 0)
+        stored = kept = 0;
     if (flush_evicted(self, &ec) < 0)
-        stored = refused = 0;
+        stored = kept = 0;
     else if (stored && self->write_cb && !self->write_back && call_write_cb(self, key, newv, exp) < 0)
         stored = 0;
     if (stored)
         res = Py_NewRef(newv);
-    else if (refused)
-        res = Py_NewRef(old); /* what the key still holds */
+    else if (kept)
+        res = Py_NewRef(old); /* what the key still holds (or default) */
+    if (res && want_stored)
+        res = Py_BuildValue("(NO)", res, stored ? Py_True : Py_False); /* steals res */
 out:
     Py_XDECREF(e.owner);
     Py_XDECREF(raw);
     Py_XDECREF(old);
-    Py_XDECREF(newv);
+    Py_XDECREF(ret);
+    Py_XDECREF(val);
     LOST_R(self, res);
     LEAVE(self);
     return res;
 }
+
+PyDoc_STRVAR(cache__set_result_types_doc,
+             "_set_result_types($module, no_change, update, entry, /)\n--\n\n"
+             "Register fastmmap.NO_CHANGE, fastmmap.Update and fastmmap.Entry (done by the package).");
 
 PyDoc_STRVAR(cache_get_and_remove_doc,
              "get_and_remove($self, key, default=None, /)\n--\n\n"
@@ -1658,7 +1982,7 @@ static PyObject *cache_expire(PyObject *op, PyObject *key)
 {
     CacheObject *self = CacheObject_CAST(op);
     ENTER(self);
-    PyObject *res = NULL, *raw = NULL;
+    PyObject *res = NULL;
     keybuf k;
     if (get_key(key, &k) < 0)
         goto out;
@@ -1667,32 +1991,24 @@ static PyObject *cache_expire(PyObject *op, PyObject *key)
     if (lock_page(self, page) < 0)
         goto out;
     fmm_item it;
-    uint32_t flags = 0, exp = 0;
-    int err = 0;
+    evict_ctx ec = {0};
     if (fmm_get(self->c, page, h, k.buf, (uint32_t)k.len, FMM_GET_EXPIRED, &it) == 0) {
-        if (self->write_back && (it.flags & FMM_F_DIRTY)) {
-            flags = it.flags;
-            exp = it.expire_on;
-            raw = PyBytes_FromStringAndSize(it.val, it.vlen);
-            err = raw == NULL;
-        }
-        if (!err)
+        /* recorded as an eviction is, so that a failed write-back puts it back */
+        if (self->write_back && (it.flags & FMM_F_DIRTY))
+            evict_collect(&ec, &it);
+        if (!ec.err)
             fmm_delete(self->c, page, h, k.buf, (uint32_t)k.len, NULL);
     }
     UNLOCK(self, page);
-    if (err)
+    if (ec.err) { /* nothing was deleted */
+        Py_CLEAR(ec.list);
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
         goto out;
-    if (raw && self->write_cb) {
-        PyObject *v = decode_value(self, flags, NULL, 0, raw);
-        if (!v || call_write_cb(self, key, v, exp) < 0) {
-            Py_XDECREF(v);
-            goto out;
-        }
-        Py_DECREF(v);
     }
-    res = Py_NewRef(Py_None);
+    if (flush_evicted(self, &ec) == 0)
+        res = Py_NewRef(Py_None);
 out:
-    Py_XDECREF(raw);
     LOST_R(self, res);
     LEAVE(self);
     return res;
@@ -1798,11 +2114,15 @@ static PyObject *cache__entries(PyObject *op, PyObject *const *args, Py_ssize_t 
     if (nargs > 1)
         return PyErr_Format(PyExc_TypeError, "_entries expected at most 1 argument");
     if (nargs == 1) {
-        mode = PyLong_AsLong(args[0]);
-        if (mode == -1 && PyErr_Occurred())
+        /* Any int out of range (one too large for a C long included) is a
+         * ValueError naming the argument, not an OverflowError. */
+        int overflow;
+        long m = PyLong_AsLongAndOverflow(args[0], &overflow);
+        if (m == -1 && PyErr_Occurred())
             return NULL;
-        if (mode < 0 || mode > 2)
-            return PyErr_Format(PyExc_ValueError, "get_keys mode must be 0, 1 or 2, not %d", mode);
+        if (overflow || m < 0 || m > 2)
+            return PyErr_Format(PyExc_ValueError, "get_keys mode must be 0, 1 or 2, not %R", args[0]);
+        mode = (int)m;
     }
     ENTER(self);
     collect_ctx ctx = {PyList_New(0), mode};
@@ -1986,8 +2306,93 @@ out:
 
 PyDoc_STRVAR(cache_multi_set_doc,
              "multi_set($self, page_key, mapping, expire_time=None)\n--\n\n"
-             "Store every item of mapping in the page chosen by page_key, under one page lock.\n"
-             "Raises ValueError (storing nothing) if any item can never fit in a page.");
+             "Store every item of mapping (a mapping, or an iterable of (key, value) pairs as\n"
+             "update() takes) in the page chosen by page_key, under one page lock: all of them\n"
+             "or none.  Raises ItemTooLargeError, storing nothing, if one item can never fit in\n"
+             "a page or the items together do not fit in the page.");
+
+/* The (key, value) pairs of multi_set's argument, as a list of 2-tuples:
+ * what dict.update() accepts, a mapping (anything with keys()) or an
+ * iterable of pairs; anything else is a TypeError. */
+static PyObject *batch_pairs(PyObject *arg)
+{
+    if (PyDict_Check(arg))
+        return PyDict_Items(arg);
+    PyObject *keys_m = PyObject_GetAttrString(arg, "keys");
+    if (!keys_m) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return NULL;
+        PyErr_Clear();
+    }
+    PyObject *out = PyList_New(0);
+    if (!out) {
+        Py_XDECREF(keys_m);
+        return NULL;
+    }
+    PyObject *it = NULL, *item = NULL;
+    if (keys_m) {
+        PyObject *keys = PyObject_CallNoArgs(keys_m);
+        Py_DECREF(keys_m);
+        it = keys ? PyObject_GetIter(keys) : NULL;
+        Py_XDECREF(keys);
+        if (!it)
+            goto fail;
+        while ((item = PyIter_Next(it))) {
+            PyObject *v = PyObject_GetItem(arg, item);
+            PyObject *t = v ? PyTuple_Pack(2, item, v) : NULL;
+            Py_XDECREF(v);
+            Py_CLEAR(item);
+            if (!t || PyList_Append(out, t) < 0) {
+                Py_XDECREF(t);
+                goto fail;
+            }
+            Py_DECREF(t);
+        }
+    } else {
+        it = PyObject_GetIter(arg);
+        if (!it) {
+            if (PyErr_ExceptionMatches(PyExc_TypeError))
+                PyErr_Format(PyExc_TypeError,
+                             "multi_set: mapping must be a mapping or an iterable of (key, value) pairs, not %.100s",
+                             Py_TYPE(arg)->tp_name);
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; (item = PyIter_Next(it)); i++) {
+            PyObject *seq = PySequence_Fast(item, "");
+            if (!seq || PySequence_Fast_GET_SIZE(seq) != 2) {
+                if (!seq && !PyErr_ExceptionMatches(PyExc_TypeError))
+                    goto fail;
+                if (seq)
+                    PyErr_Format(PyExc_TypeError,
+                                 "multi_set: element #%zd of the pairs has length %zd, not a (key, value) pair", i,
+                                 PySequence_Fast_GET_SIZE(seq));
+                else
+                    PyErr_Format(PyExc_TypeError,
+                                 "multi_set: element #%zd of the pairs is %.100s, not a (key, value) pair", i,
+                                 Py_TYPE(item)->tp_name);
+                Py_XDECREF(seq);
+                goto fail;
+            }
+            PyObject *t = PyTuple_Pack(2, PySequence_Fast_GET_ITEM(seq, 0), PySequence_Fast_GET_ITEM(seq, 1));
+            Py_DECREF(seq);
+            Py_CLEAR(item);
+            if (!t || PyList_Append(out, t) < 0) {
+                Py_XDECREF(t);
+                goto fail;
+            }
+            Py_DECREF(t);
+        }
+    }
+    if (PyErr_Occurred())
+        goto fail;
+    Py_DECREF(it);
+    return out;
+fail:
+    Py_XDECREF(item);
+    Py_XDECREF(it);
+    Py_DECREF(out);
+    return NULL;
+}
 
 static PyObject *cache_multi_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
@@ -2000,24 +2405,31 @@ static PyObject *cache_multi_set(PyObject *op, PyObject *const *args, Py_ssize_t
         return PyErr_Format(PyExc_TypeError, "multi_set() missing required arguments");
     ENTER(self);
     PyObject *items = NULL, *prepared = NULL, *res = NULL;
+    fmm_batch_item *batch = NULL;
     uint32_t page, exp;
     if (page_of_key(self, a[0], &page) < 0 || resolve_expiry(self, a[2], NULL, &exp) < 0)
         goto out;
-    items = PyMapping_Items(a[1]);
+    items = batch_pairs(a[1]);
     if (!items)
         goto out;
     Py_ssize_t n = PyList_GET_SIZE(items);
-    prepared = PyList_New(0);
-    if (!prepared)
+    if (n > (Py_ssize_t)UINT32_MAX) {
+        PyErr_SetString(self->state->ItemTooLargeError, "multi_set: too many items for one page");
         goto out;
-    /* Serialize everything before taking the lock; check sizes so that the
-     * whole batch is stored or nothing is. */
+    }
+    prepared = PyList_New(n);
+    batch = PyMem_Calloc(n ? (size_t)n : 1, sizeof *batch);
+    if (!prepared || !batch) {
+        if (!batch)
+            PyErr_NoMemory();
+        goto out;
+    }
+    /* Serialize everything before taking the lock: a serializer may fail
+     * or call back into the cache, and then nothing has been stored.  The
+     * engine checks the sizes, of each item and of the whole batch, with
+     * the rule of every store, before it changes anything. */
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *kv = PyList_GET_ITEM(items, i);
-        if (!PyTuple_Check(kv) || PyTuple_GET_SIZE(kv) != 2) {
-            PyErr_SetString(PyExc_TypeError, "multi_set: mapping items must be (key, value) pairs");
-            goto out;
-        }
         int isstr;
         PyObject *ck = combined_key(a[0], PyTuple_GET_ITEM(kv, 0), &isstr);
         if (!ck)
@@ -2029,46 +2441,44 @@ static PyObject *cache_multi_set(PyObject *op, PyObject *const *args, Py_ssize_t
         }
         PyObject *vb = e.owner ? Py_NewRef(e.owner) : PyBytes_FromStringAndSize(e.buf, e.len);
         Py_XDECREF(e.owner);
-        if (!vb) {
-            Py_DECREF(ck);
+        PyObject *t = vb ? PyTuple_Pack(2, ck, vb) : NULL;
+        Py_DECREF(ck);
+        if (!t) {
+            Py_XDECREF(vb);
             goto out;
         }
-        if ((uint64_t)FMM_ENTRY_HEADER_SIZE + PyBytes_GET_SIZE(ck) + PyBytes_GET_SIZE(vb) + 3 >
-            fmm_max_item(self->c)) {
+        PyList_SET_ITEM(prepared, i, t); /* keeps the key and value bytes alive */
+        const char *vbuf = PyBytes_AS_STRING(vb);
+        Py_DECREF(vb);
+        PyObject *kb = PyTuple_GET_ITEM(t, 0);
+        if (PyBytes_GET_SIZE(kb) > (Py_ssize_t)UINT32_MAX || e.len > (Py_ssize_t)UINT32_MAX) {
             too_big_error(self, PyTuple_GET_ITEM(kv, 0));
-            Py_DECREF(ck);
-            Py_DECREF(vb);
             goto out;
         }
-        PyObject *t = Py_BuildValue("(NNI)", ck, vb, e.flags | (isstr ? FMM_F_KEYSTR : 0));
-        if (!t || PyList_Append(prepared, t) < 0) {
-            Py_XDECREF(t);
-            goto out;
-        }
-        Py_DECREF(t);
+        fmm_batch_item *b = &batch[i];
+        b->key = PyBytes_AS_STRING(kb);
+        b->klen = (uint32_t)PyBytes_GET_SIZE(kb);
+        b->hash = fmm_hash(self->c, b->key, b->klen);
+        b->val = vbuf;
+        b->vlen = (uint32_t)e.len;
+        b->flags = e.flags | (isstr ? FMM_F_KEYSTR : 0);
     }
     if (lock_page(self, page) < 0)
         goto out;
-    int rc = 0;
     evict_ctx ec = {0};
-    for (Py_ssize_t i = 0; i < n && rc == 0; i++) {
-        PyObject *t = PyList_GET_ITEM(prepared, i);
-        PyObject *ck = PyTuple_GET_ITEM(t, 0), *vb = PyTuple_GET_ITEM(t, 1);
-        uint32_t flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 2));
-        uint64_t h = fmm_hash(self->c, PyBytes_AS_STRING(ck), (size_t)PyBytes_GET_SIZE(ck));
-        rc = fmm_set(self->c, page, h, PyBytes_AS_STRING(ck), (uint32_t)PyBytes_GET_SIZE(ck), PyBytes_AS_STRING(vb),
-                     (uint32_t)PyBytes_GET_SIZE(vb), flags, exp, EVICT_FN(self), &ec);
-        if (rc == FMM_EREFUSED)
-            rc = 0; /* a tombstone holds that key: it stays absent, as set() would leave it */
-    }
+    uint32_t bad = 0;
+    int rc = fmm_set_many(self->c, page, batch, (uint32_t)n, exp, EVICT_FN(self), &ec, &bad);
     UNLOCK(self, page);
-    if (rc)
-        set_error(self->state, "multi_set", rc, NULL, NULL);
+    if (rc == FMM_ETOOBIG && bad < (uint32_t)n)
+        too_big_error(self, PyTuple_GET_ITEM(PyList_GET_ITEM(items, bad), 0));
+    else if (rc)
+        set_error(self->state, "multi_set", rc, fmm_errdetail(self->c), NULL);
     else
         res = Py_NewRef(Py_None);
     if (flush_evicted(self, &ec) < 0)
         Py_CLEAR(res);
 out:
+    PyMem_Free(batch);
     Py_XDECREF(items);
     Py_XDECREF(prepared);
     LOST_R(self, res);
@@ -2076,11 +2486,28 @@ out:
     return res;
 }
 
-/* ---------- Page locks held across calls (cache.lock / cache.page) ----------
- * _lock_for(key) locks the page of key and returns its number; the Python
- * context managers then call the _held_* methods, which check that this
- * thread holds that page, and finally _unlock(page).  Callbacks are not run
- * here: _held_set returns what the caller must write back once unlocked. */
+PyDoc_STRVAR(cache__set_batch_fault_doc,
+             "_set_batch_fault($self, k, /)\n--\n\n"
+             "Crash tests: the next multi_set of this handle SIGKILLs the process once k - 1 of\n"
+             "its items are stored (k = 0: off).");
+
+static PyObject *cache__set_batch_fault(PyObject *op, PyObject *arg)
+{
+    CacheObject *self = CacheObject_CAST(op);
+    unsigned long k = PyLong_AsUnsignedLong(arg);
+    if (k == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (self->closed || !self->c)
+        return closed_error();
+    fmm_set_batch_fault(self->c, (uint32_t)k);
+    Py_RETURN_NONE;
+}
+
+/* ---------- Page locks held across calls (cache.lock / cache.page / Share) ----------
+ * A PageLock (below) locks the page of its key; the Python context managers
+ * built on it call the _held_* methods with its page number, which check
+ * that this thread holds that page.  Callbacks are not run here: _held_set
+ * returns what the caller must write back once unlocked. */
 
 static int held_key(CacheObject *self, PyObject *pageobj, PyObject *key, PyObject *page_key, uint32_t *page,
                     PyObject **owner, keybuf *k)
@@ -2116,45 +2543,6 @@ static int held_key(CacheObject *self, PyObject *pageobj, PyObject *key, PyObjec
     k->len = PyBytes_GET_SIZE(ck);
     k->isstr = isstr;
     return 0;
-}
-
-static PyObject *cache__lock_for(PyObject *op, PyObject *key)
-{
-    CacheObject *self = CacheObject_CAST(op);
-    ENTER(self);
-    PyObject *res = NULL;
-    keybuf k;
-    if (get_key(key, &k) == 0) {
-        uint32_t page = fmm_page_of(self->c, fmm_hash(self->c, k.buf, (size_t)k.len));
-        if (lock_page(self, page) == 0) {
-            res = PyLong_FromUnsignedLong(page);
-            if (!res)
-                UNLOCK(self, page);
-            else
-                self->inflight++; /* the handle stays alive while the page is held */
-        }
-    }
-    LEAVE(self);
-    return res;
-}
-
-static PyObject *cache__unlock(PyObject *op, PyObject *pageobj)
-{
-    CacheObject *self = CacheObject_CAST(op);
-    if (!self->c)
-        return closed_error();
-    unsigned long p = PyLong_AsUnsignedLong(pageobj);
-    if (p == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
-    if (p >= fmm_num_pages(self->c) || !fmm_held(self->c, (uint32_t)p))
-        return PyErr_Format(self->state->Error, "page %lu is not locked by this thread", p);
-    int rc = UNLOCK(self, (uint32_t)p);
-    if (rc == FMM_EREPLACED)
-        replaced_error(self);
-    LEAVE(self); /* pairs with the inflight++ of _lock_for */
-    if (rc == FMM_EREPLACED)
-        return NULL;
-    Py_RETURN_NONE;
 }
 
 static PyObject *cache__held_get(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
@@ -2211,7 +2599,8 @@ static PyObject *cache__held_set(PyObject *op, PyObject *const *args, Py_ssize_t
         goto out;
     }
     if (rc && rc != FMM_ETOOBIG && rc != FMM_EREFUSED) {
-        set_error(self->state, "set", rc, NULL, NULL);
+        /* (FMM_EBADARG: the serializer forked, and this is the child) */
+        set_error(self->state, "set", rc, fmm_errdetail(self->c), NULL);
         goto out;
     }
     /* stored: True, too big: False, refused by a tombstone: None */
@@ -2256,6 +2645,384 @@ static PyObject *cache__flush_evicted(PyObject *op, PyObject *list)
         return NULL;
     Py_RETURN_NONE;
 }
+
+/* ---------- PageLock: a page lock held across calls ----------
+ * The lock of a `with cache.lock(key)` / `cache.page(pk)` block or a Share
+ * is taken and recorded in one C call, and released in one: no Python code
+ * runs between the moment the page is locked and the moment this object
+ * says it holds it, nor between the decision to release and the unlock.
+ * Python code run there (a signal handler at a bytecode boundary, say a
+ * KeyboardInterrupt or a SIGALRM timeout) could otherwise raise with the
+ * page locked and nothing left to unlock it: the thread would hit
+ * RecursiveLockError on every later call and every other process would
+ * wait on that page until this one exited.
+ *
+ * The remaining ways for Python code to run with the page held are all
+ * covered:
+ *   - a signal that arrived while acquire() waited (GIL released): its
+ *     handler runs in acquire(), and if it raises the page is released
+ *     before acquire() returns;
+ *   - __enter__ and __exit__ are these C functions, so the `with`
+ *     statement calls no Python code between taking the lock and entering
+ *     the block's protected range (BEFORE_WITH does not run signal
+ *     handlers);
+ *   - a PageLock that dies still holding its page (an exception escaped
+ *     between a plain acquire() and the caller's try, or Python versions
+ *     that check for signals after __enter__) releases it when finalized;
+ *     in another thread (a garbage-collected cycle) it leaves the page to
+ *     its holding thread, which releases it at its next lock of this cache
+ *     or at close();
+ *   - close() releases the pages this thread holds through PageLocks.
+ * A lock inherited by a forked child stays with the parent: the child's
+ * release forgets it without unlocking. */
+
+#define PageLock_CAST(op) ((PageLockObject *)(op))
+
+static void holders_link(CacheObject *c, PageLockObject *lk)
+{
+    lk->prev = NULL;
+    lk->next = c->holders;
+    if (c->holders)
+        c->holders->prev = lk;
+    c->holders = lk;
+}
+
+static void holders_unlink(CacheObject *c, PageLockObject *lk)
+{
+    if (lk->prev)
+        lk->prev->next = lk->next;
+    else if (c->holders == lk)
+        c->holders = lk->next;
+    if (lk->next)
+        lk->next->prev = lk->prev;
+    lk->next = lk->prev = NULL;
+}
+
+/* Stop holding (depth to 0) and unlock if this is the holding process.
+ * Returns the engine's unlock code (0 when nothing was unlocked).  The
+ * caller must not use `c` afterwards: LEAVE may free its handle. */
+static int pagelock_drop(PageLockObject *lk, int unlock)
+{
+    CacheObject *c = CacheObject_CAST(lk->cache);
+    lk->depth = 0;
+    holders_unlink(c, lk);
+    int rc = unlock ? UNLOCK(c, lk->page) : 0;
+    if (rc == FMM_EREPLACED)
+        replaced_error(c);
+    else if (rc)
+        set_error(c->state, "unlock", rc, c->c ? fmm_errdetail(c->c) : NULL, NULL);
+    LEAVE(c); /* pairs with the inflight++ of pagelock_acquire */
+    return rc;
+}
+
+static int pagelock_acquire(PageLockObject *lk)
+{
+    if (!lk->cache)
+        return PyErr_SetString(PyExc_TypeError, "PageLock.__init__() was not called"), -1;
+    CacheObject *c = CacheObject_CAST(lk->cache);
+    unsigned long me = PyThread_get_thread_ident();
+    pid_t pid = getpid();
+    if (lk->depth > 0 && lk->pid != pid)
+        pagelock_drop(lk, 0); /* inherited across fork: the parent's */
+    if (lk->depth > 0) {
+        if (lk->reentrant && lk->thread == me) {
+            lk->depth++;
+            return 0;
+        }
+        if (!lk->reentrant) {
+            PyErr_SetString(c->state->Error, "this lock block is already active");
+            return -1;
+        }
+        /* a Share held by another thread: wait for the page like anyone */
+    }
+    if (UNLIKELY(c->closed || !c->c)) {
+        closed_error();
+        return -1;
+    }
+    keybuf k;
+    if (get_key(lk->key, &k) < 0)
+        return -1;
+    uint32_t page = fmm_page_of(c->c, fmm_hash(c->c, k.buf, (size_t)k.len));
+    c->inflight++;
+    if (lock_page(c, page) < 0) {
+        LEAVE(c);
+        return -1;
+    }
+    /* Locked: record it before anything can run Python code. */
+    lk->depth = 1;
+    lk->closed_out = 0;
+    lk->page = page;
+    lk->thread = me;
+    lk->pid = pid;
+    holders_link(c, lk);
+    /* A signal that arrived during the wait runs its handler now; if that
+     * raises, the caller never learns it held the page, so release it. */
+    if (PyErr_CheckSignals() < 0) {
+        PyObject *exc = PyErr_GetRaisedException();
+        pagelock_drop(lk, 1);
+        PyErr_SetRaisedException(exc); /* the handler's exception wins */
+        return -1;
+    }
+    return 0;
+}
+
+/* 1 if the page was unlocked, 0 if still held (nested) or left to the
+ * parent (a forked child), -1 on error. */
+static int pagelock_release(PageLockObject *lk)
+{
+    if (lk->depth > 0 && lk->pid != getpid()) {
+        /* a child forked while the lock was held: the lock stays with the
+         * parent; leaving the block here only forgets it */
+        if (--lk->depth == 0)
+            pagelock_drop(lk, 0);
+        return 0;
+    }
+    if (lk->depth == 0 && lk->closed_out) {
+        lk->closed_out = 0; /* close() already released it */
+        return 0;
+    }
+    if (lk->depth == 0 || lk->thread != PyThread_get_thread_ident()) {
+        PyErr_SetString(lk->cache ? CacheObject_CAST(lk->cache)->state->Error : PyExc_RuntimeError,
+                        "unlock without lock in this thread");
+        return -1;
+    }
+    if (--lk->depth > 0)
+        return 0;
+    return pagelock_drop(lk, 1) ? -1 : 1;
+}
+
+/* close(): release the pages this thread holds through PageLocks (and
+ * orphans), so that a lock block still open, or one whose exit never ran,
+ * does not keep the page locked in the file. */
+static void release_thread_locks(CacheObject *self)
+{
+    unsigned long me = PyThread_get_thread_ident();
+    pid_t pid = getpid();
+    PyObject *exc = PyErr_GetRaisedException();
+    PageLockObject *lk = self->holders;
+    while (lk) {
+        PageLockObject *next = lk->next;
+        if (lk->pid != pid || lk->thread == me) {
+            int unlock = lk->pid == pid; /* else inherited across fork: the parent's */
+            lk->closed_out = 1;
+            self->inflight++; /* pagelock_drop's LEAVE must not close under us */
+            pagelock_drop(lk, unlock);
+            self->inflight--;
+            PyErr_Clear(); /* closing: a truncated file is no news */
+        }
+        lk = next;
+    }
+    if (self->orphans) {
+        self->inflight++;
+        release_orphans(self);
+        self->inflight--;
+    }
+    PyErr_SetRaisedException(exc);
+}
+
+static PyObject *cache__release_locks(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    release_thread_locks(CacheObject_CAST(op));
+    Py_RETURN_NONE;
+}
+
+static int pagelock_init(PyObject *op, PyObject *args, PyObject *kwds)
+{
+    PageLockObject *lk = PageLock_CAST(op);
+    static char *kwlist[] = {"", "", "reentrant", NULL};
+    PyObject *cache, *key;
+    int reentrant = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|p:PageLock", kwlist, &cache, &key, &reentrant))
+        return -1;
+    PyObject *mod = PyType_GetModuleByDef(Py_TYPE(op), &fastmmap_module);
+    if (!mod)
+        return -1;
+    fastmmap_state *mst = PyModule_GetState(mod);
+    if (!PyObject_TypeCheck(cache, mst->CacheBase_Type)) {
+        PyErr_Format(PyExc_TypeError, "PageLock: cache must be a fastmmap cache, not %.100s", Py_TYPE(cache)->tp_name);
+        return -1;
+    }
+    keybuf k;
+    if (get_key(key, &k) < 0)
+        return -1;
+    if (lk->depth > 0) {
+        PyErr_SetString(mst->Error, "PageLock.__init__() on a held lock");
+        return -1;
+    }
+    Py_XSETREF(lk->cache, Py_NewRef(cache));
+    Py_XSETREF(lk->key, Py_NewRef(key));
+    lk->reentrant = reentrant;
+    return 0;
+}
+
+static PyObject *pagelock__acquire(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    if (pagelock_acquire(PageLock_CAST(op)) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *pagelock__release(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    if (pagelock_release(PageLock_CAST(op)) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *pagelock_enter(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    if (pagelock_acquire(PageLock_CAST(op)) < 0)
+        return NULL;
+    return Py_NewRef(op);
+}
+
+/* __exit__: release, then (once the page is unlocked, or forgotten in a
+ * forked child) call the subclass's _after_exit(released) hook, where
+ * LockedEntry/LockedPage run the callbacks they deferred. */
+static PyObject *pagelock_exit(PyObject *op, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
+{
+    PageLockObject *lk = PageLock_CAST(op);
+    int nested = lk->depth > 1 && lk->pid == getpid();
+    int r = pagelock_release(lk);
+    if (r < 0)
+        return NULL;
+    if (!nested) {
+        PyObject *hook = PyObject_GetAttrString(op, "_after_exit");
+        if (!hook) {
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+                return NULL;
+            PyErr_Clear();
+        } else {
+            PyObject *res = PyObject_CallOneArg(hook, r ? Py_True : Py_False);
+            Py_DECREF(hook);
+            if (!res)
+                return NULL;
+            Py_DECREF(res);
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *pagelock__held(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    PageLockObject *lk = PageLock_CAST(op);
+    return PyBool_FromLong(lk->depth > 0 && lk->thread == PyThread_get_thread_ident() && lk->pid == getpid());
+}
+
+static PyObject *pagelock_get_page(PyObject *op, void *Py_UNUSED(closure))
+{
+    PageLockObject *lk = PageLock_CAST(op);
+    if (lk->depth == 0)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLong(lk->page);
+}
+
+/* A PageLock that dies holding its page releases it (see above). */
+static void pagelock_finalize(PyObject *op)
+{
+    PageLockObject *lk = PageLock_CAST(op);
+    if (lk->depth == 0 || !lk->cache)
+        return;
+    PyObject *exc = PyErr_GetRaisedException();
+    CacheObject *c = CacheObject_CAST(lk->cache);
+    if (lk->pid != getpid()) {
+        pagelock_drop(lk, 0);
+    } else if (lk->thread == PyThread_get_thread_ident()) {
+        pagelock_drop(lk, 1);
+    } else {
+        orphan_lock *o = PyMem_Malloc(sizeof *o);
+        if (o) {
+            /* the orphan takes over the held page and its inflight share */
+            o->thread = lk->thread;
+            o->pid = lk->pid;
+            o->page = lk->page;
+            o->next = c->orphans;
+            c->orphans = o;
+            lk->depth = 0;
+            holders_unlink(c, lk);
+        } else {
+            lk->depth = 0;
+            holders_unlink(c, lk);
+            LEAVE(c);
+        }
+    }
+    PyErr_Clear(); /* nobody to report an unlock error to */
+    PyErr_SetRaisedException(exc);
+}
+
+static int pagelock_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    PageLockObject *lk = PageLock_CAST(op);
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(lk->cache);
+    Py_VISIT(lk->key);
+    return 0;
+}
+
+static int pagelock_clear(PyObject *op)
+{
+    PageLockObject *lk = PageLock_CAST(op);
+    if (lk->depth == 0) /* a held lock needs its cache to release it */
+        Py_CLEAR(lk->cache);
+    Py_CLEAR(lk->key);
+    return 0;
+}
+
+static void pagelock_dealloc(PyObject *op)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    if (PyObject_CallFinalizerFromDealloc(op) < 0)
+        return; /* resurrected */
+    PyObject_GC_UnTrack(op);
+    PageLockObject *lk = PageLock_CAST(op);
+    if (lk->depth > 0 && lk->cache) /* not finalized (should not happen): do not leave it linked */
+        holders_unlink(CacheObject_CAST(lk->cache), lk);
+    lk->depth = 0;
+    pagelock_clear(op);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef pagelock_methods[] = {
+    {"_acquire", pagelock__acquire, METH_NOARGS,
+     "_acquire($self, /)\n--\n\nLock the page (waiting for other holders); nests if reentrant."},
+    {"_release", pagelock__release, METH_NOARGS, "_release($self, /)\n--\n\nUndo one _acquire()."},
+    {"_held", pagelock__held, METH_NOARGS, "_held($self, /)\n--\n\nTrue if this thread holds the lock."},
+    {"__enter__", pagelock_enter, METH_NOARGS, "__enter__($self, /)\n--\n\nLock the page; return self."},
+    {"__exit__", (PyCFunction)(void (*)(void))pagelock_exit, METH_FASTCALL,
+     "__exit__($self, /, *exc)\n--\n\nUnlock the page (then call self._after_exit(released) if defined)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef pagelock_getset[] = {
+    {"_page", pagelock_get_page, NULL, "The locked page's number, or None when not held.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyDoc_STRVAR(pagelock_doc, "PageLock(cache, key, /, reentrant=False)\n--\n\n"
+                           "The lock of key's page, held across calls: the base of LockedEntry, LockedPage\n"
+                           "and Share.  Taken and recorded in one C call, released when its holder leaves\n"
+                           "the with block, when it is garbage-collected, or when the cache is closed.");
+
+static PyType_Slot pagelock_slots[] = {
+    {Py_tp_doc, (void *)pagelock_doc},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, pagelock_init},
+    {Py_tp_finalize, pagelock_finalize},
+    {Py_tp_dealloc, pagelock_dealloc},
+    {Py_tp_traverse, pagelock_traverse},
+    {Py_tp_clear, pagelock_clear},
+    {Py_tp_methods, pagelock_methods},
+    {Py_tp_getset, pagelock_getset},
+    {0, NULL},
+};
+
+static PyType_Spec pagelock_spec = {
+    .name = "fastmmap._fastmmap.PageLock",
+    .basicsize = sizeof(PageLockObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = pagelock_slots,
+};
 
 static PyObject *cache__set_callbacks(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -2462,6 +3229,16 @@ static PyObject *cache__open(PyObject *op, PyObject *const *args, Py_ssize_t nar
         if (rc == FMM_EBADFILE || rc == FMM_EGEOMETRY)
             return PyErr_Format(rc == FMM_EBADFILE ? self->state->BadFileError : self->state->GeometryError,
                                 "%S: %s", path, err);
+        if (rc == FMM_EUNTRUSTED) {
+            /* a PermissionError too: (errno, message, filename) sets its
+             * errno and filename attributes like any refused open */
+            PyObject *args = Py_BuildValue("(isO)", EACCES, err, path);
+            if (args) {
+                PyErr_SetObject(self->state->UntrustedFileError, args);
+                Py_DECREF(args);
+            }
+            return NULL;
+        }
         return set_error(self->state, "open", rc, err, NULL);
     }
     self->c = c;
@@ -2524,6 +3301,7 @@ static PyObject *cache_close(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
     CacheObject *self = CacheObject_CAST(op);
     self->closed = 1;
+    release_thread_locks(self);
     if (self->inflight == 0)
         really_close(self);
     Py_RETURN_NONE;
@@ -2597,14 +3375,15 @@ static PyMethodDef cache_methods[] = {
     {"multi_set", (PyCFunction)(void (*)(void))cache_multi_set, METH_FASTCALL | METH_KEYWORDS,
      cache_multi_set_doc},
     {"repaired_pages", cache_repaired_pages, METH_NOARGS, cache_repaired_pages_doc},
+    {"_set_batch_fault", cache__set_batch_fault, METH_O, cache__set_batch_fault_doc},
     {"check", cache_check, METH_NOARGS, cache_check_doc},
     {"_page_info", cache__page_info, METH_O, cache__page_info_doc},
     {"_set_time_override", cache__set_time_override, METH_O, cache__set_time_override_doc},
     {"_open", (PyCFunction)(void (*)(void))cache__open, METH_FASTCALL, cache__open_doc},
     {"_configure", (PyCFunction)(void (*)(void))cache__configure, METH_FASTCALL, cache__configure_doc},
     {"close", cache_close, METH_NOARGS, cache_close_doc},
-    {"_lock_for", cache__lock_for, METH_O, "_lock_for($self, key, /)\n--\n\nLock the page of key; return its number."},
-    {"_unlock", cache__unlock, METH_O, "_unlock($self, page, /)\n--\n\nUnlock a page locked by _lock_for."},
+    {"_release_locks", cache__release_locks, METH_NOARGS,
+     "_release_locks($self, /)\n--\n\nRelease the pages this thread holds through lock blocks (close() does it)."},
     {"_held_get", (PyCFunction)(void (*)(void))cache__held_get, METH_FASTCALL,
      "_held_get($self, page, key, page_key, default, /)\n--\n\nRead in a page this thread holds."},
     {"_held_set", (PyCFunction)(void (*)(void))cache__held_set, METH_FASTCALL,
@@ -2683,6 +3462,11 @@ static void cache_dealloc(PyObject *op)
     if (self->weakreflist)
         PyObject_ClearWeakRefs(op);
     self->closed = 1;
+    while (self->orphans) { /* their pages: fmm_close releases this thread's */
+        orphan_lock *o = self->orphans;
+        self->orphans = o->next;
+        PyMem_Free(o);
+    }
     really_close(self);
     cache_clear_refs(op);
     tp->tp_free(op);
@@ -2746,7 +3530,62 @@ static PyObject *mod_perl_hash(PyObject *Py_UNUSED(mod), PyObject *arg)
     return PyLong_FromUnsignedLong(h);
 }
 
+static void reap_found(void *ctx, const char *name, uint64_t size)
+{
+    PyObject *list = ctx;
+    if (PyErr_Occurred())
+        return;
+    PyObject *item = Py_BuildValue("(NK)", PyUnicode_DecodeFSDefault(name), (unsigned long long)size);
+    if (item) {
+        PyList_Append(list, item);
+        Py_DECREF(item);
+    }
+}
+
+static PyObject *mod_reap_temps(PyObject *Py_UNUSED(mod), PyObject *args)
+{
+    PyObject *path_bytes = NULL;
+    int remove;
+    if (!PyArg_ParseTuple(args, "O&p:_reap_temps", PyUnicode_FSConverter, &path_bytes, &remove))
+        return NULL;
+    PyObject *list = PyList_New(0);
+    if (!list) {
+        Py_DECREF(path_bytes);
+        return NULL;
+    }
+    /* under the GIL: the callback builds Python objects (a directory scan) */
+    int n = fmm_reap_temps(PyBytes_AS_STRING(path_bytes), remove, reap_found, list);
+    if (n < 0 && !PyErr_Occurred()) {
+        errno = -n;
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, PyTuple_GET_ITEM(args, 0));
+    }
+    Py_DECREF(path_bytes);
+    if (PyErr_Occurred()) {
+        Py_DECREF(list);
+        return NULL;
+    }
+    return list;
+}
+
+static PyObject *mod_set_result_types(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3)
+        return PyErr_Format(PyExc_TypeError, "_set_result_types expected 3 arguments, got %zd", nargs);
+    if (!PyType_Check(args[1]) || !PyType_Check(args[2]))
+        return PyErr_Format(PyExc_TypeError, "_set_result_types: update and entry must be classes");
+    fastmmap_state *st = PyModule_GetState(mod);
+    Py_XSETREF(st->no_change, Py_NewRef(args[0]));
+    Py_XSETREF(st->update_type, Py_NewRef(args[1]));
+    Py_XSETREF(st->entry_type, Py_NewRef(args[2]));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"_reap_temps", mod_reap_temps, METH_VARARGS,
+     "_reap_temps($module, path, remove, /)\n--\n\nThe temporary files that dead creators of the cache file at "
+     "path left (name, size), removed if remove is true."},
+    {"_set_result_types", (PyCFunction)(void (*)(void))mod_set_result_types, METH_FASTCALL,
+     cache__set_result_types_doc},
     {"perl_hash", mod_perl_hash, METH_O,
      "perl_hash($module, data, /)\n--\n\nCache::FastMmap's 32-bit hash of a bytes-like object (format='perl'): "
      "the page is hash % num_pages, the slot hash // num_pages."},
@@ -2771,6 +3610,9 @@ static int fastmmap_exec(PyObject *mod)
     st->CacheBase_Type = (PyTypeObject *)PyType_FromModuleAndSpec(mod, &cache_spec, NULL);
     if (!st->CacheBase_Type || PyModule_AddType(mod, st->CacheBase_Type) < 0)
         return -1;
+    st->PageLock_Type = (PyTypeObject *)PyType_FromModuleAndSpec(mod, &pagelock_spec, NULL);
+    if (!st->PageLock_Type || PyModule_AddType(mod, st->PageLock_Type) < 0)
+        return -1;
     if (add_exception(mod, &st->Error, "Error", NULL, "Base class of fastmmap's own errors.") < 0)
         return -1;
     struct {
@@ -2788,6 +3630,11 @@ static int fastmmap_exec(PyObject *mod)
         {&st->FileReplacedError, "FileReplacedError", NULL, "The cache file was deleted or replaced."},
         {&st->ItemTooLargeError, "ItemTooLargeError", PyExc_ValueError,
          "An item (key, stored value and entry header) can never fit in one page."},
+        {&st->UntrustedFileError, "UntrustedFileError", PyExc_PermissionError,
+         "An existing cache file (or directory) is owned by another user, or group/others may write it beyond "
+         "permissions."},
+        {&st->WriteBackLostError, "WriteBackLostError", NULL,
+         "Write-back failed and dirty values could not be put back in the cache: their keys are in .keys."},
     };
     for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
         PyObject *bases = subs[i].builtin ? PyTuple_Pack(2, st->Error, subs[i].builtin) : PyTuple_Pack(1, st->Error);
@@ -2798,6 +3645,13 @@ static int fastmmap_exec(PyObject *mod)
         if (r < 0)
             return -1;
     }
+    /* the class default, so that .keys is always there (and typed in the stub) */
+    PyObject *no_keys = PyTuple_New(0);
+    if (!no_keys || PyObject_SetAttrString(st->WriteBackLostError, "keys", no_keys) < 0) {
+        Py_XDECREF(no_keys);
+        return -1;
+    }
+    Py_DECREF(no_keys);
     st->pickle_dumps = import_attr("pickle", "dumps");
     st->pickle_loads = import_attr("pickle", "loads");
     if (!st->pickle_dumps || !st->pickle_loads)
@@ -2834,6 +3688,7 @@ static int fastmmap_traverse(PyObject *mod, visitproc visit, void *arg)
 {
     fastmmap_state *st = PyModule_GetState(mod);
     Py_VISIT(st->CacheBase_Type);
+    Py_VISIT(st->PageLock_Type);
     Py_VISIT(st->Error);
     Py_VISIT(st->LockTimeout);
     Py_VISIT(st->GeometryError);
@@ -2841,12 +3696,17 @@ static int fastmmap_traverse(PyObject *mod, visitproc visit, void *arg)
     Py_VISIT(st->RecursiveLockError);
     Py_VISIT(st->FileReplacedError);
     Py_VISIT(st->ItemTooLargeError);
+    Py_VISIT(st->UntrustedFileError);
+    Py_VISIT(st->WriteBackLostError);
     Py_VISIT(st->pickle_dumps);
     Py_VISIT(st->pickle_loads);
     Py_VISIT(st->pickle_protocol);
     Py_VISIT(st->json_loads);
     Py_VISIT(st->zlib_decompress);
     Py_VISIT(st->lz4_decompress);
+    Py_VISIT(st->no_change);
+    Py_VISIT(st->update_type);
+    Py_VISIT(st->entry_type);
     return 0;
 }
 
@@ -2854,6 +3714,7 @@ static int fastmmap_clear(PyObject *mod)
 {
     fastmmap_state *st = PyModule_GetState(mod);
     Py_CLEAR(st->CacheBase_Type);
+    Py_CLEAR(st->PageLock_Type);
     Py_CLEAR(st->Error);
     Py_CLEAR(st->LockTimeout);
     Py_CLEAR(st->GeometryError);
@@ -2861,12 +3722,17 @@ static int fastmmap_clear(PyObject *mod)
     Py_CLEAR(st->RecursiveLockError);
     Py_CLEAR(st->FileReplacedError);
     Py_CLEAR(st->ItemTooLargeError);
+    Py_CLEAR(st->UntrustedFileError);
+    Py_CLEAR(st->WriteBackLostError);
     Py_CLEAR(st->pickle_dumps);
     Py_CLEAR(st->pickle_loads);
     Py_CLEAR(st->pickle_protocol);
     Py_CLEAR(st->json_loads);
     Py_CLEAR(st->zlib_decompress);
     Py_CLEAR(st->lz4_decompress);
+    Py_CLEAR(st->no_change);
+    Py_CLEAR(st->update_type);
+    Py_CLEAR(st->entry_type);
     return 0;
 }
 

@@ -25,6 +25,8 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <dirent.h>
+#include <pwd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -176,6 +178,7 @@ struct fmm_cache {
     ino_t ino;
     pfm_cache *perl;           /* non-NULL: a Perl-format file, every call goes to fmm_perl.c */
     uint8_t *ns_hint;          /* per page: log2 of its slot count when last seen (fmm_prefetch) */
+    uint32_t batch_fault;      /* fmm_set_batch_fault (tests): 0 off */
     char err[256];
 };
 
@@ -265,7 +268,14 @@ uint64_t fmm_key_hash(const void *key, size_t len, uint64_t seed)
         return fmm_xxh64(key, len, seed);
     /* Keys of up to 16 bytes (most cache keys): two overlapping loads cover
      * the bytes, two multiply-folds mix them with the seed and the length.
-     * About 15 instructions where XXH64 takes about 70 for 16 bytes. */
+     * About 15 instructions where XXH64 takes about 70 for 16 bytes.
+     * Both words are XORed with the seed before the first multiply: a word
+     * that reaches the multiply as zero zeroes the product whatever the
+     * other word holds, so an unseeded word would let a client that picks
+     * keys choose the one first word that sends every key of a length to
+     * one hash in every file.  The second word takes the seed rotated, so
+     * that swapping the two words (the multiply is symmetric) is no
+     * seed-independent collision either. */
     const unsigned char *p = key;
     uint64_t a, b;
     if (len >= 8) {
@@ -280,7 +290,7 @@ uint64_t fmm_key_hash(const void *key, size_t len, uint64_t seed)
     } else {
         a = b = 0;
     }
-    uint64_t h = mum64(a ^ 0xa0761d6478bd642fULL, b ^ seed ^ 0xe7037ed1a0b428dbULL);
+    uint64_t h = mum64(a ^ seed ^ 0xa0761d6478bd642fULL, b ^ rotl64(seed, 32) ^ 0xe7037ed1a0b428dbULL);
     return mum64(h ^ 0x8ebc6af09c88c6e3ULL, (uint64_t)len ^ seed ^ 0x589965cc75374cc3ULL);
 }
 
@@ -353,6 +363,18 @@ uint32_t fmm_max_item(const fmm_cache *c)
         return pfm_max_item(c->perl);
     return c->page_size - data_start(MIN_SLOTS);
 }
+/* The size rule as a rounded entry size (the native format): the largest
+ * entry is one that fills an empty page whose slot table has shrunk to
+ * MIN_SLOTS, which a rebuild for a store does when it must. */
+static inline int need_fits(const fmm_cache *c, uint64_t need) { return need <= c->page_size - data_start(MIN_SLOTS); }
+int fmm_item_fits(const fmm_cache *c, uint64_t klen, uint64_t vlen)
+{
+    if (klen > UINT32_MAX || vlen > UINT32_MAX)
+        return 0;
+    if (UNLIKELY(c->perl))
+        return pfm_item_fits(c->perl, klen, vlen);
+    return klen <= FMM_MAX_KEY_LEN && need_fits(c, ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + vlen));
+}
 uint64_t fmm_repairs(const fmm_cache *c)
 {
     if (UNLIKELY(c->perl))
@@ -394,6 +416,8 @@ const char *fmm_strerror(int rc)
     case FMM_EREFUSED: return "store refused by the modseq rules (a tombstone or a newer modseq holds the key)";
     case FMM_ENOCHANGE: return "an entry with an equal or newer modseq was kept";
     case FMM_EAGAIN: return "a lock-free read must be retried under the page lock";
+    case FMM_EUNTRUSTED:
+        return "the existing file belongs to another user, or group/others may write it beyond permissions";
     default: return rc > 0 ? strerror(rc) : "unknown fastmmap error";
     }
 }
@@ -596,7 +620,11 @@ static uint64_t next_handle_id = 1;
  * with them, its fmm_unlock would make a page's seq even while the parent
  * is still writing it, and readers would accept torn copies. */
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
-static void forget_held_in_child(void) { tl_n = 0; }
+static void forget_held_in_child(void)
+{
+    tl_n = 0;
+    tl_tid = 0; /* the stores' owner check (CHECK_HELD): the child is another thread */
+}
 static void install_atfork(void) { pthread_atfork(NULL, NULL, forget_held_in_child); }
 
 static int tl_find(const fmm_cache *c)
@@ -616,8 +644,8 @@ static inline void drop_held(int i)
 }
 
 static int deep_check(fmm_cache *c, uint32_t page, char *msg, size_t msglen);
-static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_t need, fmm_evict_fn fn,
-                   void *ctx);
+static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_t need, uint32_t nnew,
+                   fmm_evict_fn fn, void *ctx);
 enum { RB_INSERT, RB_EXPIRED, RB_ALL, RB_RENUMBER };
 
 /* ---------- Damaged mutex words ----------
@@ -938,7 +966,7 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
     else if (UNLIKELY(!page_ok(c, ph)))
         repair_page(c, ph, "page header failed validation");
     else if (UNLIKELY(ph->clock >= RENUMBER_AT))
-        rebuild(c, ph, RB_RENUMBER, -1, 0, NULL, NULL); /* on ENOMEM: retried at the next lock */
+        rebuild(c, ph, RB_RENUMBER, -1, 0, 0, NULL, NULL); /* on ENOMEM: retried at the next lock */
     if (UNLIKELY(fmm_lost(c))) {
         /* The file shrank while we waited or repaired: what we locked is
          * zero memory now.  Release it (it may be on our robust list). */
@@ -981,11 +1009,42 @@ int fmm_held(const fmm_cache *c, uint32_t page)
     return i >= 0 && tl_held[i].page == page;
 }
 
+/* Every store checks that the calling thread holds the page.  A caller
+ * runs Python code under the lock (get_and_set's function, read_cb, a lock
+ * block's serializer), and that code may fork: the child holds none of its
+ * parent's locks (forget_held_in_child) but carries on into the store.
+ * Writing there would land in a page whose real holder may be writing it,
+ * without moving its sequence word, so lock-free readers could accept a
+ * torn copy and lockers find a page to repair.
+ *
+ * With glibc the common case is decided by the mutex's owner TID against
+ * this thread's (tl_tid: 0 until the thread first locks a page, and again
+ * in a forked child): a load from the page header's first cache line,
+ * which the store reads anyway.  Any mismatch, including an owner word
+ * damaged or zeroed under the lock, falls back to the thread's own records
+ * (held_slow), which alone decide. */
+static __attribute__((noinline, cold)) int held_slow(fmm_cache *c, uint32_t page)
+{
+    int i = tl_find(c);
+    if (i >= 0 && tl_held[i].page == page)
+        return 0;
+    snprintf(c->err, sizeof c->err, "page %u is not locked by this thread (a child forked under the lock?)", page);
+    return FMM_EBADARG;
+}
+#ifdef __GLIBC__
+#define OWNER_IS_ME(ph) \
+    (tl_tid != 0 && __atomic_load_n(&(ph)->lock.m.__data.__owner, __ATOMIC_RELAXED) == (int)tl_tid)
+#else
+#define OWNER_IS_ME(ph) 0
+#endif
+/* 0 if this thread holds the page, else FMM_EBADARG (to return). */
+#define CHECK_HELD(c, ph, page) (LIKELY(OWNER_IS_ME(ph)) ? 0 : held_slow((c), (page)))
+
 int fmm_unlock(fmm_cache *c, uint32_t page)
 {
     if (UNLIKELY(c->perl)) {
-        pfm_unlock(c->perl, page);
-        return fmm_lost(c) ? FMM_EREPLACED : 0;
+        int rc = pfm_unlock(c->perl, page);
+        return rc ? rc : fmm_lost(c) ? FMM_EREPLACED : 0;
     }
     int i = tl_find(c);
     if (UNLIKELY(i < 0 || tl_held[i].page != page)) {
@@ -1347,16 +1406,17 @@ static void report(fmm_evict_fn fn, void *ctx, const esnap *sn)
 /*
  * Rebuild a locked page: drop `drop_slot` (the old entry of a key being
  * replaced, or -1), drop expired entries (all entries for RB_ALL), evict
- * least recently used entries if an item of `need` bytes plus one more
- * slot must fit (RB_INSERT), and write the survivors back packed, with a
- * slot table sized for them.  Dirty dropped entries are reported to `fn`
- * before the page changes.
+ * least recently used entries if `need` bytes of new entries plus `nnew`
+ * more slots must fit (RB_INSERT: one item, or a whole fmm_set_many
+ * batch), and write the survivors back packed, with a slot table sized for
+ * them.  Dirty dropped entries are reported to `fn` before the page
+ * changes.
  *
  * Returns 0, ENOMEM (nothing changed), or FMM_ECORRUPT (the page was
  * found corrupt and has been re-initialised instead).
  */
-static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_t need, fmm_evict_fn fn,
-                   void *ctx)
+static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_t need, uint32_t nnew,
+                   fmm_evict_fn fn, void *ctx)
 {
     uint32_t ns = RD(ph->num_slots);
     uint32_t *slots = SLOTS(ph);
@@ -1414,7 +1474,7 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
     }
 
     /* Decide what stays and how many slots. */
-    uint32_t extra = mode == RB_INSERT ? 1 : 0;
+    uint32_t extra = mode == RB_INSERT ? nnew : 0;
     uint32_t first = 0; /* ks[first..n) are kept */
     uint32_t nslots = slots_for(c, n + extra);
     int sorted = 0;
@@ -1443,7 +1503,7 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
         repair_page(c, ph, "live entries larger than the page");
         return FMM_ECORRUPT;
     }
-    if (!sorted && (mode == RB_RENUMBER || ph->clock >= RENUMBER_AT)) {
+    if (!sorted && (mode == RB_RENUMBER || ph->clock >= RENUMBER_AT - extra)) {
         sort_by_access(ks, ks + nlive + 1, n);
         sorted = 1;
     }
@@ -1518,20 +1578,30 @@ static inline void put_value(char *vp, const void *val, uint32_t vlen, uint32_t 
 }
 
 /* fmm_set and fmm_set_ms.  Inlined into both so that fmm_set, whose flags
- * never carry FMM_F_MODSEQ, compiles without the modseq arithmetic. */
+ * never carry FMM_F_MODSEQ, compiles without the modseq arithmetic.
+ * `batch` (a constant, so fmm_set and fmm_set_ms compile without it): one
+ * item of fmm_set_many, which made room for the whole batch beforehand and
+ * keeps the dirty marker set from the first item to the last, so here the
+ * marker is left set, nothing is rebuilt (a rebuild could evict the
+ * batch's earlier items), and a page found corrupt is re-initialised and
+ * reported instead of being stored into again. */
 static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t page, uint64_t hash,
                                                           const void *key, uint32_t klen, const void *val,
                                                           uint32_t vlen, uint32_t flags, uint32_t expire_on,
-                                                          uint64_t modseq, fmm_evict_fn evict, void *ctx)
+                                                          uint64_t modseq, fmm_evict_fn evict, void *ctx,
+                                                          const int batch)
 {
     uint32_t mslen = (flags & FMM_F_MODSEQ) ? MODSEQ_LEN : 0;
     if (klen > FMM_MAX_KEY_LEN)
         return FMM_ETOOBIG;
     uint64_t svlen = (uint64_t)vlen + mslen; /* the stored vlen */
     uint64_t need = ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + svlen);
-    if (need > fmm_max_item(c))
+    if (!need_fits(c, need))
         return FMM_ETOOBIG;
     page_hdr *ph = PH(c, page);
+    int held = CHECK_HELD(c, ph, page);
+    if (UNLIKELY(held))
+        return held;
     uint32_t lo = (uint32_t)hash;
     int rebuilt = 0, repaired = 0;
     for (;;) {
@@ -1541,8 +1611,10 @@ static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t
         entry *old = sn.e;
         note_ns(c, page, RD(ph->num_slots));
         if (UNLIKELY(idx == -2)) {
-            if (++repaired > 4)
+            if (batch || ++repaired > 4) {
+                repair_page(c, ph, "slot points outside the page's data");
                 return FMM_ECORRUPT; /* someone keeps writing the page under our lock */
+            }
             repair_page(c, ph, "slot points outside the page's data");
             continue;
         }
@@ -1550,8 +1622,10 @@ static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t
          * entry is gone, dropped by it). */
         if (idx >= 0 && UNLIKELY(sn.flags & FMM_F_MODSEQ)) {
             if (UNLIKELY(sn_modseq_short(&sn))) {
-                if (++repaired > 4)
+                if (batch || ++repaired > 4) {
+                    repair_page(c, ph, "modseq entry too short for its modseq");
                     return FMM_ECORRUPT;
+                }
                 repair_page(c, ph, "modseq entry too short for its modseq");
                 continue;
             }
@@ -1579,24 +1653,33 @@ static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t
             old->vlen = (uint32_t)svlen;
             put_value((char *)(old + 1) + klen, val, vlen, mslen, modseq);
             BARRIER();
-            ph->dirty = 0;
+            if (!batch)
+                ph->dirty = 0;
             return 0;
         }
         uint32_t off = RD(ph->free_data);
         if (UNLIKELY(off > c->page_size || off < FMM_PAGE_HEADER_SIZE + 4u * MIN_SLOTS || (off & 3u))) {
-            if (++repaired > 4)
+            if (batch || ++repaired > 4) {
+                repair_page(c, ph, "free_data changed under the lock");
                 return FMM_ECORRUPT;
+            }
             repair_page(c, ph, "free_data changed under the lock");
             continue;
         }
         int space = (uint64_t)c->page_size - off >= need;
         int slot_ok = idx >= 0 || (ins >= 0 && ((uint64_t)ph->live + ph->deleted + 1) * 4 <= (uint64_t)ph->num_slots * 3);
         if (!space || !slot_ok || ph->clock >= RENUMBER_AT) {
+            if (batch) {
+                /* fmm_set_many made room for every item: the page changed
+                 * under the lock */
+                repair_page(c, ph, "no room left for a batch that had room");
+                return FMM_ECORRUPT;
+            }
             /* A rebuild guarantees room; one that found the page corrupt
              * re-initialised it instead, and the next one will do. */
             if (rebuilt >= 2)
                 return FMM_ECORRUPT;
-            int rc = rebuild(c, ph, RB_INSERT, idx, (uint32_t)need, evict, ctx);
+            int rc = rebuild(c, ph, RB_INSERT, idx, (uint32_t)need, 1, evict, ctx);
             if (rc == ENOMEM)
                 return ENOMEM;
             rebuilt++;
@@ -1626,7 +1709,8 @@ static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t
             ph->live++;
         }
         BARRIER();
-        ph->dirty = 0;
+        if (!batch)
+            ph->dirty = 0;
         return 0;
     }
 }
@@ -1637,7 +1721,7 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_
     /* FMM_F_MODSEQ is ignored (fmm.h): masked for both formats */
     if (UNLIKELY(c->perl))
         return pfm_set(c->perl, page, hash, key, klen, val, vlen, flags & 0x7Fu, expire_on, 0, evict, ctx);
-    return set_impl(c, page, hash, key, klen, val, vlen, flags & 0x7Fu, expire_on, 0, evict, ctx);
+    return set_impl(c, page, hash, key, klen, val, vlen, flags & 0x7Fu, expire_on, 0, evict, ctx, 0);
 }
 
 int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
@@ -1647,7 +1731,107 @@ int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint
         return pfm_set(c->perl, page, hash, key, klen, val, vlen, flags, expire_on, modseq, evict, ctx);
     if (IS_TOMB(flags & 0xFFu) && vlen)
         return FMM_EBADARG; /* a tombstone has no value */
-    return set_impl(c, page, hash, key, klen, val, vlen, flags & 0xFFu, expire_on, modseq, evict, ctx);
+    return set_impl(c, page, hash, key, klen, val, vlen, flags & 0xFFu, expire_on, modseq, evict, ctx, 0);
+}
+
+/* fmm_set_many's first size check, shared by both formats: each item on
+ * its own, by the rule of every store.  *total: the native entry bytes of
+ * the whole batch. */
+static int batch_sizes(fmm_cache *c, const fmm_batch_item *items, uint32_t n, uint32_t *bad, uint64_t *total)
+{
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (!fmm_item_fits(c, items[i].klen, items[i].vlen)) {
+            snprintf(c->err, sizeof c->err, "item %u: %llu bytes of key and value do not fit in a page (at most %u)",
+                     (unsigned)i, (unsigned long long)items[i].klen + items[i].vlen,
+                     (unsigned)(fmm_max_item(c) - FMM_ENTRY_HEADER_SIZE));
+            if (bad)
+                *bad = i;
+            return FMM_ETOOBIG;
+        }
+        sum += ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + items[i].klen + items[i].vlen);
+    }
+    *total = sum;
+    return 0;
+}
+
+int fmm_set_many(fmm_cache *c, uint32_t page, fmm_batch_item *items, uint32_t n, uint32_t expire_on,
+                 fmm_evict_fn evict, void *ctx, uint32_t *bad)
+{
+    uint64_t total;
+    int rc = batch_sizes(c, items, n, bad, &total);
+    if (rc)
+        return rc;
+    if (UNLIKELY(c->perl))
+        return pfm_set_many(c->perl, page, items, n, expire_on, evict, ctx, bad, c->batch_fault);
+    /* The whole batch must fit an empty page whose slot table has just
+     * room for it (load 3/4, what a rebuild shrinks to when it must). */
+    uint32_t ns_min = slots_min(n);
+    if (ns_min > c->max_slots || (int64_t)total > cap_for(c, ns_min)) {
+        snprintf(c->err, sizeof c->err,
+                 "%u items need %llu bytes with their headers and slots, more than a page of %u bytes holds",
+                 (unsigned)n, (unsigned long long)(total + 4ull * ns_min + FMM_PAGE_HEADER_SIZE),
+                 (unsigned)c->page_size);
+        if (bad)
+            *bad = n;
+        return FMM_ETOOBIG;
+    }
+    if (n == 0)
+        return 0;
+    page_hdr *ph = PH(c, page);
+    int held = CHECK_HELD(c, ph, page);
+    if (UNLIKELY(held))
+        return held;
+    /* The tombstone rule against the page as the batch found it, before
+     * making room can evict a tombstone (a refused store changes nothing,
+     * as for fmm_set).  A damaged entry is left to the store, which
+     * repairs the page. */
+    for (uint32_t i = 0; i < n; i++) {
+        esnap sn = {0};
+        long idx = find_slot(c, ph, (uint32_t)items[i].hash, items[i].key, items[i].klen, NULL, &sn);
+        items[i].rc = idx >= 0 && (sn.flags & FMM_F_MODSEQ) && !sn_modseq_short(&sn)
+                          ? modseq_rule(c, sn, items[i].flags & 0x7Fu, 0)
+                          : 0;
+    }
+    /* Room for every item at once: free bytes for all of them (a replaced
+     * key's old entry stays as garbage until the next rebuild, so all are
+     * counted as appends), a slot each, and a clock that cannot reach the
+     * renumbering point; otherwise one rebuild makes that room.  Between
+     * the rebuild and the first item the page is consistent and holds none
+     * of the batch. */
+    for (int tries = 0;; tries++) {
+        uint32_t off = RD(ph->free_data), ns = RD(ph->num_slots);
+        if (off <= c->page_size && (uint64_t)c->page_size - off >= total && ns_ok(c, ns) &&
+            ((uint64_t)RD(ph->live) + RD(ph->deleted) + n) * 4 <= (uint64_t)ns * 3 &&
+            RD(ph->clock) < RENUMBER_AT - n)
+            break;
+        if (tries == 2)
+            return FMM_ECORRUPT; /* the page keeps changing under the lock */
+        /* on FMM_ECORRUPT the page was re-initialised: the next try fits */
+        rc = rebuild(c, ph, RB_INSERT, -1, (uint32_t)total, n, evict, ctx);
+        if (rc == ENOMEM)
+            return ENOMEM;
+    }
+    /* The batch's dirty span: from here to the last item's last byte. */
+    ph->dirty = 1;
+    BARRIER();
+    for (uint32_t i = 0; i < n; i++) {
+        if (UNLIKELY(c->batch_fault == i + 1))
+            raise(SIGKILL);
+        const fmm_batch_item *it = &items[i];
+        if (it->rc == FMM_EREFUSED)
+            continue;
+        rc = set_impl(c, page, it->hash, it->key, it->klen, it->val, it->vlen, it->flags & 0x7Fu, expire_on, 0,
+                      evict, ctx, 1);
+        if (UNLIKELY(rc != 0 && rc != FMM_EREFUSED))
+            return rc; /* FMM_ECORRUPT: re-initialised, none of the batch is left */
+        items[i].rc = rc;
+    }
+    if (UNLIKELY(c->batch_fault == n + 1))
+        raise(SIGKILL);
+    BARRIER();
+    ph->dirty = 0;
+    return 0;
 }
 
 int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, uint32_t *old_flags)
@@ -1655,6 +1839,9 @@ int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint
     if (UNLIKELY(c->perl))
         return pfm_delete(c->perl, page, hash, key, klen, old_flags);
     page_hdr *ph = PH(c, page);
+    int held = CHECK_HELD(c, ph, page);
+    if (UNLIKELY(held))
+        return held;
     esnap sn;
     long idx = find_slot(c, ph, (uint32_t)hash, key, klen, NULL, &sn);
     if (UNLIKELY(idx == -2)) {
@@ -1687,7 +1874,10 @@ int fmm_expunge(fmm_cache *c, uint32_t page, int mode, fmm_evict_fn evict, void 
     if (UNLIKELY(c->perl))
         return pfm_expunge(c->perl, page, mode, evict, ctx);
     page_hdr *ph = PH(c, page);
-    int rc = rebuild(c, ph, mode == FMM_EXPUNGE_ALL ? RB_ALL : RB_EXPIRED, -1, 0, evict, ctx);
+    int held = CHECK_HELD(c, ph, page);
+    if (UNLIKELY(held))
+        return held;
+    int rc = rebuild(c, ph, mode == FMM_EXPUNGE_ALL ? RB_ALL : RB_EXPIRED, -1, 0, 0, evict, ctx);
     if (rc == FMM_ECORRUPT)
         return 0;
     return rc;
@@ -1772,6 +1962,8 @@ void fmm_page_clear_stats(fmm_cache *c, uint32_t page)
     ph->nreads = 0;
     ph->nhits = 0;
 }
+
+void fmm_set_batch_fault(fmm_cache *c, uint32_t k) { c->batch_fault = k; }
 
 void fmm_set_page_clock(fmm_cache *c, uint32_t page, uint32_t clock)
 {
@@ -1989,31 +2181,198 @@ static int map_fd(fmm_cache *c, int fd, uint64_t size, char *err, size_t errlen)
     return 0;
 }
 
+/* ---------- Trust and temporary files (fmm_perl.c uses them too) ---------- */
+
+/* "user NAME (uid N)", or "uid N" for a uid without a passwd entry. */
+static void owner_name(uid_t uid, char *buf, size_t len)
+{
+    struct passwd pw, *res = NULL;
+    char tmp[1024];
+    if (getpwuid_r(uid, &pw, tmp, sizeof tmp, &res) == 0 && res && res->pw_name)
+        snprintf(buf, len, "user %s (uid %u)", res->pw_name, (unsigned)uid);
+    else
+        snprintf(buf, len, "uid %u", (unsigned)uid);
+}
+
+/* Whoever can write the file can put a pickle in it that runs as every
+ * reader, and can keep writing the mapping: so an existing file is used
+ * only if its owner is us or root (root can write any file and any
+ * process's memory already, and a root-made file is how a cache is shared
+ * between service users), and its mode lets group and others write no
+ * more than `permissions` (what we would have created it with) does. */
+int fmm_check_trust(const struct stat *st, int permissions, char *err, size_t errlen)
+{
+    mode_t asked = permissions > 0 ? (mode_t)permissions : 0600;
+    uid_t me = geteuid();
+    mode_t extra = st->st_mode & (S_IWGRP | S_IWOTH) & ~asked;
+    int foreign = st->st_uid != me && st->st_uid != 0;
+    if (!foreign && !extra)
+        return 0;
+    char owner[160];
+    owner_name(st->st_uid, owner, sizeof owner);
+    unsigned mode = (unsigned)(st->st_mode & 07777);
+    if (foreign)
+        set_detail(err, errlen,
+                   "refusing a file owned by %s with mode %04o: this process runs as uid %u and opens only its "
+                   "own files or root's, since the owner of the file can write into the cache (a pickled value "
+                   "runs code in every reader); remove it, or use it as its owner",
+                   owner, mode, (unsigned)me);
+    else
+        set_detail(err, errlen,
+                   "refusing a file owned by %s with mode %04o: it lets %s write to it, beyond permissions=0o%o; "
+                   "chmod it, or pass permissions=0o%o if those writers are trusted",
+                   owner, mode,
+                   extra == (S_IWGRP | S_IWOTH) ? "group and others" : extra == S_IWGRP ? "the group" : "others",
+                   (unsigned)asked, mode & 0777);
+    return FMM_EUNTRUSTED;
+}
+
+/* Create "<path>.tmp-<pid>-XXXXXX" and hold an flock on it until
+ * fmm_tmp_publish: the lock, not the pid, tells fmm_reap_temps that its
+ * creator is alive (a pid can be reused; the lock goes with the last
+ * descriptor).  A reaper that found the file in the instant before we
+ * locked it may have removed it: then the name no longer leads to our
+ * file, and we start again. */
+int fmm_tmp_create(const char *path, int permissions, char **tmpname, int *fdp, char *err, size_t errlen)
+{
+    size_t tl = strlen(path) + 48;
+    char *name = malloc(tl);
+    if (!name)
+        return ENOMEM;
+    for (int attempt = 0; attempt < 100; attempt++) {
+        snprintf(name, tl, "%s.tmp-%ld-XXXXXX", path, (long)getpid());
+        int fd = mkostemp(name, O_CLOEXEC);
+        if (fd < 0) {
+            int e = errno;
+            set_detail(err, errlen, "creating a temporary file beside the cache file failed: %s", strerror(e));
+            free(name);
+            return e;
+        }
+        /* a file system without flock fails the reaper's lock as well,
+         * so such a file is never taken for abandoned */
+        while (flock(fd, LOCK_EX) != 0 && errno == EINTR)
+            ;
+        struct stat a, b;
+        if (fstat(fd, &a) == 0 && lstat(name, &b) == 0 && a.st_ino == b.st_ino && a.st_dev == b.st_dev) {
+            if (fchmod(fd, (mode_t)(permissions > 0 ? permissions : 0600)) != 0) {
+                int e = errno;
+                set_detail(err, errlen, "fchmod: %s", strerror(e));
+                unlink(name);
+                close(fd);
+                free(name);
+                return e;
+            }
+            *tmpname = name;
+            *fdp = fd;
+            return 0;
+        }
+        close(fd);
+    }
+    set_detail(err, errlen, "creating a temporary file beside the cache file: it kept being removed");
+    free(name);
+    return EAGAIN;
+}
+
+/* Give the finished file its name, then drop the creator's lock (after the
+ * temporary name is gone, so a reaper never sees it unlocked).  replace:
+ * rename over path; else link, which fails with EEXIST if another process
+ * published first.  On failure the caller unlinks tmpname. */
+int fmm_tmp_publish(int fd, const char *tmpname, const char *path, int replace)
+{
+    int rc = 0;
+    if (replace) {
+        rc = rename(tmpname, path) == 0 ? 0 : errno;
+    } else if (link(tmpname, path) == 0) {
+        unlink(tmpname);
+    } else {
+        rc = errno;
+        /* filesystems without hard links */
+        if (rc != EEXIST)
+            rc = fmm_rename_noreplace(tmpname, path) == 0 ? 0 : errno;
+    }
+    if (rc == 0)
+        flock(fd, LOCK_UN);
+    return rc;
+}
+
+/* "<base>.tmp-<digits>-XXXXXX", the names fmm_tmp_create makes. */
+static int is_temp_of(const char *name, const char *base, size_t blen)
+{
+    if (strncmp(name, base, blen) != 0 || strncmp(name + blen, ".tmp-", 5) != 0)
+        return 0;
+    const char *q = name + blen + 5;
+    if (*q < '0' || *q > '9')
+        return 0;
+    while (*q >= '0' && *q <= '9')
+        q++;
+    if (*q++ != '-' || strlen(q) != 6)
+        return 0;
+    for (; *q; q++)
+        if (!((*q >= '0' && *q <= '9') || (*q >= 'a' && *q <= 'z') || (*q >= 'A' && *q <= 'Z')))
+            return 0;
+    return 1;
+}
+
+int fmm_reap_temps(const char *path, int remove, void (*fn)(void *ctx, const char *name, uint64_t size), void *ctx)
+{
+    const char *slash = strrchr(path, '/');
+    const char *base = slash ? slash + 1 : path;
+    size_t blen = strlen(base);
+    if (!blen)
+        return 0;
+    char *dir = slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path)) : strdup(".");
+    if (!dir)
+        return -ENOMEM;
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    free(dir);
+    if (dfd < 0)
+        return -errno;
+    int lfd = fcntl(dfd, F_DUPFD_CLOEXEC, 0);
+    DIR *d = lfd >= 0 ? fdopendir(lfd) : NULL;
+    if (!d) {
+        int e = errno;
+        if (lfd >= 0)
+            close(lfd);
+        close(dfd);
+        return -e;
+    }
+    uid_t me = geteuid();
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (!is_temp_of(de->d_name, base, blen))
+            continue;
+        int fd = openat(dfd, de->d_name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        struct stat st, now;
+        /* the lock is free: its creator is gone.  Then the name must still
+         * lead to the file we locked, or it is not ours to remove. */
+        if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == me && flock(fd, LOCK_EX | LOCK_NB) == 0 &&
+            fstatat(dfd, de->d_name, &now, AT_SYMLINK_NOFOLLOW) == 0 && now.st_ino == st.st_ino &&
+            now.st_dev == st.st_dev && (!remove || unlinkat(dfd, de->d_name, 0) == 0)) {
+            n++;
+            if (fn)
+                fn(ctx, de->d_name, (uint64_t)st.st_size);
+        }
+        close(fd);
+    }
+    closedir(d);
+    close(dfd);
+    return n;
+}
+
 /* Build a complete, initialised file under a temporary name in the
- * directory of `path`.  On success *tmpfd is open on it and tmpname holds
- * its name. */
-static int build_file(fmm_cache *c, const char *path, const fmm_config *cfg, char *tmpname, size_t tmplen,
-                      int *tmpfd, char *err, size_t errlen)
+ * directory of `path`.  On success *tmpfd is open on it and *tmpname holds
+ * its name (to free). */
+static int build_file(fmm_cache *c, const char *path, const fmm_config *cfg, char **tmpname, int *tmpfd, char *err,
+                      size_t errlen)
 {
     uint64_t size = FMM_HEADER_SIZE + (uint64_t)c->page_size * c->num_pages;
-    int n = snprintf(tmpname, tmplen, "%s.tmp-XXXXXX", path);
-    if (n < 0 || (size_t)n >= tmplen) {
-        set_detail(err, errlen, "path too long");
-        return ENAMETOOLONG;
-    }
-    int fd = mkostemp(tmpname, O_CLOEXEC);
-    if (fd < 0) {
-        int e = errno;
-        set_detail(err, errlen, "creating a temporary file beside the cache file failed: %s", strerror(e));
-        return e;
-    }
-    int rc = 0;
-    mode_t mode = cfg->permissions > 0 ? (mode_t)cfg->permissions : 0600;
-    if (fchmod(fd, mode) != 0) {
-        rc = errno;
-        set_detail(err, errlen, "fchmod: %s", strerror(rc));
-        goto fail;
-    }
+    int fd;
+    int rc = fmm_tmp_create(path, cfg->permissions, tmpname, &fd, err, errlen);
+    if (rc)
+        return rc;
     rc = posix_fallocate(fd, 0, (off_t)size);
     if (rc == EOPNOTSUPP || rc == EINVAL) /* filesystems without fallocate */
         rc = ftruncate(fd, (off_t)size) == 0 ? 0 : errno;
@@ -2036,7 +2395,9 @@ static int build_file(fmm_cache *c, const char *path, const fmm_config *cfg, cha
     return 0;
 fail:
     close(fd);
-    unlink(tmpname);
+    unlink(*tmpname);
+    free(*tmpname);
+    *tmpname = NULL;
     return rc;
 }
 
@@ -2088,23 +2449,6 @@ static int adopt_header(fmm_cache *c, int fd, const struct stat *st, char *err, 
     return 0;
 }
 
-static int publish(const char *tmpname, const char *path, int replace)
-{
-    if (replace)
-        return rename(tmpname, path) == 0 ? 0 : errno;
-    if (link(tmpname, path) == 0) {
-        unlink(tmpname);
-        return 0;
-    }
-    int e = errno;
-    if (e == EEXIST)
-        return EEXIST;
-    /* filesystems without hard links */
-    if (fmm_rename_noreplace(tmpname, path) == 0)
-        return 0;
-    return errno;
-}
-
 static void reset_handle(fmm_cache *c)
 {
     if (c->base)
@@ -2120,14 +2464,11 @@ static void reset_handle(fmm_cache *c)
 static int create_file(fmm_cache *c, const char *path, const fmm_config *cfg, int replace, char *err,
                        size_t errlen)
 {
-    size_t tl = strlen(path) + 16;
-    char *tmp = malloc(tl);
-    if (!tmp)
-        return ENOMEM;
+    char *tmp = NULL;
     int fd = -1;
-    int rc = build_file(c, path, cfg, tmp, tl, &fd, err, errlen);
+    int rc = build_file(c, path, cfg, &tmp, &fd, err, errlen);
     if (rc == 0) {
-        rc = publish(tmp, path, replace);
+        rc = fmm_tmp_publish(fd, tmp, path, replace);
         if (rc) {
             if (rc != EEXIST)
                 set_detail(err, errlen, "publishing the new cache file failed: %s", strerror(rc));
@@ -2151,6 +2492,15 @@ int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out, int *crea
     *out = NULL;
     if (created)
         *created = 0;
+    if (!cfg->anonymous) {
+        if (!path || !*path) {
+            set_detail(err, errlen, "the path of the cache file is empty");
+            return ENOENT;
+        }
+        /* the temporary files of creators that died; nothing to do with
+         * this open's outcome, so errors are ignored */
+        fmm_reap_temps(path, 1, NULL, NULL);
+    }
     if (cfg->format == FMM_FORMAT_PERL) {
         fmm_cache *c = calloc(1, sizeof *c);
         if (!c)
@@ -2245,6 +2595,12 @@ int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out, int *crea
             close(fd);
             rc = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
             set_detail(err, errlen, "not a regular file");
+            goto done;
+        }
+        /* before anything is read, replaced or mapped: see fmm_open */
+        rc = fmm_check_trust(&st, cfg->permissions, err, errlen);
+        if (rc) {
+            close(fd);
             goto done;
         }
         if (st.st_size == 0) {

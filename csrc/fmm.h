@@ -11,15 +11,17 @@
  * fmm.c is static.
  *
  * ---------------------------------------------------------------------------
- * File format (native, version 3; files of older versions are rejected as
- * BadFileError: reopen with init_file.  Version 2 had no sequence word, and
- * its processes would write pages without moving it; version 1 also had the
- * page-header fields at 64..100 and XXH64 for every key).  All fields
+ * File format (native, version 4; files of older versions are rejected as
+ * BadFileError: reopen with init_file.  Version 3 left the first word of a
+ * 9..16-byte key unseeded in the short-key hash, so its keys live on other
+ * pages; version 2 had no sequence word, and its processes would write
+ * pages without moving it; version 1 also had the page-header fields at
+ * 64..100 and XXH64 for every key).  All fields
  * native-endian; the file is a shared-memory file, not an exchange format.
  *
  *   offset 0      file header, FMM_HEADER_SIZE (4096) bytes, first 128 used:
  *                   char     magic[8]      "FASTMMAP"
- *                   uint32   version       3
+ *                   uint32   version       4
  *                   uint32   state         FMM_STATE_READY once initialised
  *                   uint32   header_size   4096
  *                   uint32   page_size     power of two, 1 KiB .. 1 GiB
@@ -125,7 +127,7 @@ extern "C" {
 #define FMM_MAX_PAGES        (1u << 24)
 #define FMM_MAX_KEY_LEN      ((1u << 24) - 1)
 #define FMM_STATE_READY      0x52454459u  /* "READ" */
-#define FMM_FORMAT_VERSION   3u  /* 3: the page sequence word for lock-free reads; 2: hot page-header fields share the mutex's cache line, short-key hash */
+#define FMM_FORMAT_VERSION   4u  /* 4: every short-key word seeded; 3: the page sequence word for lock-free reads; 2: hot page-header fields share the mutex's cache line, short-key hash */
 
 /* ---------- Error codes ----------
  * 0 is success.  Negative values are engine codes below; positive values
@@ -146,6 +148,8 @@ extern "C" {
 #define FMM_ENOCHANGE   (-30013) /* fmm_set_ms: accepted, but an equal or newer
                                     modseq entry already there was kept */
 #define FMM_EAGAIN      (-30014) /* fmm_get_optimistic: take the lock and use fmm_get */
+#define FMM_EUNTRUSTED  (-30015) /* fmm_open: the existing file belongs to another user, or
+                                    group/others may write it beyond cfg->permissions */
 
 /* ---------- Entry flags (8 bits, stored with the key length) ----------
  * Engine-level flags are opaque to the engine except FMM_F_DIRTY, which
@@ -211,7 +215,8 @@ typedef struct fmm_config {
     int explicit_geometry; /* FMM_GEOM_* bits: the sizes the caller asked for;
                               an existing file that disagrees is an error */
     int init_file;         /* re-initialise: in place if geometry matches, else replace */
-    int permissions;       /* mode of a created file, exact (no umask); 0 -> 0600 */
+    int permissions;       /* mode of a created file, exact (no umask); 0 -> 0600.
+                              Also the trust limit of an existing file: see fmm_open */
     int anonymous;         /* no file: MAP_SHARED|MAP_ANONYMOUS, path ignored */
     int enable_stats;      /* count reads and hits in the page headers */
     int format;            /* FMM_FORMAT_NATIVE (0) or FMM_FORMAT_PERL */
@@ -277,6 +282,18 @@ typedef int (*fmm_visit_fn)(void *ctx, const fmm_item *item);
  * which case the winner's file is opened.  Files are opened with O_NOFOLLOW
  * and O_CLOEXEC.
  *
+ * The temporary name is "<path>.tmp-<pid>-XXXXXX" and its creator holds an
+ * flock(2) on it until the file is published, so a creator that died
+ * (SIGKILL, power cut of a container) is recognised by the lock being free,
+ * whatever has become of its pid.  Every open removes such abandoned
+ * temporary files of @p path that belong to this user (fmm_reap_temps).
+ *
+ * An existing file is trusted only if it is owned by this process's
+ * effective uid or by root, and its mode gives group and others no write
+ * permission that cfg->permissions (0: 0600) does not: otherwise
+ * FMM_EUNTRUSTED, checked on the open descriptor before anything is read,
+ * and the file is left as it is.
+ *
  * @param[in]  path     file path (ignored when cfg->anonymous).
  * @param[in]  cfg      options; see fmm_config.
  * @param[out] out      the new handle.
@@ -287,6 +304,22 @@ typedef int (*fmm_visit_fn)(void *ctx, const fmm_item *item);
  */
 int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out,
              int *created, char *err, size_t errlen);
+
+/**
+ * @brief Find (and remove) the temporary files that creators of @p path
+ * abandoned: "<path>.tmp-<pid>-XXXXXX" files of this user whose creator's
+ * flock is free.  fmm_open calls it with remove = 1.
+ *
+ * @param[in] path    the cache file's path.
+ * @param[in] remove  1: unlink them; 0: only report them.
+ * @param[in] fn      called with each one's name (in path's directory) and
+ *                    size in bytes; may be NULL.
+ * @param[in] ctx     passed to @p fn.
+ * @return how many were found (and, with remove, removed), or -errno if
+ *         the directory cannot be read.
+ */
+int fmm_reap_temps(const char *path, int remove, void (*fn)(void *ctx, const char *name, uint64_t size),
+                   void *ctx);
 
 /**
  * @brief Unmap and close.  No page lock of this handle may be held.
@@ -305,6 +338,13 @@ uint32_t fmm_num_pages(const fmm_cache *c);
 uint32_t fmm_start_slots(const fmm_cache *c);
 /** @brief Largest 20+klen+vlen (rounded to 4) that fits an empty page. */
 uint32_t fmm_max_item(const fmm_cache *c);
+/**
+ * @brief The size rule of every store (fmm_set, fmm_set_ms, fmm_set_many):
+ * 1 if a key of @p klen bytes and a value of @p vlen bytes (as stored,
+ * without a modseq) can fit in an empty page, i.e. klen <= FMM_MAX_KEY_LEN
+ * and 20 + klen + vlen <= fmm_max_item; else 0.
+ */
+int fmm_item_fits(const fmm_cache *c, uint64_t klen, uint64_t vlen);
 /** @brief Pages re-initialised after a crash or corruption, file-wide. */
 uint64_t fmm_repairs(const fmm_cache *c);
 
@@ -375,7 +415,11 @@ int fmm_lock_stale(fmm_cache *c, uint32_t page);
 /** @brief 1 if the calling thread holds @p page of this cache, else 0. */
 int fmm_held(const fmm_cache *c, uint32_t page);
 
-/* ---------- Entry operations (page locked by the caller) ---------- */
+/* ---------- Entry operations (page locked by the caller) ----------
+ * The calls that write a page (fmm_set, fmm_set_ms, fmm_delete,
+ * fmm_expunge) first check that the calling thread holds it, and return
+ * FMM_EBADARG, writing nothing, if not: in particular in a child forked
+ * while its parent held the page (code run under the lock that forks). */
 
 #define FMM_GET_TOUCH   1 /* a hit updates LRU position and statistics */
 #define FMM_GET_EXPIRED 2 /* also return an expired entry (write-back flushes) */
@@ -444,7 +488,8 @@ int fmm_read_valid(const fmm_cache *c, uint32_t page, uint32_t token);
  * @param[in] expire_on  absolute unix seconds, 0 = never.
  * @param[in] evict      called for dirty entries removed to make room (may be NULL).
  * @return 0 or FMM_ETOOBIG; FMM_EREFUSED if an unexpired tombstone holds
- *         the key (fmm_set is fmm_set_ms without FMM_F_MODSEQ).
+ *         the key (fmm_set is fmm_set_ms without FMM_F_MODSEQ);
+ *         FMM_EBADARG if this thread does not hold @p page.
  */
 int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash,
             const void *key, uint32_t klen, const void *val, uint32_t vlen,
@@ -461,18 +506,57 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash,
  * @return 0 (stored), FMM_ENOCHANGE (accepted, existing entry kept),
  *         FMM_EREFUSED (refused, nothing changed), FMM_ETOOBIG, or
  *         FMM_EBADARG (a tombstone with vlen > 0; Perl format: also type
- *         FMM_T_TOMBSTONE without FMM_F_MODSEQ).
+ *         FMM_T_TOMBSTONE without FMM_F_MODSEQ; or the page is not held
+ *         by this thread).
  */
 int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash,
                const void *key, uint32_t klen, const void *val, uint32_t vlen,
                uint32_t flags, uint32_t expire_on, uint64_t modseq,
                fmm_evict_fn evict, void *ctx);
 
+/** @brief One item of fmm_set_many. */
+typedef struct fmm_batch_item {
+    uint64_t hash;     /* fmm_hash of the key; the key must belong to the page */
+    const void *key;
+    const void *val;
+    uint32_t klen, vlen;
+    uint32_t flags;    /* as fmm_set (FMM_F_MODSEQ is ignored) */
+    int rc;            /* out: 0 stored, FMM_EREFUSED (an unexpired tombstone
+                          held the key when the batch began: not stored, as
+                          fmm_set) */
+} fmm_batch_item;
+
+/**
+ * @brief Store @p n items in a locked page, all or none.
+ *
+ * Every item must pass fmm_item_fits, and the items together (with their
+ * entry headers and a slot each) must fit in an empty page; otherwise
+ * FMM_ETOOBIG is returned before anything changes, with *bad set to the
+ * index of the item that can never fit, or to @p n if only the batch as a
+ * whole cannot.  Then room for the whole batch is made at once (expired
+ * entries dropped, least recently used evicted, as fmm_set does for one
+ * item), and the items are stored in order, a later duplicate key
+ * replacing an earlier one.  The page's crash marker spans the stores of
+ * all items (native format: the dirty word; Perl format, which has none:
+ * the page magic, cleared for the span), so a writer killed between two
+ * items leaves a page the next locker re-initialises: the page holds all
+ * of the batch or none of it.
+ *
+ * @param[in] expire_on  absolute unix seconds for every item, 0 = never.
+ * @param[out] bad       see above (may be NULL).
+ * @return 0 (each item's rc says whether it was stored), FMM_ETOOBIG,
+ *         ENOMEM (nothing changed) or FMM_ECORRUPT (the page was found
+ *         corrupt mid-batch and re-initialised: none of the batch is in it).
+ */
+int fmm_set_many(fmm_cache *c, uint32_t page, fmm_batch_item *items, uint32_t n,
+                 uint32_t expire_on, fmm_evict_fn evict, void *ctx, uint32_t *bad);
+
 /**
  * @brief Delete a key from a locked page.
  * @param[out] old_flags  flags of the deleted entry (may be NULL).
  * @return 0, or FMM_ENOTFOUND if absent, expired or a tombstone (an
- *         expired entry or a tombstone is deleted all the same).
+ *         expired entry or a tombstone is deleted all the same), or
+ *         FMM_EBADARG if this thread does not hold @p page.
  */
 int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash,
                const void *key, uint32_t klen, uint32_t *old_flags);
@@ -484,7 +568,7 @@ int fmm_delete(fmm_cache *c, uint32_t page, uint64_t hash,
 /**
  * @brief Remove expired (or all) entries of a locked page and compact it.
  * Dirty removed entries are passed to @p evict first.
- * @return 0.
+ * @return 0, or FMM_EBADARG if this thread does not hold @p page.
  */
 int fmm_expunge(fmm_cache *c, uint32_t page, int mode,
                 fmm_evict_fn evict, void *ctx);
@@ -536,23 +620,25 @@ int fmm_check_file(const fmm_cache *c);
  * did not touch the lost range, are unaffected.  Any other SIGBUS is passed
  * on to the handler that was installed before (or the default action).
  *
- * Limits: at most FMM_GUARD_SLOTS mappings per process are guarded (the rest
- * work unguarded); a lost handle's zero memory is not unmapped by fmm_close
+ * Limits: none on the number of mappings guarded (the guard's table grows
+ * in chunks that are never freed; only an allocation failure leaves a
+ * mapping unguarded); a lost handle's zero memory is not unmapped by fmm_close
  * (the page mutexes in it may still be on a thread's robust-futex list, which
  * glibc writes to), so each lost handle leaks its address range; a thread
  * that is inside glibc's robust-mutex unlock at the very instant another
  * thread of the same process faults can still crash (a window of a few
  * instructions).  The guard also costs nothing until a fault: one load of
  * the flag per lock and unlock. */
-#define FMM_GUARD_SLOTS 256
-
 /** @brief Guard [start, start+len): on SIGBUS there, set *flag to 1.
- *  @return the slot (for fmm_guard_unregister), or -1 (table full). */
+ *  @return the slot (for fmm_guard_unregister), or -1 (out of memory, or
+ *  the handler could not be installed: the mapping works unguarded). */
 int fmm_guard_register(void *start, size_t len, int *flag);
 /** @brief Stop guarding a slot returned by fmm_guard_register (-1: no-op). */
 void fmm_guard_unregister(int slot);
 /** @brief 1 if the guard's handler is the current SIGBUS action. */
 int fmm_guard_active(void);
+/** @brief Entries the guard's table holds now (exposed for tests). */
+int fmm_guard_capacity(void);
 /** @brief 1 if the handle's file shrank under its mapping (see above). */
 int fmm_lost(const fmm_cache *c);
 /** @brief Address of the flag fmm_lost reads (non-zero: lost), valid until
@@ -573,6 +659,15 @@ unsigned char *fmm_page_ptr(fmm_cache *c, uint32_t page);
 
 /** @brief Set a locked page's LRU clock (to test renumbering). */
 void fmm_set_page_clock(fmm_cache *c, uint32_t page, uint32_t clock);
+
+/**
+ * @brief Fault injection for crash tests of fmm_set_many: with @p k > 0,
+ * every later fmm_set_many on this handle with at least k - 1 items
+ * raises SIGKILL once k - 1 of its items are stored (k = 1: after room
+ * was made, before the first item; k = n + 1: after the last item, before
+ * the batch is committed).  0 turns it off.
+ */
+void fmm_set_batch_fault(fmm_cache *c, uint32_t k);
 
 #ifdef __cplusplus
 }

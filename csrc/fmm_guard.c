@@ -10,7 +10,7 @@
  *
  *   - fmm_guard_register() (called by fmm_open once the file is mapped)
  *     records the mapping's range and a pointer to the handle's `lost` flag
- *     in a fixed table, and installs the SIGBUS handler once per process
+ *     in a table, and installs the SIGBUS handler once per process
  *     (re-installed at each registration if something else took SIGBUS
  *     since, e.g. Python's faulthandler);
  *   - on a SIGBUS whose address lies in a registered range, the handler
@@ -31,10 +31,16 @@
  *
  * The table is read by the handler without locks: entries are published
  * with release stores of `start` (0 = free) after `end` and `flag` are set,
- * and claimed with a compare-and-swap on `busy`.  Limits (documented in
- * fmm.h): at most FMM_GUARD_SLOTS mappings per process are guarded (later
- * ones work, unguarded); the handle must not be closed while another thread
- * still touches its mapping (the binding guarantees it).
+ * and claimed with a compare-and-swap on `busy`.  It grows without bound:
+ * it is a list of fixed chunks of GUARD_CHUNK entries, and a full list gets
+ * a new chunk, zeroed before a compare-and-swap (with release order) of
+ * the last chunk's `next` publishes it.  Chunks are never freed or moved, so a handler that runs
+ * while another thread appends one (in this thread, interrupting the
+ * append, or in another) follows only pointers to initialised chunks, with
+ * acquire loads and nothing else: async-signal-safe.  Freed entries are
+ * reused, so the table's length is the most mappings guarded at once.
+ * Limit (documented in fmm.h): the handle must not be closed while another
+ * thread still touches its mapping (the binding guarantees it).
  *
  * No Python.h: this is part of the engine.
  */
@@ -42,9 +48,11 @@
 #include "fmm.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -57,7 +65,14 @@ typedef struct guard_slot {
     int state;       /* 0 mapped, 1 being replaced, 2 replaced */
 } guard_slot;
 
-static guard_slot slots[FMM_GUARD_SLOTS];
+#define GUARD_CHUNK 64
+
+typedef struct guard_chunk {
+    guard_slot slots[GUARD_CHUNK];
+    struct guard_chunk *next; /* NULL, then a chunk for good (set by a CAS) */
+} guard_chunk;
+
+static guard_chunk first_chunk;
 static struct sigaction prev_action;  /* the action before ours */
 static int installed;                 /* our handler is (or was) installed */
 static int foreign;                   /* foreign SIGBUS seen while chaining */
@@ -106,30 +121,71 @@ int fmm_guard_register(void *start, size_t len, int *flag)
     pthread_mutex_unlock(&install_lock);
     if (rc)
         return -1;
-    for (int i = 0; i < FMM_GUARD_SLOTS; i++) {
-        int zero = 0;
-        if (__atomic_load_n(&slots[i].busy, __ATOMIC_RELAXED) ||
-            !__atomic_compare_exchange_n(&slots[i].busy, &zero, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
-            continue;
-        __atomic_store_n(&slots[i].end, (uintptr_t)start + len, __ATOMIC_RELAXED);
-        __atomic_store_n(&slots[i].flag, flag, __ATOMIC_RELAXED);
-        __atomic_store_n(&slots[i].state, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&slots[i].start, (uintptr_t)start, __ATOMIC_RELEASE);
-        return i;
+    int base = 0;
+    for (guard_chunk *ch = &first_chunk;;) {
+        for (int i = 0; i < GUARD_CHUNK; i++) {
+            guard_slot *g = &ch->slots[i];
+            int zero = 0;
+            if (__atomic_load_n(&g->busy, __ATOMIC_RELAXED) ||
+                !__atomic_compare_exchange_n(&g->busy, &zero, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+                continue;
+            __atomic_store_n(&g->end, (uintptr_t)start + len, __ATOMIC_RELAXED);
+            __atomic_store_n(&g->flag, flag, __ATOMIC_RELAXED);
+            __atomic_store_n(&g->state, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&g->start, (uintptr_t)start, __ATOMIC_RELEASE);
+            return base + i;
+        }
+        if (base > INT_MAX - 2 * GUARD_CHUNK)
+            return -1; /* no slot number left (billions of live mappings) */
+        base += GUARD_CHUNK;
+        guard_chunk *next = __atomic_load_n(&ch->next, __ATOMIC_ACQUIRE);
+        if (!next) {
+            /* Appenders race with a compare-and-swap rather than a lock (a
+             * lock held by another thread at fork would stay held in the
+             * child): the loser frees its chunk, never seen by anyone, and
+             * takes the winner's. */
+            guard_chunk *fresh = calloc(1, sizeof *fresh);
+            if (!fresh)
+                return -1; /* out of memory: this mapping is not guarded */
+            if (__atomic_compare_exchange_n(&ch->next, &next, fresh, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                next = fresh;
+            else
+                free(fresh); /* `next` now holds the winner's chunk */
+        }
+        ch = next;
     }
-    return -1; /* table full: this mapping is not guarded */
+}
+
+/* The entry with slot number `slot`, or NULL. */
+static guard_slot *slot_at(int slot)
+{
+    if (slot < 0)
+        return NULL;
+    guard_chunk *ch = &first_chunk;
+    for (; ch && slot >= GUARD_CHUNK; slot -= GUARD_CHUNK)
+        ch = __atomic_load_n(&ch->next, __ATOMIC_ACQUIRE);
+    return ch ? &ch->slots[slot] : NULL;
 }
 
 void fmm_guard_unregister(int slot)
 {
-    if (slot < 0 || slot >= FMM_GUARD_SLOTS)
+    guard_slot *g = slot_at(slot);
+    if (!g)
         return;
-    __atomic_store_n(&slots[slot].start, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&g->start, 0, __ATOMIC_RELEASE);
     /* a handler that already matched this entry finishes before we reuse it */
-    while (__atomic_load_n(&slots[slot].state, __ATOMIC_ACQUIRE) == 1)
+    while (__atomic_load_n(&g->state, __ATOMIC_ACQUIRE) == 1)
         sched_yield();
-    __atomic_store_n(&slots[slot].flag, NULL, __ATOMIC_RELAXED);
-    __atomic_store_n(&slots[slot].busy, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&g->flag, NULL, __ATOMIC_RELAXED);
+    __atomic_store_n(&g->busy, 0, __ATOMIC_RELEASE);
+}
+
+int fmm_guard_capacity(void)
+{
+    int n = 0;
+    for (guard_chunk *ch = &first_chunk; ch; ch = __atomic_load_n(&ch->next, __ATOMIC_ACQUIRE))
+        n += GUARD_CHUNK;
+    return n;
 }
 
 int fmm_guard_active(void)
@@ -167,21 +223,26 @@ static void guard_handler(int sig, siginfo_t *si, void *uctx)
     int saved_errno = errno;
     uintptr_t a = (uintptr_t)si->si_addr;
     if (si->si_code > 0) { /* sent by the kernel for a fault: si_addr is valid */
-        for (int i = 0; i < FMM_GUARD_SLOTS; i++) {
-            guard_slot *g = &slots[i];
-            uintptr_t s = __atomic_load_n(&g->start, __ATOMIC_ACQUIRE);
-            if (!s || a < s)
-                continue;
-            uintptr_t e = __atomic_load_n(&g->end, __ATOMIC_RELAXED);
-            if (a >= e)
-                continue;
-            if (replace_mapping(g, s, e) == 0) {
-                errno = saved_errno;
-                return; /* the faulting access retries on zero memory */
+        /* Only acquire loads: a chunk reached through `next` is initialised
+         * and stays where it is, even while another thread appends one. */
+        for (guard_chunk *ch = &first_chunk; ch; ch = __atomic_load_n(&ch->next, __ATOMIC_ACQUIRE)) {
+            for (int i = 0; i < GUARD_CHUNK; i++) {
+                guard_slot *g = &ch->slots[i];
+                uintptr_t s = __atomic_load_n(&g->start, __ATOMIC_ACQUIRE);
+                if (!s || a < s)
+                    continue;
+                uintptr_t e = __atomic_load_n(&g->end, __ATOMIC_RELAXED);
+                if (a >= e)
+                    continue;
+                if (replace_mapping(g, s, e) == 0) {
+                    errno = saved_errno;
+                    return; /* the faulting access retries on zero memory */
+                }
+                goto not_ours;
             }
-            break;
         }
     }
+not_ours:
     /* Not ours: hand the signal to whoever had it before us. */
     struct sigaction prev = prev_action;
     int again = __atomic_fetch_add(&foreign, 1, __ATOMIC_ACQ_REL) > 0;

@@ -51,6 +51,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -405,21 +406,35 @@ int pfm_lock(pfm_cache *p, uint32_t page, int64_t timeout_ns)
     return 0;
 }
 
-void pfm_unlock(pfm_cache *p, uint32_t page)
+int pfm_unlock(pfm_cache *p, uint32_t page)
 {
     int i = tl_find(p);
-    if (i < 0 || tl_held[i].page != page)
-        return;
+    if (i < 0 || tl_held[i].page != page) {
+        /* not ours (a child forked under the lock): releasing the fcntl
+         * lock through the descriptor it shares would free the parent's */
+        detail(p, "page %u is not locked by this thread", page);
+        return FMM_EBADARG;
+    }
     tl_held[i] = tl_held[tl_n - 1];
     tl_n--;
     file_lock(p, page, F_OFD_SETLK, F_UNLCK);
     pthread_mutex_unlock(&p->mx[page]);
+    return 0;
 }
 
 int pfm_held(const pfm_cache *p, uint32_t page)
 {
     int i = tl_find(p);
     return i >= 0 && tl_held[i].page == page;
+}
+
+/* Stores check that this thread holds the page, as fmm.c's do (see
+ * not_held there): a child forked by code run under the lock holds
+ * nothing, and its write would land in a page its parent may be writing. */
+static __attribute__((noinline, cold)) int not_held(pfm_cache *p, uint32_t page)
+{
+    detail(p, "page %u is not locked by this thread (a child forked under the lock?)", page);
+    return FMM_EBADARG;
 }
 
 /* ---------- probing ---------- */
@@ -534,12 +549,30 @@ static void report(const pfm_cache *p, fmm_evict_fn fn, void *ctx, pent *e)
     fn(ctx, &it);
 }
 
+/* The slot count expunge leaves for a table of ns slots holding nkept
+ * entries that survive expiry (`used` bytes), in `mode`: Perl doubles it
+ * (n -> 2n+1) when more than 30% is in use, here only as long as the
+ * table leaves 3/4 of the page to data. */
+static uint32_t expunge_slots(const pfm_cache *p, uint32_t ns, uint32_t nkept, uint64_t used, int mode)
+{
+    uint64_t data_size = p->page_size - dstart(ns);
+    if ((double)nkept / ns > 0.3 && (data_size > used + ((uint64_t)ns + 1) * 4 || mode == 2)) {
+        uint64_t grown = (uint64_t)ns * 2 + 1;
+        /* Perl grows unconditionally here; never let the table eat the page */
+        if (dstart((uint32_t)(grown < 0x3FFFFFFF ? grown : 0x3FFFFFFF)) + (uint64_t)p->page_size / 4 <= p->page_size)
+            return (uint32_t)grown;
+    }
+    return ns;
+}
+
 /* Perl's expunge.  mode 0: expired only; 1: everything; 2: make room for a
  * store of `len` key+value bytes (len < 0: no fast path).  `need` (mode 2)
- * is the rounded size of the entry to be stored: older entries are evicted
- * until it fits even where Perl's 60% rule would stop.  Returns 0, or
+ * is the rounded size of the entries to be stored: older entries are
+ * evicted until it fits even where Perl's 60% rule would stop, and until
+ * `need_slots` slots are free (pfm_set_many's batch).  Returns 0, or
  * ENOMEM (nothing changed). */
-static int expunge(pfm_cache *p, uint32_t page, int mode, int64_t len, uint32_t need, fmm_evict_fn fn, void *ctx)
+static int expunge(pfm_cache *p, uint32_t page, int mode, int64_t len, uint32_t need, uint32_t need_slots,
+                   fmm_evict_fn fn, void *ctx)
 {
     unsigned char *pb = PB(p, page);
     phdr *h = (phdr *)pb;
@@ -574,20 +607,14 @@ static int expunge(pfm_cache *p, uint32_t page, int mode, int64_t len, uint32_t 
         used += ROUND4(E_HDR + (uint64_t)e->klen + e->vlen);
         list[nkept++] = e;
     }
-    uint32_t new_ns = ns;
-    uint64_t data_size = p->page_size - dstart(ns);
-    if ((double)nkept / ns > 0.3 && (data_size > used + ((uint64_t)ns + 1) * 4 || mode == 2)) {
-        uint64_t grown = (uint64_t)ns * 2 + 1;
-        /* Perl grows unconditionally here; never let the table eat the page */
-        if (dstart((uint32_t)(grown < 0x3FFFFFFF ? grown : 0x3FFFFFFF)) + (uint64_t)p->page_size / 4 <= p->page_size)
-            new_ns = (uint32_t)grown;
-    }
-    data_size = p->page_size - dstart(new_ns);
+    uint32_t new_ns = expunge_slots(p, ns, nkept, used, mode);
+    uint64_t data_size = p->page_size - dstart(new_ns);
     uint32_t first = 0; /* list[first..nkept) survive */
     if (mode == 2) {
         qsort(list, nkept, sizeof *list, cmp_access);
         uint64_t thresh = (uint64_t)(data_size * 0.6);
-        while (first < nkept && (used >= thresh || (need && data_size - used < need))) {
+        while (first < nkept &&
+               (used >= thresh || (need && data_size - used < need) || new_ns - (nkept - first) < need_slots)) {
             pent *e = list[first++];
             used -= ROUND4(E_HDR + (uint64_t)e->klen + e->vlen);
             report(p, fn, ctx, e);
@@ -632,7 +659,9 @@ static int expunge(pfm_cache *p, uint32_t page, int mode, int64_t len, uint32_t 
 
 int pfm_expunge(pfm_cache *p, uint32_t page, int mode, fmm_evict_fn evict, void *ctx)
 {
-    return expunge(p, page, mode == FMM_EXPUNGE_ALL ? 1 : 0, -1, 0, evict, ctx);
+    if (UNLIKELY(!pfm_held(p, page)))
+        return not_held(p, page);
+    return expunge(p, page, mode == FMM_EXPUNGE_ALL ? 1 : 0, -1, 0, 0, evict, ctx);
 }
 
 /* ---------- store ---------- */
@@ -659,37 +688,28 @@ static int modseq_rule(const pent *e, uint32_t now, uint32_t flags, uint64_t mod
     return 0;
 }
 
-int pfm_set(pfm_cache *p, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
-            uint32_t vlen, uint32_t flags, uint32_t expire_on, uint64_t modseq, fmm_evict_fn evict, void *ctx)
+/* The size rule of every store (fmm_item_fits): an entry of klen + vlen
+ * bytes (the stored vlen, with any modseq) fits the data area of an empty
+ * page with its start_slots table.  That area is a multiple of 4, so the
+ * entry's rounding never turns an item away. */
+int pfm_item_fits(const pfm_cache *p, uint64_t klen, uint64_t vlen)
+{
+    return (uint64_t)E_HDR + klen + vlen <= (uint64_t)p->page_size - dstart(p->start_slots);
+}
+
+/* Write an entry for the key into a locked page that has room for it
+ * (free bytes for `size` and a free slot): replace the key's entry if it
+ * has one, else insert.  Returns 0, or FMM_ETOOBIG / FMM_ECORRUPT if the
+ * room turned out not to be there (nothing changed). */
+static int store(pfm_cache *p, unsigned char *pb, uint32_t sh, const void *key, uint32_t klen, const void *val,
+                 uint32_t vlen, uint32_t flags, uint32_t expire_on, uint64_t modseq, uint64_t size, uint32_t now)
 {
     int has_ms = (flags & FMM_F_MODSEQ) != 0;
-    if ((flags & FMM_F_TYPE_MASK) == FMM_T_TOMBSTONE && (!has_ms || vlen))
-        return FMM_EBADARG;
-    uint64_t size = ROUND4(E_HDR + (uint64_t)klen + vlen + (has_ms ? 8u : 0u));
-    if (size > (uint64_t)p->page_size - dstart(p->start_slots))
-        return FMM_ETOOBIG;
-    unsigned char *pb = PB(p, page);
     phdr *h = (phdr *)pb;
-    uint32_t sh = slot_hash_of(p, hash);
-    uint32_t now = pfm_now(p);
-    /* The rules first: a refused store must not evict anything. */
-    long s = find_slot(p, pb, sh, key, klen, NULL);
-    if (s == -2) {
-        repair(p, page, "a slot points outside the page");
-        s = -1;
-    }
-    int rule = modseq_rule(s >= 0 ? (pent *)(pb + PSLOTS(pb)[s]) : NULL, now, flags, modseq);
-    if (rule)
-        return rule;
-    int rc = expunge(p, page, 2, (int64_t)klen + vlen, (uint32_t)size, evict, ctx);
-    if (rc)
-        return rc;
     long ins = -1;
-    s = find_slot(p, pb, sh, key, klen, &ins);
-    if (s == -2) { /* cannot happen after a successful expunge; be safe */
-        repair(p, page, "a slot points outside the page");
-        s = find_slot(p, pb, sh, key, klen, &ins);
-    }
+    long s = find_slot(p, pb, sh, key, klen, &ins);
+    if (s == -2)
+        return FMM_ECORRUPT;
     if (h->free_bytes < size)
         return FMM_ETOOBIG;
     uint32_t *slots = PSLOTS(pb);
@@ -733,8 +753,128 @@ int pfm_set(pfm_cache *p, uint32_t page, uint64_t hash, const void *key, uint32_
     return 0;
 }
 
+int pfm_set(pfm_cache *p, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
+            uint32_t vlen, uint32_t flags, uint32_t expire_on, uint64_t modseq, fmm_evict_fn evict, void *ctx)
+{
+    if (UNLIKELY(!pfm_held(p, page)))
+        return not_held(p, page);
+    int has_ms = (flags & FMM_F_MODSEQ) != 0;
+    if ((flags & FMM_F_TYPE_MASK) == FMM_T_TOMBSTONE && (!has_ms || vlen))
+        return FMM_EBADARG;
+    if (!pfm_item_fits(p, klen, (uint64_t)vlen + (has_ms ? 8u : 0u)))
+        return FMM_ETOOBIG;
+    uint64_t size = ROUND4(E_HDR + (uint64_t)klen + vlen + (has_ms ? 8u : 0u));
+    unsigned char *pb = PB(p, page);
+    uint32_t sh = slot_hash_of(p, hash);
+    uint32_t now = pfm_now(p);
+    /* The rules first: a refused store must not evict anything. */
+    long s = find_slot(p, pb, sh, key, klen, NULL);
+    if (s == -2) {
+        repair(p, page, "a slot points outside the page");
+        s = -1;
+    }
+    int rule = modseq_rule(s >= 0 ? (pent *)(pb + PSLOTS(pb)[s]) : NULL, now, flags, modseq);
+    if (rule)
+        return rule;
+    int rc = expunge(p, page, 2, (int64_t)klen + vlen, (uint32_t)size, 0, evict, ctx);
+    if (rc)
+        return rc;
+    rc = store(p, pb, sh, key, klen, val, vlen, flags, expire_on, modseq, size, now);
+    if (rc == FMM_ECORRUPT) { /* cannot happen after a successful expunge; be safe */
+        repair(p, page, "a slot points outside the page");
+        rc = store(p, pb, sh, key, klen, val, vlen, flags, expire_on, modseq, size, now);
+    }
+    return rc == FMM_ECORRUPT ? FMM_ETOOBIG : rc;
+}
+
+/* fmm_set_many for this format (each item already passed the size rule).
+ * The format has no dirty marker, so the page's magic is one for the
+ * batch: it is cleared before the first item is written and restored
+ * after the last, and a page found without its magic is re-initialised at
+ * the next lock (by this engine; a Perl process reports the page as
+ * corrupt until then).  Perl's slot tables never shrink, so the batch must
+ * fit the data area this page's table leaves it (after the growth
+ * expunge would apply), not that of an empty page. */
+int pfm_set_many(pfm_cache *p, uint32_t page, fmm_batch_item *items, uint32_t n, uint32_t expire_on,
+                 fmm_evict_fn evict, void *ctx, uint32_t *bad, uint32_t fault)
+{
+    if (UNLIKELY(!pfm_held(p, page)))
+        return not_held(p, page);
+    unsigned char *pb = PB(p, page);
+    phdr *h = (phdr *)pb;
+    uint32_t now = pfm_now(p);
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < n; i++)
+        total += ROUND4(E_HDR + (uint64_t)items[i].klen + items[i].vlen);
+    /* The slot count expunge will leave: count the entries that survive expiry. */
+    uint32_t ns = h->num_slots, nkept = 0;
+    uint32_t *slots = PSLOTS(pb);
+    for (uint32_t i = 0; i < ns; i++) {
+        if (slots[i] <= 1)
+            continue;
+        pent *e = entry_at(p, pb, slots[i]);
+        if (!e) {
+            repair(p, page, "a slot points outside the page");
+            ns = h->num_slots;
+            nkept = 0;
+            break;
+        }
+        nkept += !is_expired(e, now);
+    }
+    uint32_t new_ns = expunge_slots(p, ns, nkept, 0, 2);
+    if ((uint64_t)n >= new_ns || total > (uint64_t)p->page_size - dstart(new_ns)) {
+        detail(p, "%u items need %llu bytes with their headers, more than page %u holds (%u bytes of data, %u slots)",
+               (unsigned)n, (unsigned long long)total, (unsigned)page, (unsigned)(p->page_size - dstart(new_ns)),
+               (unsigned)new_ns);
+        if (bad)
+            *bad = n;
+        return FMM_ETOOBIG;
+    }
+    if (n == 0)
+        return 0;
+    /* The tombstone rule against the page as the batch found it, before
+     * expunge can evict a tombstone (a refused store changes nothing). */
+    for (uint32_t i = 0; i < n; i++) {
+        long s = find_slot(p, pb, slot_hash_of(p, items[i].hash), items[i].key, items[i].klen, NULL);
+        items[i].rc = s >= 0 ? modseq_rule((pent *)(pb + slots[s]), now, items[i].flags & 0x7Fu, 0) : 0;
+    }
+    /* Room for all at once: bytes for every item as an append, and more
+     * empty slots than items (a probe ends at an empty slot). */
+    if (h->free_bytes < total || h->free_slots - h->old_slots <= n) {
+        int rc = expunge(p, page, 2, -1, (uint32_t)total, n + 1, evict, ctx);
+        if (rc)
+            return rc;
+        if (h->free_bytes < total || h->free_slots - h->old_slots <= n)
+            return FMM_ECORRUPT; /* expunge found the page corrupt and re-initialised it */
+    }
+    h->magic = 0;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    for (uint32_t i = 0; i < n; i++) {
+        if (UNLIKELY(fault == i + 1))
+            raise(SIGKILL);
+        fmm_batch_item *it = &items[i];
+        if (it->rc == FMM_EREFUSED)
+            continue;
+        int rc = store(p, pb, slot_hash_of(p, it->hash), it->key, it->klen, it->val, it->vlen, it->flags & 0x7Fu,
+                       expire_on, 0, ROUND4(E_HDR + (uint64_t)it->klen + it->vlen), now);
+        if (rc) {
+            /* the page changed under the lock: drop the part of the batch */
+            repair(p, page, "no room left for a batch that had room");
+            return FMM_ECORRUPT;
+        }
+        it->rc = 0;
+    }
+    if (UNLIKELY(fault == n + 1))
+        raise(SIGKILL);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    h->magic = P_MAGIC;
+    return 0;
+}
+
 int pfm_delete(pfm_cache *p, uint32_t page, uint64_t hash, const void *key, uint32_t klen, uint32_t *old_flags)
 {
+    if (UNLIKELY(!pfm_held(p, page)))
+        return not_held(p, page);
     unsigned char *pb = PB(p, page);
     phdr *h = (phdr *)pb;
     long s = find_slot(p, pb, slot_hash_of(p, hash), key, klen, NULL);
@@ -897,32 +1037,16 @@ static int map_file(pfm_cache *p, int fd, char *err, size_t errlen)
 }
 
 /* Build and initialise the file under a temporary name, then publish it
- * with link(2) (replace: rename(2)), so nobody ever maps a half-built file. */
+ * with link(2) (replace: rename(2)), so nobody ever maps a half-built file.
+ * The temporary file is named and cleaned up as a native one (fmm.c). */
 static int create(pfm_cache *p, const char *path, const fmm_config *cfg, int replace, char *err, size_t errlen)
 {
-    size_t plen = strlen(path);
-    char *tmp = malloc(plen + 32);
-    if (!tmp)
-        return ENOMEM;
-    int fd = -1, rc = 0;
-    for (int i = 0; i < 100 && fd < 0; i++) {
-        snprintf(tmp, plen + 32, "%s.tmp%ld.%d", path, (long)getpid(), i);
-        fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-        if (fd < 0 && errno != EEXIST) {
-            rc = errno;
-            snprintf(err, errlen, "creating %s: %s", tmp, strerror(rc));
-            free(tmp);
-            return rc;
-        }
-    }
-    if (fd < 0) {
-        free(tmp);
-        return EEXIST;
-    }
-    if (fchmod(fd, (mode_t)(cfg->permissions ? cfg->permissions : 0600)) != 0 ||
-        (rc = posix_fallocate(fd, 0, (off_t)p->map_len)) != 0) {
-        if (!rc)
-            rc = errno;
+    char *tmp = NULL;
+    int fd = -1;
+    int rc = fmm_tmp_create(path, cfg->permissions, &tmp, &fd, err, errlen);
+    if (rc)
+        return rc;
+    if ((rc = posix_fallocate(fd, 0, (off_t)p->map_len)) != 0) {
         snprintf(err, errlen, "reserving %zu bytes for the cache file: %s", p->map_len, strerror(rc));
         goto fail;
     }
@@ -930,17 +1054,10 @@ static int create(pfm_cache *p, const char *path, const fmm_config *cfg, int rep
         goto fail;
     for (uint32_t i = 0; i < p->num_pages; i++)
         init_page(p, PB(p, i));
-    if (replace) {
-        if (rename(tmp, path) != 0) {
-            rc = errno;
-            goto fail;
-        }
-    } else {
-        if (link(tmp, path) != 0) {
-            rc = errno;
-            goto fail;
-        }
-        unlink(tmp);
+    if ((rc = fmm_tmp_publish(fd, tmp, path, replace)) != 0) {
+        if (rc != EEXIST)
+            snprintf(err, errlen, "publishing the new cache file failed: %s", strerror(rc));
+        goto fail;
     }
     free(tmp);
     p->fd = fd;
@@ -954,6 +1071,21 @@ fail:
     unlink(tmp);
     free(tmp);
     return rc;
+}
+
+/* A file shorter than the cache may be one that a Perl process is still
+ * creating (Perl writes its zero pages one by one, under no lock).  Such a
+ * creator touches the file's mtime with every page; a file unchanged for
+ * this long has none at work, and is refused without waiting. */
+#define PERL_CREATOR_QUIET_NS 2000000000LL
+
+static int recently_written(const struct stat *st)
+{
+    struct timespec now;
+    if (clock_gettime(CLOCK_REALTIME, &now) != 0)
+        return 1;
+    long long age = (long long)(now.tv_sec - st->st_mtim.tv_sec) * 1000000000LL + (now.tv_nsec - st->st_mtim.tv_nsec);
+    return age < PERL_CREATOR_QUIET_NS;
 }
 
 int pfm_open(const char *path, const fmm_config *cfg, pfm_cache **out, int *created, char *err, size_t errlen)
@@ -1033,6 +1165,11 @@ int pfm_open(const char *path, const fmm_config *cfg, pfm_cache **out, int *crea
             close(fd);
             goto fail;
         }
+        /* the same rule as the native format's, before anything is read */
+        if ((rc = fmm_check_trust(&st, cfg->permissions, err, errlen)) != 0) {
+            close(fd);
+            goto fail;
+        }
         if ((uint64_t)st.st_size != p->map_len) {
             close(fd);
             if (cfg->init_file) {
@@ -1041,7 +1178,7 @@ int pfm_open(const char *path, const fmm_config *cfg, pfm_cache **out, int *crea
                     *created = 1;
                 goto done;
             }
-            if ((uint64_t)st.st_size < p->map_len && attempt < 199) {
+            if ((uint64_t)st.st_size < p->map_len && attempt < 199 && recently_written(&st)) {
                 /* Perl creates its file by appending zero pages: wait for
                  * a creator still writing */
                 struct timespec ts = {0, 10000000};

@@ -724,11 +724,109 @@ static void op_key(rd_t *r, int kind, uint8_t op)
     unlock_page(p);
 }
 
-/* Store many modelled keys at once, so that pages fill and evict. */
+/* The modelled keys among n that share a page with key vb % NKEYS, stored
+ * with one fmm_set_many: all of them or none, checked against the sizes
+ * (each item, then the batch against an empty page) and the model. */
+static void fill_batch(uint32_t n, uint8_t vb, uint8_t fb, uint8_t eb)
+{
+    static fmm_batch_item items[64];
+    static uint8_t keys[64][16];
+    static fmm_item had_it[64];
+    int kis[64], had[64], rule[64];
+    uint8_t fills[64], first[64];
+    uint64_t h;
+    uint32_t p = page_of_key(keys[0], make_key((uint32_t)vb % NKEYS, keys[0]), &h);
+    uint32_t m = 0;
+    size_t off = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        int k = (int)((vb + i * 5) % NKEYS), dup = 0;
+        for (uint32_t j = 0; j < m; j++)
+            dup |= kis[j] == k;
+        uint32_t klen = make_key((uint32_t)k, keys[m]);
+        uint32_t vlen = value_len((uint8_t)((vb + i * 13) % 200));
+        if (dup || page_of_key(keys[m], klen, &h) != p || off + vlen > sizeof g_val)
+            continue;
+        fills[m] = S.seq++;
+        memset(g_val + off, fills[m], vlen);
+        items[m] = (fmm_batch_item){h, keys[m], g_val + off, klen, vlen, (fb + i) & 0x7Fu, -1};
+        kis[m++] = k;
+        off += vlen;
+    }
+    if (lock_page(p, 0))
+        return;
+    uint32_t exp = pick_expire(eb);
+    int want = 0;
+    uint32_t want_bad = UINT32_MAX;
+    uint64_t total = 0;
+    for (uint32_t j = 0; j < m; j++) {
+        had[j] = fmm_get(S.c, p, items[j].hash, keys[j], items[j].klen, FMM_GET_EXPIRED | FMM_GET_TOMBSTONE,
+                         &had_it[j]) == 0;
+        if (had[j])
+            check_item(p, &had_it[j], "peek before set_many");
+        first[j] = had[j] && had_it[j].vlen ? (uint8_t)had_it[j].val[0] : 0;
+        rule[j] = had[j] ? expected_rule(&had_it[j], items[j].flags, 0) : 0;
+        uint64_t need = ((uint64_t)FMM_ENTRY_HEADER_SIZE + items[j].klen + items[j].vlen + 3) & ~(uint64_t)3;
+        if (!want && need > fmm_max_item(S.c)) {
+            want = FMM_ETOOBIG;
+            want_bad = j;
+        }
+        total += need;
+    }
+    uint32_t ns = 4; /* the fewest slots for m entries at load 3/4 */
+    while ((uint64_t)ns * 3 < (uint64_t)m * 4 + 2)
+        ns *= 2;
+    if (!want && (ns > (S.ps - FMM_PAGE_HEADER_SIZE) / 4 || total + FMM_PAGE_HEADER_SIZE + 4ull * ns > S.ps)) {
+        want = FMM_ETOOBIG;
+        want_bad = m;
+    }
+    visit_ctx ev = {p, 0, 0};
+    uint32_t bad = UINT32_MAX;
+    int rc = fmm_set_many(S.c, p, items, m, exp, on_evict, &ev, &bad);
+    TRACE("set_many of %u keys in page %u: %d, want %d\n", m, p, rc, want);
+    EXPECT(rc == want || (!S.clean && !want && rc == FMM_ECORRUPT), "fmm_set_many of %u items (%llu bytes): %d %s, want %d",
+           m, (unsigned long long)total, rc, fmm_strerror(rc), want);
+    if (rc == FMM_ETOOBIG)
+        EXPECT(bad == want_bad, "fmm_set_many: bad item %u, want %u", bad, want_bad);
+    for (uint32_t j = 0; j < m && (rc == 0 || rc == FMM_ETOOBIG); j++) {
+        fmm_item it;
+        int have = fmm_get(S.c, p, items[j].hash, keys[j], items[j].klen, FMM_GET_EXPIRED | FMM_GET_TOMBSTONE,
+                           &it) == 0;
+        if (rc == 0 && items[j].rc == 0) {
+            EXPECT(rule[j] == 0 || !S.clean, "fmm_set_many stored key %d over a tombstone", kis[j]);
+            S.model[kis[j]] = (model_t){1, items[j].vlen, items[j].flags, exp, fills[j], 0};
+            EXPECT(have, "fmm_set_many: key %d of the batch is not found", kis[j]);
+            if (have) {
+                check_item(p, &it, "get after set_many");
+                EXPECT(it.vlen == items[j].vlen && (it.vlen == 0 || (uint8_t)it.val[0] == fills[j]),
+                       "fmm_set_many: key %d holds another value", kis[j]);
+            }
+        } else {
+            /* refused, or the batch was: the key is as it was (a refused
+             * item's tombstone may have been evicted to make room) */
+            EXPECT(rc != 0 || items[j].rc == FMM_EREFUSED, "fmm_set_many: item rc %d", items[j].rc);
+            EXPECT(rc != 0 || rule[j] == FMM_EREFUSED || !S.clean, "fmm_set_many refused key %d", kis[j]);
+            EXPECT(have == had[j] || (rc == 0 && !have), "a refused fmm_set_many changed whether key %d is there",
+                   kis[j]);
+            if (have && had[j])
+                EXPECT(it.vlen == had_it[j].vlen && it.flags == had_it[j].flags &&
+                           it.expire_on == had_it[j].expire_on && (it.vlen == 0 || (uint8_t)it.val[0] == first[j]),
+                       "a refused fmm_set_many changed key %d", kis[j]);
+        }
+    }
+    unlock_page(p);
+}
+
+/* Store many modelled keys at once, so that pages fill and evict; with the
+ * top bit of the count byte, as one fmm_set_many batch. */
 static void op_fill(rd_t *r)
 {
-    uint32_t n = u8(r) % 64 + 1;
+    uint8_t nb = u8(r);
+    uint32_t n = nb % 64 + 1;
     uint8_t vb = u8(r), fb = u8(r), eb = u8(r);
+    if (nb & 0x80) {
+        fill_batch(n, vb, fb, eb);
+        return;
+    }
     for (uint32_t i = 0; i < n; i++) {
         uint32_t k = (vb + i * 5) % NKEYS;
         uint8_t key[16];

@@ -401,6 +401,21 @@ static void test_lock_rules(void)
     pid = fork();
     if (pid == 0) {
         int ok = !fmm_held(c, 0);
+        /* and its stores are refused, writing nothing */
+        uint32_t ps = fmm_page_size(c);
+        unsigned char *before = malloc(ps);
+        ok &= before != NULL;
+        if (before) {
+            memcpy(before, fmm_page_ptr(c, 0), ps);
+            uint64_t h = 0; /* a hash whose page is 0 */
+            ok &= fmm_set(c, 0, h, "k", 1, "child", 5, 0, 0, NULL, NULL) == FMM_EBADARG;
+            ok &= fmm_set_ms(c, 0, h, "k", 1, "child", 5, FMM_F_MODSEQ, 0, 3, NULL, NULL) == FMM_EBADARG;
+            ok &= fmm_delete(c, 0, h, "k", 1, NULL) == FMM_EBADARG;
+            ok &= fmm_expunge(c, 0, FMM_EXPUNGE_ALL, NULL, NULL) == FMM_EBADARG;
+            ok &= strstr(fmm_errdetail(c), "not locked by this thread") != NULL;
+            ok &= memcmp(before, fmm_page_ptr(c, 0), ps) == 0;
+            free(before);
+        }
         fmm_unlock(c, 0);
         fmm_close(c);
         ok &= fmm_lock(d, 0, 20000000) == FMM_ETIMEDOUT; /* still the parent's */

@@ -120,6 +120,15 @@ def basics(path: pathlib.Path) -> None:
         assert_type(hits, int)
         assert cache.get_and_set("hits", increment) == 2
         assert cache.get_and_set("x", lambda key, old: f"{key}={old}") == "x=None"
+        # no store, an expiry from the function, the entry's state, did it store
+        assert cache.get_and_set("x", lambda key, old: fastmmap.NO_CHANGE) == "x=None"
+        bumped = cache.get_and_set(
+            "n", lambda key, e: fastmmap.Update(e.value + 1, keep_expiry=e.exists), entry=True, default=0
+        )
+        assert bumped == 1
+        value, stored = cache.get_and_set("n", lambda key, old: fastmmap.Update(old + 1, expire_time="1h"), with_stored=True)
+        assert_type(stored, bool)
+        assert (value, stored) == (2, True)
         assert cache.get_and_remove("once") == 1
         assert_type(cache.exists("once"), bool)
         assert_type(cache.remove("hits"), bool)

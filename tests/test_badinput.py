@@ -80,6 +80,51 @@ def test_bad_expire_on_in_set(full):
         full.set("a", "new", expire_on="tomorrow")
 
 
+MAX_EXPIRE_TIME = fastmmap._options.MAX_EXPIRE_TIME
+EXPIRE_CALLS = [
+    ("set", lambda c, e: c.set("a", "new", expire_time=e)),
+    ("set-positional", lambda c, e: c.set("a", "new", e)),
+    ("add", lambda c, e: c.add("new-key", "new", expire_time=e)),
+    ("touch", lambda c, e: c.touch("a", expire_time=e)),
+    ("multi_set", lambda c, e: c.multi_set("p", {"x": 1}, expire_time=e)),
+    ("get_and_set", lambda c, e: c.get_and_set("a", lambda k, v: "new", expire_time=e)),
+]
+
+
+@pytest.mark.parametrize("call", [f for _, f in EXPIRE_CALLS], ids=[n for n, _ in EXPIRE_CALLS])
+@pytest.mark.parametrize(
+    "expire",
+    # every form of a duration above the maximum, one rule for all
+    [MAX_EXPIRE_TIME + 1, 2**31, 2**40, 2**64, float(MAX_EXPIRE_TIME + 1), str(MAX_EXPIRE_TIME + 1), -(2**64)],
+    ids=repr,
+)
+def test_per_call_expire_time_above_the_maximum_is_refused_in_every_form(full, call, expire):
+    with pytest.raises(ValueError, match=r"^expire_time must be"):
+        call(full, expire)
+
+
+def test_per_call_expire_time_at_the_maximum_is_accepted(cache):
+    c = cache(num_pages=1)
+    c._set_time_override(1_700_000_000)
+    c.set("k", "v", expire_time=MAX_EXPIRE_TIME)
+    assert c.get_keys(1)[0]["expire_on"] == 1_700_000_000 + MAX_EXPIRE_TIME
+
+
+@pytest.mark.parametrize("expire_on", [-1, -0.5, -0.001, -1e-300, float("-inf"), float("nan"), 2**32, 2**32 - 0.5,
+                                       2**64])
+def test_negative_or_too_large_expire_on_is_refused_in_every_form(full, expire_on):
+    # checked before rounding up: -0.5 must not become 0 (never)
+    with pytest.raises(ValueError, match=r"^expire_on must be unix seconds between 0 \(never\) and 2\*\*32-1"):
+        full.set("a", "new", expire_on=expire_on)
+
+
+@pytest.mark.parametrize("mode", [2**32, 2**63, 2**64, -(2**64), -1, 3])
+def test_get_keys_mode_out_of_range_is_a_valueerror(full, mode):
+    # any int out of range, not an OverflowError, nor one truncated to a C int
+    with pytest.raises(ValueError, match=r"^get_keys mode must be 0, 1 or 2, not " + str(mode)):
+        full.get_keys(mode)
+
+
 @pytest.mark.parametrize("expire", ["1 month", -5, "garbage"], ids=repr)
 def test_bad_expire_time_in_multi_set(full, expire):
     with pytest.raises(ValueError):
@@ -145,6 +190,10 @@ BAD_OPTIONS = [
     ({"lock_timeout": -1}, ValueError),
     ({"permissions": 0o10000}, ValueError),
     ({"permissions": -1}, ValueError),
+    ({"permissions": 0}, ValueError),
+    ({"compress_threshold": 2**63}, ValueError),
+    ({"compress_threshold": 2**64}, ValueError),
+    ({"compress_threshold": -1}, ValueError),
     ({"serializer": "nope"}, ValueError),
 ]
 

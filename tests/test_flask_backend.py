@@ -21,7 +21,7 @@ import pytest
 
 cachelib = pytest.importorskip("cachelib")
 
-from fastmmap.contrib.cachelib import FastMmapCache, fastmmap_cache  # noqa: E402
+from fastmmap.contrib.cachelib import FastMmapCache, NativeSerializer, fastmmap_cache  # noqa: E402
 
 PAGE_SIZE = 64 * 1024
 
@@ -255,6 +255,100 @@ def test_value_too_big_for_a_page(cache):
     assert cache.has("k") is False  # the old value is not left behind
     assert cache.set_many({"big": big, "small": 1}) == ["small"]
     assert cache.add("big2", big) is False and not cache.has("big2")
+
+
+def _raw_values(cache):
+    """What the file holds, read through a plain fastmmap.Cache (raw bytes)."""
+    return {k: v for k, v in cache.fastmmap_cache.items()}
+
+
+def test_assigned_serializer_is_used(cache):
+    """cache.serializer assigned after construction (cachelib's protocol, as
+    Flask-Caching does for CACHE_SERIALIZER) encodes every value."""
+    from cachelib.serializers import JSONSerializer, SimpleSerializer
+
+    # the default: a SimpleSerializer (pickle) to whoever inspects it, but
+    # values are stored natively, as a plain fastmmap.Cache stores them
+    assert isinstance(cache.serializer, SimpleSerializer)
+    assert cache.set("d", (1, 2)) and cache.get("d") == (1, 2)
+    assert _raw_values(cache)["d"] == (1, 2)
+
+    cache.serializer = JSONSerializer()
+    assert cache.set("t", (1, 2))
+    assert cache.get("t") == [1, 2]  # JSON has no tuples: it really went through JSON
+    assert _raw_values(cache)["t"] == b"[1, 2]"
+    assert cache.set_many({"a": {"x": 1}, "b": "s"}) == ["a", "b"]
+    assert cache.get_many("a", "b", "missing") == [{"x": 1}, "s", None]
+    assert cache.get_dict("a", "b") == {"a": {"x": 1}, "b": "s"}
+    assert cache.add("c", [True, None]) and not cache.add("c", 1)
+    assert cache.get("c") == [True, None]
+    assert cache.inc("n", 5) == 5 and cache.dec("n", 2) == 3
+    assert cache.get("n") == 3 and _raw_values(cache)["n"] == b"3"
+    assert cache.set("none", None) and cache.has("none") and cache.get("none") is None
+
+
+def test_serializer_option_and_failures(cache_factory):
+    """serializer= takes a cachelib serializer object too (fastmmap's own
+    names still work); a value it cannot encode is not stored, and the old
+    value is not left behind."""
+    from cachelib.serializers import JSONSerializer
+
+    c = cache_factory(serializer=JSONSerializer())
+    assert isinstance(c.serializer, JSONSerializer)
+    assert c.set("k", 1) and _raw_values(c)["k"] == b"1"
+
+    class Failing:
+        def dumps(self, value):
+            return None if value == "bad" else str(value).encode()
+
+        def loads(self, data):
+            return data.decode()
+
+    c.serializer = Failing()
+    assert not c.set("k", "bad") and not c.has("k")
+    assert not c.add("k", "bad") and not c.has("k")
+    assert c.set_many({"a": "ok", "b": "bad"}) == ["a"] and c.get("a") == "ok"
+
+    plain = cache_factory("plain.cache", serializer="json")
+    assert type(plain.serializer) is NativeSerializer
+    assert plain.set("t", (1, 2)) and plain.get("t") == [1, 2]
+
+
+def test_serializer_shared_across_processes(cache_factory, forked):
+    """A value written by one process with a serializer is read by another."""
+    from cachelib.serializers import JSONSerializer
+
+    c = cache_factory()
+    c.serializer = JSONSerializer()
+
+    def child():
+        c.set("from-child", {"pid": os.getpid()})
+        return os.getpid()
+
+    pid = forked(child)
+    assert c.get("from-child") == {"pid": pid}
+
+
+def test_flask_caching_serializer(tmp_path):
+    """CACHE_SERIALIZER reaches the backend: no "does not use a serializer"
+    warning, and the values in the file are in its format."""
+    import flask
+    import flask_caching
+    from cachelib.serializers import JSONSerializer
+
+    app = flask.Flask("ser")
+    app.config.update(
+        CACHE_TYPE="fastmmap.contrib.flask.FastMmapCache",
+        CACHE_DIR=str(tmp_path / "d"),
+        CACHE_SERIALIZER=JSONSerializer,
+    )
+    cache = flask_caching.Cache(app)  # the "error" filter turns the warning into a failure
+    assert isinstance(cache.cache.serializer, JSONSerializer)
+    with app.app_context():
+        cache.set("hi", {"a": 1})
+        assert cache.get("hi") == {"a": 1}
+    assert _raw_values(cache.cache)[cache.cache.key_prefix + "hi"] == b'{"a": 1}'
+    cache.cache.fastmmap_cache.close()
 
 
 def test_constructor_errors_and_lazy_open(tmp_path):

@@ -191,6 +191,29 @@ def test_start_slots_is_accepted(cache):
     assert cache(path).get("k299") == 299
 
 
+# ---------------------------------------------------------------- hash spread
+
+# Little-endian, the first word that zeroes the short-key hash's first
+# multiply if that word is not seeded: every 9..16-byte key starting with it
+# would then have one hash per key length in every file.
+COLLIDING_PREFIX = (0xA0761D6478BD642F).to_bytes(8, "little")
+
+
+@pytest.mark.parametrize("run", range(3))  # three files, three random seeds
+def test_keys_sharing_a_first_word_spread_over_the_pages(cache, run):
+    c = cache(page_size="64k", num_pages=64)
+    keys = [COLLIDING_PREFIX + (i // 8).to_bytes(1 + i % 8, "little") for i in range(2000)]  # 9..16 bytes
+    assert len(set(keys)) == len(keys)
+    for k in keys:
+        c.set(k, b"v")
+    live = [c._page_info(p)["live"] for p in range(c.num_pages)]
+    assert sum(live) == len(keys), "keys were evicted: they piled onto few pages"
+    # 31 keys a page on average; a uniform hash puts more than 100 on one
+    # page with a probability far below 1e-15
+    assert max(live) <= 100, live
+    assert all(k in c for k in keys)
+
+
 # ---------------------------------------------------------------- permissions
 
 

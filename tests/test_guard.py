@@ -396,3 +396,29 @@ def test_truncate_under_threads_of_one_process(tmp_path, forked):
     assert r["other"], r
     assert r["ops"] > 0, r
     assert sorted(r["outcome"].values()) == ["FileReplacedError"] * 4, r
+
+
+def _many_caches_then_truncate(path: str, n: int) -> dict:
+    caches = [fastmmap.Cache(path, serializer="raw") for _ in range(n)]
+    os.truncate(path, 0)
+    outcome = {}
+    for i in (n - 1, 0, n // 2):  # the last opened, the first, one between
+        try:
+            caches[i].set("k", b"v")
+            outcome[i] = "stored"
+        except fastmmap.FileReplacedError:
+            outcome[i] = "FileReplacedError"
+    for c in caches:
+        c.close()
+    return outcome
+
+
+@pytest.mark.timeout(60)
+def test_truncate_under_hundreds_of_caches_of_one_process(tmp_path, forked):
+    # Each Cache is one guarded mapping: well past the guard's first table
+    # chunk, every one must stay guarded.
+    path = str(tmp_path / "cache.fmm")
+    fastmmap.Cache(path, page_size=PAGE_SIZE, num_pages=1, init_file=True, unlink_on_exit=False).close()
+    n = 300
+    r = forked(_many_caches_then_truncate, path, n, timeout=30)
+    assert r == {n - 1: "FileReplacedError", 0: "FileReplacedError", n // 2: "FileReplacedError"}, r

@@ -117,8 +117,9 @@ def headers():
 
 
 def page_of(c: fastmmap.Cache, key) -> int:
-    page = c._lock_for(key)
-    c._unlock(page)
+    with fastmmap._fastmmap.PageLock(c, key) as lk:
+        page = lk._page
+    assert page is not None
     return page
 
 

@@ -435,6 +435,52 @@ def test_other_writers_over_a_tombstone(make):
     assert state(c, "k") == (TOMB, 3)
 
 
+# A tombstoned key reads as absent and refuses a plain store: a method that
+# looped "get, else add" until one of them succeeded never returned.  The
+# timeout turns such a regression into a failure instead of a hung suite.
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("method", ["setdefault", "pop", "popitem", "update"])
+def test_mapping_methods_terminate_over_a_tombstone(make, method):
+    c = make()
+    c.remove("k", modseq=3)
+    if method == "setdefault":
+        # the store is refused as for cache["k"] = "d": default back, key absent
+        assert c.setdefault("k", "d") == "d"
+        assert c.setdefault("k") is None
+    elif method == "pop":
+        assert c.pop("k", "d") == "d"
+        with pytest.raises(KeyError):
+            c.pop("k")
+    elif method == "popitem":
+        with pytest.raises(KeyError):
+            c.popitem()  # the tombstone is not an item
+        c["live"] = "v"
+        assert c.popitem() == ("live", "v")
+    else:
+        c.update({"k": "x", "other": "y"})
+        c.update([("k", "x")], k="z")
+        assert c.get("other") == "y"
+    assert state(c, "k") == (TOMB, 3)
+    assert "k" not in c
+
+
+def test_setdefault_over_a_tombstone_asks_read_cb(make):
+    calls = []
+
+    def read_cb(ctx, key):
+        calls.append(key)
+        return "from store"
+
+    c = make(read_cb=read_cb)
+    c.remove("k", modseq=3)
+    assert c.setdefault("k", "d") == "from store"  # as get() answers it, not stored
+    assert calls == ["k"]
+    assert c.get_modseq("k") == 3 and not c.exists("k")
+    assert c.setdefault("other", "d") == "from store"  # cached as by get()
+    assert c.setdefault("other", "d") == "from store"
+    assert calls == ["k", "other"]
+
+
 def test_touch_keeps_the_modseq(make):
     c = make()
     c.set("k", "v", modseq=8)

@@ -5,6 +5,8 @@ import math
 
 import pytest
 from hypothesis import given, settings
+
+import fastmmap
 from hypothesis import strategies as st
 
 from fastmmap import _options as o
@@ -291,7 +293,7 @@ def test_geometry_none_given():
         ({"cache_size": "64k"}, (65536, 3)),
         ({"cache_size": "1m"}, (65536, 21)),
         ({"cache_size": "10m"}, (65536, 179)),
-        ({"cache_size": "100m"}, (65536, 2879)),
+        ({"cache_size": "100m", "page_size": "64k"}, (65536, 2879)),
         ({"cache_size": "1m", "num_pages": 7}, (131072, 7)),
         # more values from the Perl code
         ({"cache_size": 1000}, (65536, 1)),
@@ -318,6 +320,52 @@ def test_geometry_none_given():
 )
 def test_geometry_table(kwargs, expected):
     assert compute_geometry(**kwargs) == expected
+
+
+# From 64 MiB up, cache_size alone gets 2 MiB pages (Perl: 64 KiB), with the
+# same page-count walk; page_size or num_pages given keeps Perl's rule.
+@pytest.mark.parametrize(
+    "cache_size, expected",
+    [
+        ("63m", (65536, 1439)),
+        ("64m", (2 << 20, 43)),
+        ("100m", (2 << 20, 89)),
+        ("128m", (2 << 20, 89)),
+        ("256m", (2 << 20, 179)),
+        ("1g", (2 << 20, 719)),
+    ],
+)
+def test_geometry_large_caches_get_2m_pages(cache_size, expected):
+    assert compute_geometry(cache_size) == expected
+    assert compute_geometry(cache_size, "64k")[0] == 65536
+    assert compute_geometry(cache_size, None, 1000)[1] == 1000
+
+
+@pytest.mark.parametrize("cache_size", ["64m", "100m", "1g"])
+def test_large_default_cache_stores_a_1mib_item(cache, cache_size):
+    c = cache(cache_size=cache_size)
+    assert c.max_item_size >= (1 << 20) + 1024
+    assert c.num_pages >= 43
+    big = b"x" * (1 << 20)
+    assert c.set("page", big)
+    assert c["page"] == big
+
+
+def test_file_of_the_64k_default_is_adopted(tmp_path):
+    """A 64 MiB cache made before the 2 MiB default (64 KiB pages) reopens
+    with the same cache_size and keeps its entries, instead of GeometryError."""
+    path = str(tmp_path / "old.cache")
+    old = fastmmap.Cache(path, cache_size="64m", page_size="64k", unlink_on_exit=False)
+    old["k"] = "v"
+    old.close()
+    c = fastmmap.Cache(path, cache_size="64m")
+    assert (c.page_size, c.num_pages, c["k"]) == (65536, 1439, "v")
+    c.close()
+    with pytest.raises(fastmmap.GeometryError):
+        fastmmap.Cache(path, cache_size="200m")
+    c = fastmmap.Cache(path, cache_size="64m", init_file=True)
+    assert (c.page_size, c.num_pages, c.get("k")) == (2 << 20, 43, None)
+    c.close()
 
 
 @pytest.mark.parametrize(
@@ -373,7 +421,7 @@ def test_geometry_all_three_disagree(args):
         ({"cache_size": "0k"}, r"cache_size must be > 0"),
         (
             {"cache_size": 1 << 50},
-            r"cache_size=1125899906842624 \(65536-byte pages\) gives num_pages "
+            r"cache_size=1125899906842624 \(2097152-byte pages\) gives num_pages "
             r"\d+; num_pages must be between 1 and 16777216",
         ),
         ({"cache_size": "1x"}, r"cache_size must be a size like"),
@@ -451,6 +499,10 @@ def test_geometry_matches_perl(cache_size, page_shift, num_pages):
         return
     if got is None:
         got = (o.DEFAULT_PAGE_SIZE, o.DEFAULT_NUM_PAGES)
+    if cache_size is not None and page_size is None and num_pages is None and cache_size >= o.LARGE_CACHE_SIZE:
+        # the one deliberate difference: 2 MiB pages, then Perl's walk
+        assert got == _perl_geometry(cache_size, o.LARGE_PAGE_SIZE, None)
+        return
     assert got == _perl_geometry(cache_size, page_size, num_pages)
 
 
@@ -458,7 +510,7 @@ def test_geometry_matches_perl(cache_size, page_shift, num_pages):
 @given(cache_size=st.integers(1, 1 << 39))
 def test_geometry_cache_size_alone_walks_perls_sequence(cache_size):
     ps, n = compute_geometry(cache_size=cache_size)
-    assert ps == 65536
+    assert ps == (65536 if cache_size < 64 << 20 else 2 << 20)
     # Perl walks down from 89 by n -> (n - 1) // 2 (44, 21, 10, 4, 1, 0) to
     # the first value that fits, then steps back up once by 2n + 1; or up
     # from 89 by 2n + 1 (179, 359, ...) to the first value that does not fit.
@@ -512,9 +564,15 @@ def test_parse_start_slots_type(value):
 # -------------------------------------------------------------- permissions
 
 
-@pytest.mark.parametrize("value", [0, 0o600, 0o640, 0o666, 0o777, 0o7777])
+@pytest.mark.parametrize("value", [1, 0o600, 0o640, 0o666, 0o777, 0o7777])
 def test_parse_permissions_good(value):
     assert parse_permissions(value) == value
+
+
+def test_parse_permissions_refuses_0():
+    # applied exactly, 0 would make a file no one but root can open
+    with pytest.raises(ValueError, match=r"^permissions=0 would create a file that no process but root's can open"):
+        parse_permissions(0)
 
 
 @pytest.mark.parametrize(
@@ -522,7 +580,7 @@ def test_parse_permissions_good(value):
     [(-1, r"got -1$"), (0o10000, r"got 4096 \(0o10000\)"), (1 << 40, r"got 1099511627776")],
 )
 def test_parse_permissions_range(value, pattern):
-    with pytest.raises(ValueError, match=r"^permissions must be between 0 and 0o7777, " + pattern):
+    with pytest.raises(ValueError, match=r"^permissions must be between 1 and 0o7777, " + pattern):
         parse_permissions(value)
 
 

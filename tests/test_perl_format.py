@@ -88,12 +88,15 @@ def test_hash_vectors(key: bytes, h: int, page: int, slot: int) -> None:
 
 
 def test_hash_matches_perl_fc_hash(share: str, rand) -> None:
-    keys = [bytes(rand.randrange(256) for _ in range(rand.randrange(40))) for _ in range(300)]
+    # The empty key first and last, whatever the random ones: the keys go
+    # to Perl as one comma-joined argument, and a split without limit -1
+    # drops trailing empty fields, i.e. a trailing empty key.
+    keys = [b""] + [bytes(rand.randrange(256) for _ in range(rand.randrange(40))) for _ in range(300)] + [b""]
     out = perl_json(
         """
         my $c = opened(share_file => $ARGV[0], num_pages => 89, page_size => 4096);
         my @r;
-        for my $hex (split /,/, $ARGV[1]) {
+        for my $hex (split /,/, $ARGV[1], -1) {
             my $k = pack("H*", $hex);
             my ($p, $s) = Cache::FastMmap::fc_hash($c->{Cache}, $k);
             push @r, [$p, $s];
@@ -280,22 +283,52 @@ def test_compressors_both_ways(share: str, compressor: str) -> None:
 
 
 @pytest.mark.parametrize("serializer,module", [("storable", "Storable"), ("sereal", "Sereal")])
-def test_storable_and_sereal_values_raise(share: str, serializer: str, module: str) -> None:
-    perl(
+def test_storable_and_sereal_values(share: str, serializer: str, module: str) -> None:
+    # A JSON reader names Perl's serializer; a raw reader returns the frozen
+    # bytes, as Perl's own serializer => '' reader does.
+    frozen = perl_json(
         """
         my $c = opened(share_file => $ARGV[0], serializer => $ARGV[1]);
         $c->set('obj', { a => [1, 2] }) or die;
         $c->set('scalar', 'plain') or die;
+        my $raw = opened(share_file => $ARGV[0]);
+        print $J->encode([hexs($raw->get('obj')), hexs($raw->get('scalar'))]);
         """,
         share, serializer,
     )
-    for ser in ("raw", "json"):
-        c = fastmmap.Cache(share, format="perl", serializer=ser)  # type: ignore[arg-type]
-        for key in ("obj", "scalar"):
-            with pytest.raises(fastmmap.Error, match=module):
-                c.get(key)
-        assert sorted(c.keys()) == [b"obj", b"scalar"]  # the keys still list
-        c.close()
+    assert isinstance(frozen, list)
+    c = fastmmap.Cache(share, format="perl", serializer="json")
+    for key in ("obj", "scalar"):
+        with pytest.raises(fastmmap.Error, match=module):
+            c.get(key)
+    assert sorted(c.keys()) == [b"obj", b"scalar"]  # the keys still list
+    c.close()
+    c = open_perl_format(share)
+    assert [c.get("obj").hex(), c.get("scalar").hex()] == frozen
+    c.close()
+
+
+# Raw values that start like Storable's nfreeze / freeze or Sereal's magic
+# (about 1 random value in 65,536 starts like nfreeze).
+STORABLE_LOOKALIKES = [b"\x05\x0b\x03abc", b"\x05\x00\x00", b"\x04\x0b\x0812345678\x00", b"=srl\x01xyz", b"=\xf3rl\x03"]
+
+
+def test_raw_values_that_look_like_storable_read_back(share: str) -> None:
+    c = open_perl_format(share)
+    for i, v in enumerate(STORABLE_LOOKALIKES):
+        c.set(f"k{i}", v)
+    for i, v in enumerate(STORABLE_LOOKALIKES):
+        assert c.get(f"k{i}") == v
+    assert sorted(c.items()) == sorted((f"k{i}", v) for i, v in enumerate(STORABLE_LOOKALIKES))
+    out = perl_json(
+        """
+        my $c = opened(share_file => $ARGV[0]);
+        print $J->encode([map { hexs($c->get("k$_")) } 0 .. $ARGV[1] - 1]);
+        """,
+        share, str(len(STORABLE_LOOKALIKES)),
+    )
+    assert out == [v.hex() for v in STORABLE_LOOKALIKES]
+    c.close()
 
 
 def test_undef_reads_as_none(share: str) -> None:
@@ -803,4 +836,62 @@ def test_modseq_entries_as_perl_before_163_sees_them(share: str) -> None:
         assert bytes.fromhex(gone) == (2).to_bytes(8, sys.byteorder)
     else:
         assert bytes.fromhex(v) == b"payload" and gone is None
+    c.close()
+
+
+# ---------------------------------------------------------------- get_and_set's extended forms
+
+
+def test_get_and_set_no_change_expiry_and_did_store_agree(share: str) -> None:
+    """The same read-modify-write calls on both sides of one file: Perl's
+    empty list and fastmmap.NO_CHANGE store nothing; ($new, $did_store) and
+    with_stored=True report it; the sub's options and fastmmap.Update set,
+    or keep, the entry's expire_on (Perl 1.50 and 1.53, in Debian's 1.57)."""
+    now = int(time.time())
+    c = open_perl_format(share)
+    c.set("py-kept", b"a", expire_on=now + 500)
+    c.set("py-bumped", b"a", expire_on=now + 600)
+    out = perl_json(
+        """
+        my $c = opened(share_file => $ARGV[0]);
+        my @r;
+        # no change: the empty list
+        push @r, [$c->get_and_set('py-kept', sub { return () })];
+        push @r, [$c->get_and_set('pl-absent', sub { return () })];
+        # the sub sees expire_on and passes it back: kept
+        push @r, [$c->get_and_set('py-bumped', sub { my ($k, $v, $o) = @_; return ($v . 'b', { expire_on => $o->{expire_on} }) })];
+        # an expire_time option from the sub, and one expire_on
+        push @r, [$c->get_and_set('pl-ttl', sub { return ('t', { expire_time => '1h' }) })];
+        $c->set('pl-keep', 'p', { expire_on => $ARGV[1] + 700 });
+        print $J->encode(\\@r);
+        """,
+        share, str(now),
+    )
+    assert out == [["a", 0], [None, 0], ["ab", 1], ["t", 1]]
+
+    def meta(key: str) -> int:
+        [e] = [e for e in c.get_keys(1) if e["key"] in (key, key.encode())]
+        return int(e["expire_on"])
+
+    assert c.get("py-kept") == b"a" and meta("py-kept") == now + 500
+    assert not c.exists("pl-absent")
+    assert c.get("py-bumped") == b"ab" and meta("py-bumped") == now + 600
+    assert c.get("pl-ttl") == b"t" and abs(meta("pl-ttl") - (now + 3600)) <= 5
+
+    # and the other way: Python's calls, read by Perl
+    assert c.get_and_set("pl-keep", lambda k, old: fastmmap.NO_CHANGE, with_stored=True) == (b"p", False)
+    assert c.get_and_set(
+        "pl-keep", lambda k, old: fastmmap.Update(old + b"q", keep_expiry=True), with_stored=True
+    ) == (b"pq", True)
+    assert c.get_and_set("py-ttl", lambda k, old: fastmmap.Update(b"u", expire_time="1h")) == b"u"
+    out = perl_json(
+        """
+        my $c = opened(share_file => $ARGV[0]);
+        my %m = map { $_->{key} => $_->{expire_on} } $c->get_keys(1);
+        print $J->encode([$c->get('pl-keep'), $m{'pl-keep'}, $c->get('py-ttl'), $m{'py-ttl'}]);
+        """,
+        share,
+    )
+    assert out[:3] == ["pq", now + 700, "u"]  # type: ignore[index]
+    assert abs(out[3] - (now + 3600)) <= 5  # type: ignore[index]
     c.close()

@@ -37,17 +37,19 @@ def share():
 
 
 class Gate:
-    """A one-shot signal from the parent to a forked child (a pipe)."""
+    """A one-shot signal between a process and a forked child (a pipe);
+    by default from the parent to the child."""
 
-    def __init__(self):
+    def __init__(self, opener="the parent"):
         self.r, self.w = os.pipe()
+        self.opener = opener
 
     def open(self):
         os.write(self.w, b"x")
 
     def wait(self):
         ready, _, _ = select.select([self.r], [], [], CHILD_TIMEOUT)
-        assert ready, "the parent never opened the gate"
+        assert ready, f"{self.opener} never opened the gate"
         os.read(self.r, 1)
 
     def close(self):
@@ -133,17 +135,22 @@ def test_share_child_sets_parent_sees(share, forked):
 def test_share_parent_sets_child_sees(share, forked, gate):
     s = share(1000)
     s.set("before")
+    child_read = Gate("the child")
 
     def child():
         first = s.get()
+        child_read.open()
         gate.wait()
         return first, s.get()
 
-    proc = forked.start(child)
-    time.sleep(0.01)
-    s.set(["set", "by", "parent"])
-    gate.open()
-    assert proc.result() == ("before", ["set", "by", "parent"])
+    try:
+        proc = forked.start(child)
+        child_read.wait()  # the parent's set comes after the child's first get
+        s.set(["set", "by", "parent"])
+        gate.open()
+        assert proc.result() == ("before", ["set", "by", "parent"])
+    finally:
+        child_read.close()
 
 
 def test_share_lock_unlock(share):

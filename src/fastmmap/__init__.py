@@ -15,14 +15,16 @@ robust, process-shared lock, LRU eviction and expiry.  The engine is C;
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import pickle
-import threading
+import sys
 import weakref
 from collections.abc import MutableMapping
 
 from . import _fastmmap as _C
 from . import _memoize, _options
+from ._update import NO_CHANGE, Entry, Update
 from ._fastmmap import (
     BadFileError,
     CacheBase,
@@ -32,6 +34,8 @@ from ._fastmmap import (
     ItemTooLargeError,
     LockTimeout,
     RecursiveLockError,
+    UntrustedFileError,
+    WriteBackLostError,
 )
 
 # Names for type checkers only (mypy treats TYPE_CHECKING as true); at run
@@ -71,13 +75,19 @@ __all__ = [
     "RecursiveLockError",
     "FileReplacedError",
     "ItemTooLargeError",
+    "UntrustedFileError",
+    "WriteBackLostError",
     "Share",
     "LockedEntry",
     "LockedPage",
+    "NO_CHANGE",
+    "Update",
+    "Entry",
 ]
 __version__ = "0.1.0"
 
 _MISSING = object()
+_C._set_result_types(NO_CHANGE, Update, Entry)
 DEFAULT_COMPRESS_THRESHOLD = 128
 
 # Caches that have something to do at interpreter exit (unlink or flush),
@@ -90,8 +100,15 @@ def _close_all_at_exit() -> None:
     for cache in list(_exit_registry):
         try:
             cache.close()
-        except Exception:  # pragma: no cover - best effort at exit
-            pass
+        except Exception as e:
+            _report_close_failure(cache, e, "at exit")
+
+
+def _report_close_failure(cache: Cache, e: Exception, when: str) -> None:
+    # Nobody is left to catch the error: say so.  A failed empty_on_exit
+    # flush left its entries in the file, which is then not unlinked.
+    name = getattr(cache, "_share_file", None)
+    print(f"fastmmap: closing the cache {name!r} {when} failed: {e!r}", file=sys.stderr)
 
 
 # json, zlib, shutil and tempfile are imported where an option or method
@@ -120,11 +137,6 @@ def _resolve_serializer(serializer: _Serializer) -> _SerializerSpec:
     raise ValueError(
         f"serializer must be 'pickle', 'json', 'raw', None or a (dumps, loads) pair, got {serializer!r}"
     )
-
-
-#: The binding's T_PERL_RAW: Perl-format plain values, checked for Storable
-#: and Sereal before they are returned as bytes.
-_T_PERL_RAW = 0x07
 
 
 def _gzip_compress(data: bytes) -> bytes:
@@ -191,12 +203,63 @@ def _resolve_compressor(compressor: _Compressor) -> _CompressorSpec:
     )
 
 
+def _owner_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _check_dir(path: str, permissions: int = 0o600) -> None:
+    """Refuse a directory for cache files that another user could fill.
+
+    The engine's rule for an existing cache file, applied to a directory
+    that is reused for one: owned by this user or root, and no group or
+    other write permission beyond ``permissions`` (0: 0600).  A symbolic
+    link is followed, and its target checked.
+    """
+    permissions = _options.parse_permissions(permissions) or 0o600
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    me = os.geteuid()
+    mode = st.st_mode & 0o7777
+    extra = mode & 0o022 & ~permissions
+    if st.st_uid in (me, 0) and not extra:
+        return
+    if st.st_uid not in (me, 0):
+        why = (f"this process runs as uid {me} and uses only its own directories or root's, since the owner "
+               "of the directory can replace the cache file in it; remove it, or use it as its owner")
+    else:
+        who = {0o022: "group and others", 0o020: "the group"}.get(extra, "others")
+        why = (f"it lets {who} write to it, beyond permissions=0o{permissions:o}; chmod it, or pass "
+               f"permissions=0o{mode & 0o777:o} if those writers are trusted")
+    raise UntrustedFileError(
+        errno.EACCES, f"refusing a directory owned by {_owner_name(st.st_uid)} with mode {mode:04o}: {why}", path,
+    )
+
+
 def _default_dir() -> str:
-    """A new private (0700) directory for a cache file, in memory when possible."""
+    """A new private (0700) directory for a cache file, in memory when possible.
+
+    mkdtemp makes a new directory (it never adopts an existing one); the
+    check catches a file system that ignores the mode it asked for.
+    """
+    import shutil
     import tempfile
 
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return tempfile.mkdtemp(prefix="fastmmap-", dir=base)
+    path = tempfile.mkdtemp(prefix="fastmmap-", dir=base)
+    try:
+        _check_dir(path)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path
 
 
 def _reopen(share_file: str, options: dict[str, Any]) -> Cache:
@@ -272,8 +335,9 @@ class Cache(CacheBase):
             comp_type, compress, decompress = _resolve_perl_compressor(compressor)
         else:
             comp_type, compress, decompress = _resolve_compressor(compressor)
-        if isinstance(compress_threshold, bool) or not isinstance(compress_threshold, int) or compress_threshold < 0:
-            raise ValueError(f"compress_threshold must be an int >= 0, got {compress_threshold!r}")
+        if (isinstance(compress_threshold, bool) or not isinstance(compress_threshold, int)
+                or not 0 <= compress_threshold <= sys.maxsize):
+            raise ValueError(f"compress_threshold must be an int from 0 to {sys.maxsize}, got {compress_threshold!r}")
         for name, cb in (("read_cb", read_cb), ("write_cb", write_cb), ("delete_cb", delete_cb)):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be callable or None, not {type(cb).__name__}")
@@ -301,16 +365,27 @@ class Cache(CacheBase):
         try:
             if perl:
                 # the type the engine reports for Perl's plain (unflagged) values
-                plain = _T_PERL_RAW if ser_type == _C.SER_RAW else ser_type
+                plain = _C.T_BYTES if ser_type == _C.SER_RAW else ser_type
                 created = self._open(
                     path, page, pages, slots or 0, explicit, bool(init_file), perms,
                     False, bool(enable_stats), 1, plain | comp_type,
                 )
             else:
-                created = self._open(
-                    path, page, pages, slots or 0, explicit, bool(init_file), perms,
-                    bool(anonymous), bool(enable_stats),
-                )
+                try:
+                    created = self._open(
+                        path, page, pages, slots or 0, explicit, bool(init_file), perms,
+                        bool(anonymous), bool(enable_stats),
+                    )
+                except GeometryError:
+                    # a file an earlier version made for the same cache_size,
+                    # with 64 KiB pages: adopt it rather than refuse it
+                    old = None if init_file else _options.legacy_geometry(cache_size, page_size, num_pages)
+                    if old is None:
+                        raise
+                    created = self._open(
+                        path, old[0], old[1], slots or 0, explicit, False, perms,
+                        bool(anonymous), bool(enable_stats),
+                    )
         except BaseException:
             if private_dir:
                 import shutil
@@ -371,9 +446,15 @@ class Cache(CacheBase):
         """Close the cache.  Idempotent; later operations raise ValueError.
 
         In the process that created the file, unlink_on_exit removes it.
+        With empty_on_exit, a flush that fails (write_cb raised) raises here
+        and leaves the cache open, its unwritten entries still in it: call
+        close() again once the store works.
         """
         if self.closed:
             return
+        # a lock block still open in this thread would make empty() fail
+        # and keep its page locked: release it first (CacheBase.close too)
+        self._release_locks()
         if getattr(self, "_creator_pid", None) == os.getpid():
             if self._empty_on_exit:
                 self.empty()
@@ -398,8 +479,8 @@ class Cache(CacheBase):
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:
-            pass
+        except Exception as e:
+            _report_close_failure(self, e, "at garbage collection")
 
     def __enter__(self) -> Self:
         return self
@@ -490,13 +571,24 @@ class Cache(CacheBase):
         raise KeyError("popitem(): cache is empty")
 
     def setdefault(self, key: _Key, default: Any = None) -> Any:
-        """Return the value of key, storing default first if it is absent (atomically)."""
-        while True:
-            value = self.get(key, _MISSING)
-            if value is not _MISSING:
-                return value
-            if self.add(key, default):
-                return default
+        """Return the value of key, storing default first if it is absent (atomically).
+
+        Over a tombstone (modseq) the store is refused, as for
+        ``cache[key] = default``: default is returned and the key stays absent.
+        """
+        # get() first, for read_cb to answer a miss as it would there.  The
+        # check and the store then run under one page lock: a loop of get()
+        # and add() retries never ends on a key that reads as absent but
+        # refuses stores (a tombstone).
+        value = self.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
+        with self.lock(key) as entry:
+            value = entry._get(key, None, _MISSING)
+            if value is _MISSING:
+                entry._set(key, None, default)
+                value = default
+        return value
 
     def update(
         self, other: Mapping[_KeyT, Any] | Iterable[tuple[_Key, Any]] = (), /, **kwargs: Any
@@ -532,36 +624,29 @@ class Cache(CacheBase):
 MutableMapping.register(Cache)
 
 
-class _Held:
-    """A page lock held for a with block; callbacks deferred to the exit."""
+class _Held(_C.PageLock):
+    """A page lock held for a with block; callbacks deferred to the exit.
+
+    __enter__ and __exit__ are PageLock's, in C: the page is locked and
+    recorded as held in one C call, and unlocked in one, so a signal
+    handler raising at any point cannot leave the page locked with nothing
+    to unlock it (see PageLock in csrc/_fastmmapmodule.c).
+    """
 
     def __init__(self, cache: Cache, lock_key: _Key, page_key: _Key | None) -> None:
+        super().__init__(cache, lock_key)
         self._cache = cache
-        self._lock_key = lock_key
         self._page_key = page_key
-        self._page: Any = None  # the held page's number (an int), else None
-        self._pid = 0  # the process that entered the block
         # ("write", key, value, expire_on) / ("delete", key) / ("evicted", list)
         self._pending: list[tuple[Any, ...]] = []
 
-    def __enter__(self) -> Self:
-        if self._page is not None:
-            raise Error("this lock block is already active")
-        self._page = self._cache._lock_for(self._lock_key)
-        self._pid = os.getpid()
-        return self
-
-    def __exit__(self, *exc: object) -> Literal[False]:
-        page, self._page = self._page, None
-        if self._pid != os.getpid():
-            # a child forked inside the block: the page lock (and the
-            # callbacks queued before the fork) stay with the parent
-            self._pending = []
-            return False
-        self._cache._unlock(page)
+    def _after_exit(self, released: bool) -> None:
+        # Called by PageLock.__exit__ once the page is unlocked; released is
+        # False in a child forked inside the block, where the page lock (and
+        # the callbacks queued before the fork) stay with the parent.
         pending, self._pending = self._pending, []
-        self._run_callbacks(pending)
-        return False
+        if released:
+            self._run_callbacks(pending)
 
     def _run_callbacks(self, pending: list[tuple[Any, ...]]) -> None:
         cache = self._cache
@@ -580,20 +665,23 @@ class _Held:
         if first_error is not None:
             raise first_error
 
-    def _check(self) -> None:
-        if self._page is None:
+    def _check(self) -> int:
+        page = self._page
+        if page is None:
+            if self._cache.closed:
+                raise ValueError("I/O operation on closed cache")
             raise Error("use this object inside its with block")
+        return page
 
     def _get(self, key: _Key, page_key: _Key | None, default: Any) -> Any:
-        self._check()
-        return self._cache._held_get(self._page, key, page_key, default)
+        return self._cache._held_get(self._check(), key, page_key, default)
 
     def _set(
         self, key: _Key, page_key: _Key | None, value: Any, expire_time: _ExpireTime | None = None
     ) -> None:
-        self._check()
+        page = self._check()
         # stored: True; too big: False; refused by a tombstone (modseq rules): None
-        stored, expire_on, evicted = self._cache._held_set(self._page, key, page_key, value, expire_time)
+        stored, expire_on, evicted = self._cache._held_set(page, key, page_key, value, expire_time)
         c = self._cache
         if evicted:
             self._pending.append(("evicted", evicted))
@@ -605,8 +693,7 @@ class _Held:
             raise ItemTooLargeError(f"item for key {key!r} does not fit in a page")
 
     def _delete(self, key: _Key, page_key: _Key | None) -> bool:
-        self._check()
-        existed = self._cache._held_delete(self._page, key, page_key)
+        existed = self._cache._held_delete(self._check(), key, page_key)
         if page_key is None and self._cache._delete_cb is not None:
             self._pending.append(("delete", key))
         return existed
@@ -675,12 +762,14 @@ class LockedPage(_Held):
         return self._get(key, self._page_key, _MISSING) is not _MISSING
 
 
-class Share:
+class Share(_C.PageLock):
     """One picklable object in anonymous shared memory (IPC::Mmap::Share).
 
     Visible to this process and every child it forks afterwards.  No file
     is created.  ``size`` bounds the pickled size of the object.  lock() is
     re-entrant within a thread; other threads and processes wait.
+    ``with share:`` locks and unlocks in C (PageLock), so a signal cannot
+    leave the lock held.
     """
 
     _KEY = b"\x00share"
@@ -691,19 +780,11 @@ class Share:
         page = 1 << max(10, (size + 512).bit_length())
         self._size = size
         self._cache = Cache(anonymous=True, num_pages=1, page_size=page, start_slots=4)
-        self._page: Any = None  # the locked page's number (an int), else None
-        self._owner: int | None = None  # thread ident holding the lock
-        self._owner_pid = 0  # and its process
-        self._depth = 0
+        super().__init__(self._cache, self._KEY, True)
 
     @property
     def size(self) -> int:
         return self._size
-
-    def _held(self) -> bool:
-        # a forked child does not inherit the lock (its thread may have
-        # the same ident as the parent's)
-        return self._owner == threading.get_ident() and self._owner_pid == os.getpid()
 
     def set(self, obj: Any) -> None:
         """Store obj; ValueError (old value kept) if it needs more than size bytes.
@@ -719,45 +800,27 @@ class Share:
             n = len(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
         if n > self._size:
             raise ValueError(f"object needs {n} bytes, more than this Share's size of {self._size}")
-        if self._held():
-            self._cache._held_set(self._page, self._KEY, None, obj, None)
+        page = self._page
+        if page is not None and self._held():
+            self._cache._held_set(page, self._KEY, None, obj, None)
         else:
             self._cache.set(self._KEY, obj)
 
     def get(self) -> Any:
         """Return the stored object (None if nothing was stored)."""
-        if self._held():
-            return self._cache._held_get(self._page, self._KEY, None, None)
+        page = self._page
+        if page is not None and self._held():
+            return self._cache._held_get(page, self._KEY, None, None)
         return self._cache.get(self._KEY)
 
     def lock(self) -> None:
         """Lock the shared object (re-entrant within one thread)."""
-        if self._held():
-            self._depth += 1
-            return
-        page = self._cache._lock_for(self._KEY)  # waits for other holders
-        self._page, self._owner, self._depth = page, threading.get_ident(), 1
-        self._owner_pid = os.getpid()
+        self._acquire()  # waits for other holders
 
     def unlock(self) -> None:
-        # A child forked while the lock was held leaves what it inherited;
-        # the lock itself stays with the parent.
-        inherited = self._owner == threading.get_ident() and self._owner_pid != os.getpid()
-        if not inherited and not self._held():
-            raise Error("Share.unlock() without lock() in this thread")
-        self._depth -= 1
-        if self._depth == 0:
-            page, self._page, self._owner, self._owner_pid = self._page, None, None, 0
-            if not inherited:
-                self._cache._unlock(page)
-
-    def __enter__(self) -> Self:
-        self.lock()
-        return self
-
-    def __exit__(self, *exc: object) -> Literal[False]:
-        self.unlock()
-        return False
+        """Undo one lock().  In a child forked while the lock was held, this
+        forgets the inherited lock; the lock itself stays with the parent."""
+        self._release()
 
     def close(self) -> None:
         self._cache.close()

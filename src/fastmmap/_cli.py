@@ -387,6 +387,12 @@ def _cmd_get(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from fastmmap import _fastmmap
+
+    # Before the open, which would remove them silently; they exist even
+    # when the creator died before the cache file did.
+    for name, size in _fastmmap._reap_temps(args.file, True):
+        print(f"removed {name} ({_fmt_size(size)}): a temporary file whose creator died while creating the cache")
     with _open_existing(args.file, args) as c:
         problems = c.check()
         repaired = c.repaired_pages()
@@ -554,7 +560,10 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="write bytes values unchanged to stdout")
     g.set_defaults(func=_cmd_get)
 
-    ck = sub.add_parser("check", parents=[fmt], help="validate every page (exit status 1 on problems)")
+    ck = sub.add_parser(
+        "check", parents=[fmt],
+        help="validate every page (exit status 1 on problems); remove temporary files of dead creators",
+    )
     ck.add_argument("file")
     ck.set_defaults(func=_cmd_check)
 

@@ -12,10 +12,12 @@ modules import them under ``if TYPE_CHECKING:``.
 
 import datetime
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final, Literal, TypeAlias, TypeVar, overload
+from typing import Any, Final, Literal, Self, TypeAlias, TypeVar, overload
 
 from _typeshed import ReadableBuffer, StrOrBytesPath
 from typing_extensions import disjoint_base
+
+from fastmmap._update import Entry, Update, _NoChangeType
 
 # ---------------------------------------------------------------- aliases
 
@@ -104,13 +106,27 @@ class FileReplacedError(Error):
 class ItemTooLargeError(Error, ValueError):
     """An item (key, stored value and entry header) can never fit in one page."""
 
+class UntrustedFileError(Error, PermissionError):
+    """An existing cache file (or directory) is owned by another user, or group/others may write it beyond permissions."""
+class WriteBackLostError(Error):
+    """Write-back failed and dirty values could not be put back in the cache: their keys are in .keys."""
+
+    #: the keys of the lost values (None for one that could not be recorded)
+    keys: tuple[str | bytes | None, ...]
+
 # ---------------------------------------------------------------- functions
 
 def xxh64(data: ReadableBuffer, seed: int = 0, /) -> int:
     """XXH64 of a bytes-like object (the engine's hash)."""
 
+def _reap_temps(path: StrOrBytesPath, remove: bool, /) -> list[tuple[str, int]]:
+    """The temporary files that dead creators of the cache file at path left (name, size), removed if remove is true."""
+
 def perl_hash(data: ReadableBuffer, /) -> int:
     """Cache::FastMmap's 32-bit hash of a bytes-like object (format='perl'): the page is hash % num_pages, the slot hash // num_pages."""
+
+def _set_result_types(no_change: _NoChangeType, update: type[Update[Any]], entry: type[Entry], /) -> None:
+    """Register fastmmap.NO_CHANGE, fastmmap.Update and fastmmap.Entry (done by the package)."""
 
 # ---------------------------------------------------------------- CacheBase
 
@@ -161,15 +177,58 @@ class CacheBase:
         *,
         expire_on: _ExpireOn | None = None,
     ) -> bool: ...
+    @overload
     def get_and_set(
         self,
         key: _KeyT,
-        fn: Callable[[_KeyT, Any], _T],
+        fn: Callable[[_KeyT, Any], _T | Update[_T] | _NoChangeType],
         expire_time: _ExpireTime | None = None,
         *,
         expire_on: _ExpireOn | None = None,
         modseq: int | None = None,
+        default: Any = None,
+        entry: Literal[False] = False,
+        with_stored: Literal[False] = False,
     ) -> _T: ...
+    @overload
+    def get_and_set(
+        self,
+        key: _KeyT,
+        fn: Callable[[_KeyT, Entry], _T | Update[_T] | _NoChangeType],
+        expire_time: _ExpireTime | None = None,
+        *,
+        expire_on: _ExpireOn | None = None,
+        modseq: int | None = None,
+        default: Any = None,
+        entry: Literal[True],
+        with_stored: Literal[False] = False,
+    ) -> _T: ...
+    @overload
+    def get_and_set(
+        self,
+        key: _KeyT,
+        fn: Callable[[_KeyT, Any], _T | Update[_T] | _NoChangeType],
+        expire_time: _ExpireTime | None = None,
+        *,
+        expire_on: _ExpireOn | None = None,
+        modseq: int | None = None,
+        default: Any = None,
+        entry: Literal[False] = False,
+        with_stored: Literal[True],
+    ) -> tuple[_T, bool]: ...
+    @overload
+    def get_and_set(
+        self,
+        key: _KeyT,
+        fn: Callable[[_KeyT, Entry], _T | Update[_T] | _NoChangeType],
+        expire_time: _ExpireTime | None = None,
+        *,
+        expire_on: _ExpireOn | None = None,
+        modseq: int | None = None,
+        default: Any = None,
+        entry: Literal[True],
+        with_stored: Literal[True],
+    ) -> tuple[_T, bool]: ...
     def get_and_remove(self, key: _Key, default: Any = None, /) -> Any: ...
     def exists(self, key: _Key, /) -> bool: ...
     def remove(
@@ -194,7 +253,7 @@ class CacheBase:
     def multi_set(
         self,
         page_key: _Key,
-        mapping: Mapping[_KeyT, Any],
+        mapping: Mapping[_KeyT, Any] | Iterable[tuple[_KeyT, Any]],
         expire_time: _ExpireTime | None = None,
     ) -> None: ...
     def clear(self) -> None: ...
@@ -260,8 +319,8 @@ class CacheBase:
     def _entries(self, mode: int, /) -> list[Any]: ...
     def _page_info(self, page: int, /) -> dict[str, int]: ...
     def _set_time_override(self, t: int, /) -> None: ...
-    def _lock_for(self, key: _Key, /) -> int: ...
-    def _unlock(self, page: int, /) -> None: ...
+    def _set_batch_fault(self, k: int, /) -> None: ...
+    def _release_locks(self) -> None: ...
     def _held_get(self, page: int, key: _Key, page_key: _Key | None, default: Any, /) -> Any: ...
     def _held_set(
         self,
@@ -274,3 +333,22 @@ class CacheBase:
     ) -> tuple[bool | None, int, list[_Evicted] | None]: ...
     def _held_delete(self, page: int, key: _Key, page_key: _Key | None, /) -> bool: ...
     def _flush_evicted(self, entries: list[_Evicted] | None, /) -> None: ...
+
+# ---------------------------------------------------------------- PageLock
+
+# A C type with its own instance layout, like CacheBase (PEP 800).
+@disjoint_base
+class PageLock:
+    """The lock of key's page, held across calls: the base of LockedEntry, LockedPage
+    and Share.  Taken and recorded in one C call, released when its holder leaves
+    the with block, when it is garbage-collected, or when the cache is closed."""
+
+    def __init__(self, cache: CacheBase, key: _Key, /, reentrant: bool = False) -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc: object) -> Literal[False]: ...
+    def _acquire(self) -> None: ...
+    def _release(self) -> None: ...
+    def _held(self) -> bool: ...
+    @property
+    def _page(self) -> int | None:
+        """The locked page's number, or None when not held."""

@@ -38,6 +38,9 @@ __all__ = [
     "parse_size",
     "parse_expire_time",
     "compute_geometry",
+    "legacy_geometry",
+    "LARGE_CACHE_SIZE",
+    "LARGE_PAGE_SIZE",
     "parse_start_slots",
     "parse_permissions",
     "parse_lock_timeout",
@@ -46,6 +49,15 @@ __all__ = [
 DEFAULT_PAGE_SIZE = 65536
 DEFAULT_NUM_PAGES = 89
 DEFAULT_START_SLOTS = 89
+
+#: A cache_size given without page_size or num_pages from this size up gets
+#: LARGE_PAGE_SIZE pages, so that it stores the items a web application
+#: caches (pages, API responses: memcached's default limit is 1 MiB) while
+#: the Perl page-count walk still gives at least 43 pages to spread the
+#: locks over.  Smaller caches keep 64 KiB pages: there, 2 MiB pages would
+#: leave too few pages (a 16 MiB cache would have 9).
+LARGE_CACHE_SIZE = 64 << 20
+LARGE_PAGE_SIZE = 2 << 20
 
 #: Returned by parse_expire_time for "now": the entry expires at once.
 EXPIRE_NOW = -1
@@ -219,13 +231,15 @@ def compute_geometry(
       geometry, or uses DEFAULT_PAGE_SIZE x DEFAULT_NUM_PAGES.
     * cache_size and num_pages: page_size = cache_size / num_pages rounded
       down to a power of two, at least 4096.
-    * cache_size alone, or with page_size: page_size (default 64 KiB,
-      at least 4096) is kept and num_pages starts at 89.  If 89 pages fit
+    * cache_size alone, or with page_size: page_size (default 64 KiB, or
+      LARGE_PAGE_SIZE for a cache_size of LARGE_CACHE_SIZE or more; at
+      least 4096) is kept and num_pages starts at 89.  If 89 pages fit
       in cache_size, n -> 2n + 1 (179, 359, ...) until they no longer fit.
       Otherwise n -> (n - 1) // 2 (44, 21, 10, 4, 1, 0) until they fit,
       then one step back up by 2n + 1, so the result is one of 1, 3, 9, 21,
       43, 89, 179, 359, ...  Examples with 64 KiB pages: 1k -> 1 page,
-      64k -> 3, 1m -> 21, 10m -> 179, 100m -> 2879.  The cache is usually
+      64k -> 3, 1m -> 21, 10m -> 179; with 2 MiB pages, 64m -> 43,
+      100m -> 89, 1g -> 719.  The cache is usually
       larger than asked, but may be a little smaller (2.7 MiB -> 43 pages,
       2.69 MiB), as in Perl.
     * no cache_size: num_pages defaults to 89 and page_size to 64 KiB.
@@ -233,6 +247,8 @@ def compute_geometry(
     Differences from Perl:
 
     * sizes are parsed with parse_size; num_pages is an int;
+    * a cache_size of LARGE_CACHE_SIZE or more alone gets LARGE_PAGE_SIZE
+      pages (Perl: 64 KiB at every size);
     * page_size is rounded down to a power of two on every path (Perl
       leaves it unrounded when cache_size is given without num_pages);
     * the result must have MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE and
@@ -301,7 +317,7 @@ def compute_geometry(
 
     # cache_size, optionally page_size, no num_pages.
     if ps_asked is None:
-        ps = DEFAULT_PAGE_SIZE
+        ps = LARGE_PAGE_SIZE if cs >= LARGE_CACHE_SIZE else DEFAULT_PAGE_SIZE
         how = f"cache_size={cache_size!r}"
     else:
         ps = max(_round_pow2_down(ps_asked), _PERL_CACHE_SIZE_MIN_PAGE)
@@ -310,6 +326,20 @@ def compute_geometry(
     np = _perl_num_pages(cs, ps)
     _check_num_pages(np, how + f" ({ps}-byte pages)")
     return ps, np
+
+
+def legacy_geometry(cache_size: object, page_size: object, num_pages: object) -> tuple[int, int] | None:
+    """The geometry compute_geometry gave before large caches got
+    LARGE_PAGE_SIZE pages: (64 KiB, Perl's page count) when cache_size
+    alone is at least LARGE_CACHE_SIZE, else None.  A file made with it by
+    an earlier version is adopted rather than refused with GeometryError.
+    """
+    if cache_size is None or page_size is not None or num_pages is not None:
+        return None
+    cs = parse_size(cache_size, "cache_size")
+    if cs < LARGE_CACHE_SIZE:
+        return None
+    return DEFAULT_PAGE_SIZE, _perl_num_pages(cs, DEFAULT_PAGE_SIZE)
 
 
 # ---------------------------------------------------------------- expiry
@@ -470,16 +500,22 @@ def parse_start_slots(value: object) -> int | None:
 def parse_permissions(value: object) -> int:
     """Validate permissions, the mode of a file the cache creates.
 
-    An int within [0, 0o7777], usually written in octal (0o600).  Raises
+    An int within [1, 0o7777], usually written in octal (0o600).  Raises
     TypeError for a non-int (bool and strings like "0600" included),
-    ValueError when out of range.
+    ValueError when out of range.  0 is refused rather than applied: a
+    file of mode 0 is one that no process but root's can open again.
     """
     mode = _as_int(value)
     if mode is None:
         raise TypeError(f"permissions must be an int such as 0o600, got {value!r}")
+    if mode == 0:
+        raise ValueError(
+            "permissions=0 would create a file that no process but root's can open; "
+            "pass a mode such as 0o600"
+        )
     if not 0 <= mode <= 0o7777:
         raise ValueError(
-            f"permissions must be between 0 and 0o7777, got {value!r}"
+            f"permissions must be between 1 and 0o7777, got {value!r}"
             + (f" ({oct(mode)})" if mode >= 0 else "")
         )
     return mode

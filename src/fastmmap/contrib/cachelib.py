@@ -17,6 +17,12 @@ and ``dec`` are atomic across processes.  Values go through fastmmap's
 serializer (pickle by default), so anyone who can write the file can run
 code in the processes that read it: see "Security and trust" in the
 fastmmap manual.
+
+A cachelib serializer (an object with ``dumps(value) -> bytes`` and
+``loads(bytes)``, such as ``cachelib.serializers.JSONSerializer``) replaces
+fastmmap's own when it is assigned to ``cache.serializer``, passed as
+``serializer=``, or set through Flask-Caching's ``CACHE_SERIALIZER``: values
+are then stored as the bytes it returns, as cachelib's own backends do.
 """
 
 from __future__ import annotations
@@ -28,10 +34,13 @@ import time
 from typing import Any
 
 from cachelib import BaseCache
+from cachelib.serializers import SimpleSerializer
 
 import fastmmap
 
-__all__ = ["FastMmapCache", "fastmmap_cache"]
+from . import _web
+
+__all__ = ["FastMmapCache", "NativeSerializer", "fastmmap_cache"]
 
 #: fastmmap.Cache options accepted as keyword arguments.
 _CACHE_OPTIONS = frozenset(inspect.signature(fastmmap.Cache.__init__).parameters) - {"self", "share_file", "anonymous"}
@@ -55,6 +64,17 @@ def _reset_open_lock() -> None:
 os.register_at_fork(after_in_child=_reset_open_lock)
 
 
+class NativeSerializer(SimpleSerializer):
+    """The default serializer: values go to fastmmap as they are.
+
+    fastmmap's own serializer (the ``serializer`` option, pickle by
+    default) then stores them, so that the file holds the same entries as a
+    plain ``fastmmap.Cache`` writes.  It is a cachelib ``SimpleSerializer``
+    (pickle) for code that inspects ``cache.serializer`` or calls its
+    ``dumps``/``loads``; a subclass of it is used as any other serializer.
+    """
+
+
 class FastMmapCache(BaseCache):
     """A cachelib cache in a file shared by every process that opens it.
 
@@ -64,6 +84,9 @@ class FastMmapCache(BaseCache):
     :param key_prefix: prepended to every key; ``clear()`` then removes only
         the keys with this prefix.
     :param ignore_delete_many_errors: as in cachelib.
+    :param raise_too_large: raise ``fastmmap.ItemTooLargeError`` for a value
+        too large for a page, instead of logging a warning once per size
+        class (Flask-Caching's factory sets it from ``app.debug``).
     :param options: :class:`fastmmap.Cache` options (``cache_size``,
         ``page_size``, ``serializer``, ``compressor``, ``lock_timeout``...).
         ``unlink_on_exit`` defaults to False: the file outlives the process
@@ -71,7 +94,17 @@ class FastMmapCache(BaseCache):
 
     The file is opened on first use in each process; a process forked after
     that keeps using the parent's mapping.
+
+    ``serializer`` is either fastmmap's option (``"pickle"``, ``"json"``,
+    ``"raw"``, a ``(dumps, loads)`` pair) or a cachelib serializer object,
+    which becomes the ``serializer`` attribute.
     """
+
+    #: A cachelib serializer (``dumps(value) -> bytes``, ``loads(bytes)``);
+    #: NativeSerializer (or None) for fastmmap's own (the ``serializer``
+    #: option).  Read at every call, so that assigning it after construction
+    #: (as Flask-Caching does for CACHE_SERIALIZER) takes effect.
+    serializer: Any = NativeSerializer()
 
     def __init__(
         self,
@@ -80,6 +113,7 @@ class FastMmapCache(BaseCache):
         *,
         key_prefix: str = "",
         ignore_delete_many_errors: bool = True,
+        raise_too_large: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(default_timeout, ignore_delete_many_errors=ignore_delete_many_errors)
@@ -94,8 +128,12 @@ class FastMmapCache(BaseCache):
                 f"FastMmapCache: unknown option(s) {', '.join(sorted(unknown))}; options are "
                 f"key_prefix and the fastmmap.Cache options: {', '.join(sorted(_CACHE_OPTIONS))}"
             )
+        ser = options.get("serializer")
+        if hasattr(ser, "dumps") and hasattr(ser, "loads"):
+            self.serializer = options.pop("serializer")
         options.setdefault("unlink_on_exit", False)
         self.key_prefix = key_prefix or ""
+        self.raise_too_large = bool(raise_too_large)
         self._share_file = os.path.abspath(os.fspath(share_file))
         self._options = options
         self._fmm: fastmmap.Cache | None = None
@@ -105,7 +143,9 @@ class FastMmapCache(BaseCache):
         """Flask-Caching's factory protocol: ``factory(app, config, args, kwargs)``.
 
         The file is ``CACHE_ARGS[0]``, else ``CACHE_OPTIONS["share_file"]``,
-        else ``fastmmap.cache`` in ``CACHE_DIR`` (created 0700 if absent).
+        else ``fastmmap.cache`` in ``CACHE_DIR`` (created 0700 if absent; an
+        existing one must pass fastmmap's trust check, else
+        ``fastmmap.UntrustedFileError``).
         ``CACHE_KEY_PREFIX`` becomes ``key_prefix`` unless CACHE_OPTIONS sets it.
         """
         args = list(args)
@@ -117,8 +157,12 @@ class FastMmapCache(BaseCache):
                     "FastMmapCache: set CACHE_OPTIONS = {'share_file': path} or CACHE_DIR (a directory)"
                 )
             os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+            # an existing directory is reused: it must be as private as a
+            # cache file (see fastmmap's "Security and trust")
+            fastmmap._check_dir(cache_dir, kwargs.get("permissions", 0o600))
             kwargs["share_file"] = os.path.join(cache_dir, DEFAULT_FILE_NAME)
         kwargs.setdefault("key_prefix", config.get("CACHE_KEY_PREFIX") or "")
+        kwargs.setdefault("raise_too_large", bool(getattr(app, "debug", False)))
         return cls(*args, **kwargs)
 
     # ----- the fastmmap.Cache -----
@@ -134,7 +178,7 @@ class FastMmapCache(BaseCache):
             with _open_lock:
                 cache = self._fmm
                 if cache is None or cache.closed:
-                    cache = self._fmm = fastmmap.Cache(self._share_file, **self._options)
+                    cache = self._fmm = _web.open_cache(self._share_file, self._options)
         return cache
 
     def _expire_on(self, timeout: Any) -> float:
@@ -146,23 +190,46 @@ class FastMmapCache(BaseCache):
             return _EXPIRED
         return min(time.time() + seconds, _MAX_EXPIRE_ON)
 
+    def _dumps(self, value: Any) -> Any:
+        """value as stored: the serializer's bytes, or value itself without one.
+
+        None means the serializer could not encode it (cachelib's
+        serializers log the error and return None).
+        """
+        serializer = self.serializer
+        if serializer is None or type(serializer) is NativeSerializer:
+            return value
+        return serializer.dumps(value)
+
+    def _loads(self, stored: Any) -> Any:
+        """The value of a stored entry (None for a miss)."""
+        serializer = self.serializer
+        # Only bytes come from a serializer; anything else was written by a
+        # process configured without one, and is returned as fastmmap read it.
+        if serializer is None or type(serializer) is NativeSerializer or not isinstance(stored, bytes):
+            return stored
+        return serializer.loads(stored)
+
     def _store(self, cache: fastmmap.Cache, key: str, value: Any, expire_on: float) -> bool:
         if expire_on == _EXPIRED:
             cache.remove(key)
             return True
-        if cache.set(key, value, expire_on=expire_on):
+        stored = self._dumps(value)
+        if (stored is not None or value is None) and cache.set(key, stored, expire_on=expire_on):
             return True
-        cache.remove(key)  # too big for a page: do not leave the old value
+        cache.remove(key)  # too big for a page, or not encodable: do not leave the old value
+        if stored is not None or value is None:
+            _web.report(cache, key, value if stored is None else stored, debug=self.raise_too_large)
         return False
 
     # ----- cachelib.BaseCache -----
 
     def get(self, key: str) -> Any:
-        return self.fastmmap_cache.get(self.key_prefix + key)
+        return self._loads(self.fastmmap_cache.get(self.key_prefix + key))
 
     def get_many(self, *keys: str) -> list[Any]:
         cache, prefix = self.fastmmap_cache, self.key_prefix
-        return [cache.get(prefix + key) for key in keys]
+        return [self._loads(cache.get(prefix + key)) for key in keys]
 
     def set(self, key: str, value: Any, timeout: Any = None) -> bool:
         return self._store(self.fastmmap_cache, self.key_prefix + key, value, self._expire_on(timeout))
@@ -173,9 +240,13 @@ class FastMmapCache(BaseCache):
         expire_on = self._expire_on(timeout)
         if expire_on == _EXPIRED:
             return not cache.exists(key)
+        stored = self._dumps(value)
+        if stored is None and value is not None:
+            return False
         try:
-            return cache.add(key, value, expire_on=expire_on)
+            return cache.add(key, stored, expire_on=expire_on)
         except fastmmap.ItemTooLargeError:
+            _web.report(cache, key, value, debug=self.raise_too_large)
             return False
 
     def set_many(self, mapping: dict[str, Any], timeout: Any = None) -> list[Any]:
@@ -211,12 +282,18 @@ class FastMmapCache(BaseCache):
         expire_on = self._expire_on(None)
         if expire_on == _EXPIRED:
             expire_on = 1  # in the past: stored already expired
+        new = None
+
+        def add_delta(_key: Any, old: Any) -> Any:
+            nonlocal new
+            new = (self._loads(old) or 0) + delta
+            return self._dumps(new)
+
         try:
-            return self.fastmmap_cache.get_and_set(
-                self.key_prefix + key, lambda _k, old: (old or 0) + delta, expire_on=expire_on
-            )
+            self.fastmmap_cache.get_and_set(self.key_prefix + key, add_delta, expire_on=expire_on)
         except fastmmap.ItemTooLargeError:
             return None
+        return new
 
     def dec(self, key: str, delta: int = 1) -> Any:
         return self.inc(key, -delta)

@@ -41,6 +41,8 @@ from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-u
 
 import fastmmap
 
+from . import _web
+
 __all__ = ["FastMmapCache"]
 
 #: fastmmap.Cache options this backend accepts in OPTIONS.
@@ -81,7 +83,7 @@ def _open_shared(location: str, options: dict[str, Any]) -> fastmmap.Cache:
     with _registry_lock:
         cache = _registry.get(key)
         if cache is None or cache.closed:
-            cache = _registry[key] = fastmmap.Cache(location, **options)
+            cache = _registry[key] = _web.open_cache(location, options)
         return cache
 
 
@@ -150,7 +152,14 @@ class FastMmapCache(BaseCache):  # type: ignore[misc,unused-ignore]
         # The item can never fit in a page: do not leave the old value
         # behind to be read as the new one (memcached does the same).
         cache.remove(key)
+        self._too_large(cache, key, value)
         return False
+
+    def _too_large(self, cache: fastmmap.Cache, key: str, value: Any) -> None:
+        """Warn (once per size class), or raise under settings.DEBUG."""
+        from django.conf import settings  # type: ignore[import-untyped,unused-ignore]
+
+        _web.report(cache, key, value, debug=bool(getattr(settings, "DEBUG", False)))
 
     # ----- BaseCache -----
 
@@ -164,6 +173,7 @@ class FastMmapCache(BaseCache):  # type: ignore[misc,unused-ignore]
         try:
             return cache.add(key, value, expire_on=expire_on)
         except fastmmap.ItemTooLargeError:
+            self._too_large(cache, key, value)
             return False
 
     def get(self, key: Any, default: Any = None, version: Any = None) -> Any:
