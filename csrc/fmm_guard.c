@@ -242,7 +242,7 @@ static void guard_handler(int sig, siginfo_t *si, void *uctx)
             }
         }
     }
-not_ours:
+not_ours:; /* C11 wants a statement after a label, not a declaration */
     /* Not ours: hand the signal to whoever had it before us. */
     struct sigaction prev = prev_action;
     int again = __atomic_fetch_add(&foreign, 1, __ATOMIC_ACQ_REL) > 0;
