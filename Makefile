@@ -307,7 +307,7 @@ sdist-check: dist-tools
 	$(DIST_PY) -m build --sdist --outdir build/sdist .
 	$(DIST_VENV)/bin/twine check --strict build/sdist/*.tar.gz
 	tar -xzf build/sdist/*.tar.gz -C build/sdist
-	$(MAKE) -C build/sdist/fastmmap-* --no-print-directory ctest
+	$(MAKE) -C build/sdist/fastmmap-*/ --no-print-directory ctest
 
 clean:
 	rm -rf build dist src/*.egg-info *.egg-info .pytest_cache .hypothesis .benchmarks
