@@ -611,8 +611,8 @@ static TL_MODEL _Thread_local int tl_n;
  * and the lock word holds the thread's TID. */
 #ifdef __GLIBC__
 static TL_MODEL _Thread_local void *tl_head;
-static TL_MODEL _Thread_local uint32_t tl_tid;
 #endif
+static TL_MODEL _Thread_local uint32_t tl_tid;
 static uint64_t next_handle_id = 1;
 
 /* A forked child holds none of its parent's page locks (the robust mutexes
