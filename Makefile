@@ -4,7 +4,9 @@
 #   make test    C engine tests under ASan+UBSan (and the fuzz corpus replayed),
 #                the pytest suite, the pytest suite again against an
 #                ASan+UBSan build of the extension (test-asan), and the C
-#                engine tests under valgrind (ctest-valgrind)
+#                engine tests under valgrind (ctest-valgrind); first it
+#                installs (as root, with apt-get) or lists the Debian
+#                packages that these need (.ci/APT_PACKAGES)
 #   make ctest   only the C engine tests and the fuzz corpus replay
 #   make test-asan       only the pytest suite against the sanitizer build
 #   make ctest-valgrind  only the C engine tests under valgrind
@@ -16,6 +18,9 @@
 #                (the Perl file format), FUZZ_SECONDS each
 #   make fuzz-merge      fold new fuzz finds into a minimal tests/fuzz_corpus
 #   make stress  the tests marked "stress", then `make fuzz`
+#   make flake-hunt      the pytest suite FLAKE_RUNS times while FLAKE_LOAD
+#                busy loops load the cores; reports every test that failed
+#                even once (.ci/flake_hunt.py, output in build/flake-hunt)
 #   make bench / bench-smoke   benchmarks/run.py (full / quick)
 #   make test-matrix     the pytest suite (not stress, not slow) on the other
 #                        CPython versions, a venv each (.venv-3.12, ...)
@@ -91,12 +96,22 @@ VALGRIND_CFLAGS := -std=gnu11 -g -O0 -Wall -Wextra -Werror
 VALGRIND := valgrind --error-exitcode=1 -q --leak-check=full
 
 .PHONY: all venv install install-test demo ctest ctest-valgrind test test-asan test-upstream stress fuzz \
-	fuzz-merge bench-deps bench bench-smoke clean distclean test-matrix dist-tools wheels \
+	fuzz-merge flake-hunt bench-deps bench bench-smoke clean distclean test-matrix dist-tools wheels \
 	ctest-cross wheel-test sdist-check
 
 all: test
 
+# What the system must provide (.ci/APT_PACKAGES, by group): checked before
+# anything is built, installed with apt-get when run as root, else listed.
+# The targets that need more than the build add their group; a target's
+# variables reach its prerequisites, so `make test` checks them in venv.
+CHECK_DEPS := PYTHON=$(PYTHON) .ci/check-deps
+DEPS_GROUPS := build
+test: DEPS_GROUPS += test
+stress: DEPS_GROUPS += test fuzz
+
 venv:
+	$(CHECK_DEPS) $(DEPS_GROUPS)
 	@if [ ! -x $(VPY) ]; then echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); fi
 	$(VPIP) install -q --upgrade pip
 
@@ -167,6 +182,7 @@ test-upstream:
 	$(UPSTREAM_VPY) tests/upstream/run.py
 
 fuzz:
+	$(CHECK_DEPS) fuzz
 	mkdir -p build/fuzz-new build/fuzz-artifacts
 	$(CLANG) $(FUZZ_CFLAGS) -Icsrc $(ENGINE_SRC) csrc/fuzz_fmm.c -o build/fuzz_fmm -lpthread
 	build/fuzz_fmm $(FUZZ_RUN_FLAGS) -max_total_time=$(FUZZ_SECONDS) build/fuzz-new $(FUZZ_CORPUS)
@@ -198,6 +214,14 @@ stress: install-test
 	if [ $$rc -eq 5 ]; then echo "stress: no stress tests collected"; rc=0; fi; \
 	exit $$rc
 	$(MAKE) --no-print-directory fuzz
+
+# A test that passes idle but fails when its processes are scheduled late
+# (a sleep used to wait for another process, a timing assertion) fails
+# here; one failure in any run is a flaky test to fix.
+FLAKE_RUNS ?= 10
+FLAKE_LOAD ?= 2
+flake-hunt: install-test
+	$(VPY) .ci/flake_hunt.py --runs $(FLAKE_RUNS) --load $(FLAKE_LOAD)
 
 # The benchmarks' Python peers (diskcache, lmdb, redis, ...) and charting.
 bench-deps: install
@@ -259,8 +283,7 @@ wheels: dist-tools
 	$(MAKE) --no-print-directory wheel-test
 
 ctest-cross: dist-tools
-	@command -v $(firstword $(QEMU_AARCH64)) >/dev/null && [ -e /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 ] || \
-		{ echo "ctest-cross: needs qemu-user and libc6-arm64-cross (apt-get install qemu-user libc6-arm64-cross)" >&2; exit 1; }
+	$(CHECK_DEPS) wheels
 	mkdir -p build/cross
 	for t in $(CROSS_TARGETS); do \
 		case "$$t" in \

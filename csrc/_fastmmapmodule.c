@@ -99,7 +99,7 @@ typedef struct {
     int closed;
     int inflight;
     int64_t lock_timeout_ns;  /* <0: wait forever */
-    long long default_expire; /* seconds; 0 never; EXPIRE_NOW */
+    long long default_expire; /* milliseconds; 0 never; EXPIRE_NOW */
     long long tombstone_expire; /* the same, for tombstones left by remove(key, modseq=N) */
     uint32_t ser_type;        /* FMM_T_PICKLE, FMM_T_JSON, FMM_T_CUSTOM or SER_RAW */
     uint32_t comp_type;       /* FMM_C_* */
@@ -777,25 +777,45 @@ static PyObject *decode_raw(CacheObject *self, uint32_t flags, PyObject *raw)
 
 /* ---------- Expiry arguments ---------- */
 
-static inline uint32_t now_secs(CacheObject *self) { return fmm_now(self->c); }
-
-/* seconds (0 never, EXPIRE_NOW) -> absolute expire_on */
-static int expire_on_from_secs(CacheObject *self, long long secs, uint32_t *out)
+/* Expiry times are in the file's unit (fmm_time_unit: milliseconds, or
+ * seconds for Perl's format); Python sees unix seconds, an int when whole. */
+static uint64_t max_expire(CacheObject *self)
 {
-    if (secs == 0) {
+    uint32_t unit = fmm_time_unit(self->c);
+    return 0xFFFFFFFFull * unit + (unit - 1);
+}
+
+static PyObject *expire_to_py(CacheObject *self, uint64_t t)
+{
+    uint32_t unit = fmm_time_unit(self->c);
+    if (t % unit == 0)
+        return PyLong_FromUnsignedLongLong(t / unit);
+    return PyFloat_FromDouble((double)t / unit);
+}
+
+/* milliseconds (0 never, EXPIRE_NOW) from now -> absolute expire_on.  Perl's
+ * format has whole seconds: rounded up, so an entry never expires early. */
+static int expire_from_ms(CacheObject *self, long long ms, uint64_t *out)
+{
+    if (ms == 0) {
         *out = 0;
         return 0;
     }
-    uint32_t now = now_secs(self);
-    if (secs == EXPIRE_NOW) {
+    if (ms == EXPIRE_NOW) {
+        uint64_t now = fmm_now(self->c);
         *out = now ? now : 1;
         return 0;
     }
-    if (secs < 0 || (unsigned long long)secs + now > 0xFFFFFFFFull) {
-        PyErr_Format(PyExc_ValueError, "expire_time %lld is out of range", secs);
+    uint64_t at = 0;
+    if (ms > 0 && (unsigned long long)ms <= 0xFFFFFFFFull * 1000u) {
+        uint64_t after = fmm_time_unit(self->c) == 1000u ? (uint64_t)ms : ((uint64_t)ms + 999u) / 1000u;
+        at = fmm_expire_at(self->c, after);
+    }
+    if (!at || at > max_expire(self)) {
+        PyErr_Format(PyExc_ValueError, "expire_time of %lld ms is out of range", ms);
         return -1;
     }
-    *out = now + (uint32_t)secs;
+    *out = at;
     return 0;
 }
 
@@ -813,7 +833,7 @@ static int int_expire_time(PyObject *v, long long *secs)
 }
 
 /* Resolve set()'s expire_time / expire_on arguments to expire_on. */
-static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *expire_on, uint32_t *out)
+static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *expire_on, uint64_t *out)
 {
     if (expire_on && expire_on != Py_None) {
         double d;
@@ -828,26 +848,30 @@ static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *ex
             d = PyFloat_AS_DOUBLE(expire_on);
             if (!(d >= 0))
                 goto bad_on;
-            d = ceil(d);
         } else {
             PyErr_Format(PyExc_TypeError, "expire_on must be unix seconds (int or float), not %.100s",
                          Py_TYPE(expire_on)->tp_name);
             return -1;
         }
-        if (!(d >= 0 && d <= 4294967295.0))
+        if (!(d >= 0 && d <= 4294967295.0)) /* unix seconds in 32 bits, in every form */
             goto bad_on;
-        *out = (uint32_t)d;
+        /* rounded up to the file's unit: never before the time given */
+        d = ceil(d * fmm_time_unit(self->c));
+        if (!(d >= 0 && d <= (double)max_expire(self)))
+            goto bad_on;
+        *out = (uint64_t)d;
         return 0;
     bad_on:
         PyErr_Clear();
         PyErr_SetString(PyExc_ValueError, "expire_on must be unix seconds between 0 (never) and 2**32-1");
         return -1;
     }
-    long long secs;
+    long long ms, secs;
     if (!expire_time || expire_time == Py_None) {
-        secs = self->default_expire;
+        ms = self->default_expire;
     } else if (PyLong_CheckExact(expire_time) && int_expire_time(expire_time, &secs)) {
         /* the common case, without a call into Python */
+        ms = secs * 1000;
     } else {
         if (!self->parse_expire) {
             if (PyLong_Check(expire_time))
@@ -859,12 +883,16 @@ static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *ex
         PyObject *r = PyObject_CallOneArg(self->parse_expire, expire_time);
         if (!r)
             return -1;
-        secs = PyLong_AsLongLong(r);
+        ms = PyLong_AsLongLong(r);
         Py_DECREF(r);
-        if (secs == -1 && PyErr_Occurred())
+        if (ms == -1 && PyErr_Occurred())
             return -1;
     }
-    return expire_on_from_secs(self, secs, out);
+    if (ms == 0) { /* never, the usual default: no call on the hot path */
+        *out = 0;
+        return 0;
+    }
+    return expire_from_ms(self, ms, out);
 }
 
 /* A fastmmap.Update returned by a get_and_set function or a read_cb:
@@ -873,8 +901,8 @@ static int resolve_expiry(CacheObject *self, PyObject *expire_time, PyObject *ex
  * keep_expiry takes the entry's current expiry when there is one
  * (*keep_exp, or NULL for none), else `fallback`.  Returns 1 for an
  * Update, 0 for any other object (nothing set), -1 on error. */
-static int unwrap_update(CacheObject *self, PyObject *obj, PyObject **value, const uint32_t *keep_exp,
-                         uint32_t fallback, uint32_t *exp)
+static int unwrap_update(CacheObject *self, PyObject *obj, PyObject **value, const uint64_t *keep_exp,
+                         uint64_t fallback, uint64_t *exp)
 {
     fastmmap_state *st = self->state;
     if (!st->update_type || !PyObject_TypeCheck(obj, (PyTypeObject *)st->update_type))
@@ -959,8 +987,8 @@ static void evict_collect(void *vctx, const fmm_item *it)
         return;
     }
     PyObject *key = key_object(it);
-    PyObject *t = key ? Py_BuildValue("(Ny#IIK)", key, it->val, (Py_ssize_t)it->vlen, it->flags, it->expire_on,
-                                      (unsigned long long)it->modseq)
+    PyObject *t = key ? Py_BuildValue("(Ny#IKK)", key, it->val, (Py_ssize_t)it->vlen, it->flags,
+                                      (unsigned long long)it->expire_on, (unsigned long long)it->modseq)
                       : NULL;
     if (!t || PyList_Append(ec->list, t) < 0)
         ec->err = 1;
@@ -971,9 +999,9 @@ static void evict_collect(void *vctx, const fmm_item *it)
 
 static PyObject *decode_value(CacheObject *self, uint32_t flags, const char *buf, Py_ssize_t len, PyObject *raw);
 
-static int call_write_cb(CacheObject *self, PyObject *key, PyObject *value, uint32_t expire_on)
+static int call_write_cb(CacheObject *self, PyObject *key, PyObject *value, uint64_t expire_on)
 {
-    PyObject *exp = PyLong_FromUnsignedLong(expire_on);
+    PyObject *exp = expire_to_py(self, expire_on);
     if (!exp)
         return -1;
     PyObject *args[4] = {self->context ? self->context : Py_None, key, value, exp};
@@ -1019,7 +1047,7 @@ static int restore_dirty(CacheObject *self, PyObject *list, Py_ssize_t from, PyO
         PyObject *t = PyList_GET_ITEM(list, i);
         PyObject *key = PyTuple_GET_ITEM(t, 0), *raw = PyTuple_GET_ITEM(t, 1);
         uint32_t flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 2));
-        uint32_t exp = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 3));
+        uint64_t exp = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 3));
         uint64_t modseq = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 4));
         int rc = -1;
         /* the stored key bytes: key_object decoded them with surrogateescape */
@@ -1055,7 +1083,7 @@ static int restore_dirty(CacheObject *self, PyObject *list, Py_ssize_t from, PyO
         for (Py_ssize_t i = 0; i < PyList_GET_SIZE(displaced.list); i++) {
             PyObject *t = PyList_GET_ITEM(displaced.list, i);
             uint32_t flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 2));
-            uint32_t exp = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 3));
+            uint64_t exp = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 3));
             PyObject *v = decode_value(self, flags, NULL, 0, PyTuple_GET_ITEM(t, 1));
             if (!v || call_write_cb(self, PyTuple_GET_ITEM(t, 0), v, exp) < 0) {
                 PyErr_Clear();
@@ -1122,7 +1150,7 @@ static int flush_evicted(CacheObject *self, evict_ctx *ec)
         for (i = 0; i < n; i++) {
             PyObject *t = PyList_GET_ITEM(ec->list, i);
             uint32_t flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 2));
-            uint32_t exp = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 3));
+            uint64_t exp = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 3));
             PyObject *v = decode_value(self, flags, NULL, 0, PyTuple_GET_ITEM(t, 1));
             if (!v || call_write_cb(self, PyTuple_GET_ITEM(t, 0), v, exp) < 0) {
                 Py_XDECREF(v);
@@ -1242,7 +1270,7 @@ static Py_NO_INLINE PyObject *read_through(CacheObject *self, PyObject *key, con
     /* page locked */
     evict_ctx ec = {0};
     encoded e = {0};
-    uint32_t exp = 0;
+    uint64_t exp = 0;
     int bad = 0;
     /* fastmmap.Update(value, expire_time=...): the source's own freshness */
     int upd = resolve_expiry(self, NULL, NULL, &exp);
@@ -1289,7 +1317,7 @@ static Py_NO_INLINE PyObject *read_through(CacheObject *self, PyObject *key, con
  * plain store.  Runs the write callbacks after the page is unlocked:
  * write-through after a store or a too-big item (the store still gets
  * it), write-back only for a too-big item, never after a refusal. */
-static int do_set(CacheObject *self, PyObject *key, PyObject *value, uint32_t expire_on, const uint64_t *modseq)
+static int do_set(CacheObject *self, PyObject *key, PyObject *value, uint64_t expire_on, const uint64_t *modseq)
 {
     keybuf k;
     encoded e;
@@ -1382,7 +1410,7 @@ static int cache_ass_subscript(PyObject *op, PyObject *key, PyObject *value)
     self->inflight++;
     int r;
     if (value) {
-        uint32_t exp;
+        uint64_t exp;
         r = -1;
         if (resolve_expiry(self, NULL, NULL, &exp) == 0) {
             r = do_set(self, key, value, exp, NULL);
@@ -1530,7 +1558,7 @@ static PyObject *cache_set_2(CacheObject *self, PyObject *key, PyObject *value)
 {
     ENTER(self);
     PyObject *res = NULL;
-    uint32_t exp;
+    uint64_t exp;
     if (resolve_expiry(self, NULL, NULL, &exp) == 0) {
         int r = do_set(self, key, value, exp, NULL);
         if (r >= 0)
@@ -1558,7 +1586,7 @@ static PyObject *cache_set(PyObject *op, PyObject *const *args, Py_ssize_t nargs
         return NULL;
     ENTER(self);
     PyObject *res = NULL;
-    uint32_t exp;
+    uint64_t exp;
     if (resolve_expiry(self, a[2], a[3], &exp) == 0) {
         int r = do_set(self, a[0], a[1], exp, has_ms ? &ms : NULL);
         if (r >= 0)
@@ -1595,11 +1623,11 @@ static int do_remove_ms(CacheObject *self, PyObject *key, uint64_t modseq, PyObj
                         PyObject *expire_on)
 {
     keybuf k;
-    uint32_t exp;
+    uint64_t exp;
     if (get_key(key, &k) < 0)
         return -1;
     if ((!expire_time || expire_time == Py_None) && (!expire_on || expire_on == Py_None)) {
-        if (expire_on_from_secs(self, self->tombstone_expire, &exp) < 0)
+        if (expire_from_ms(self, self->tombstone_expire, &exp) < 0)
             return -1;
     } else if (resolve_expiry(self, expire_time, expire_on, &exp) < 0) {
         return -1;
@@ -1727,7 +1755,7 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
     encoded e = {0};
     evict_ctx ec = {0};
     keybuf k;
-    uint32_t exp, old_exp = 0;
+    uint64_t exp, old_exp = 0;
     int stored = 0, kept = 0, found = 0;
     if (get_key(key, &k) < 0 || resolve_expiry(self, a[2], a[3], &exp) < 0)
         goto out;
@@ -1763,7 +1791,7 @@ static PyObject *cache_get_and_set(PyObject *op, PyObject *const *args, Py_ssize
         PyObject *arg = old;
         if (want_entry)
             arg = PyObject_CallFunction(self->state->entry_type, "(OONN)", old, found ? Py_True : Py_False,
-                                        found ? PyLong_FromUnsignedLong(old_exp) : Py_NewRef(Py_None),
+                                        found ? expire_to_py(self, old_exp) : Py_NewRef(Py_None),
                                         found && old_has_ms ? PyLong_FromUnsignedLongLong(old_ms)
                                                             : Py_NewRef(Py_None));
         if (arg) {
@@ -1882,7 +1910,7 @@ static PyObject *cache_add(PyObject *op, PyObject *const *args, Py_ssize_t nargs
     PyObject *res = NULL;
     encoded e = {0};
     keybuf k;
-    uint32_t exp;
+    uint64_t exp;
     if (get_key(a[0], &k) < 0 || resolve_expiry(self, a[2], a[3], &exp) < 0 || encode_value(self, a[1], &e) < 0)
         goto out;
     uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
@@ -2029,7 +2057,7 @@ static PyObject *cache_touch(PyObject *op, PyObject *const *args, Py_ssize_t nar
     ENTER(self);
     PyObject *res = NULL, *copy = NULL;
     keybuf k;
-    uint32_t exp;
+    uint64_t exp;
     if (get_key(a[0], &k) < 0 || resolve_expiry(self, a[1], a[2], &exp) < 0)
         goto out;
     uint64_t h = fmm_hash(self->c, k.buf, (size_t)k.len);
@@ -2067,6 +2095,7 @@ out:
 typedef struct {
     PyObject *list;
     int mode; /* 0: keys; 1: (key, last_access, expire_on, flags); 2: plus raw value bytes */
+    CacheObject *self;
 } collect_ctx;
 
 static int collect_visit(void *vctx, const fmm_item *it)
@@ -2093,7 +2122,8 @@ static int collect_visit(void *vctx, const fmm_item *it)
             Py_DECREF(raw);
             return -1;
         }
-        item = Py_BuildValue("(NIIINN)", key, it->last_access, it->expire_on, it->flags, raw, ms);
+        item = Py_BuildValue("(NININN)", key, it->last_access, expire_to_py(ctx->self, it->expire_on), it->flags,
+                             raw, ms);
         if (!item)
             return -1;
     }
@@ -2125,7 +2155,7 @@ static PyObject *cache__entries(PyObject *op, PyObject *const *args, Py_ssize_t 
         mode = (int)m;
     }
     ENTER(self);
-    collect_ctx ctx = {PyList_New(0), mode};
+    collect_ctx ctx = {PyList_New(0), mode, self};
     if (!ctx.list)
         goto error;
     uint32_t np = fmm_num_pages(self->c);
@@ -2406,7 +2436,8 @@ static PyObject *cache_multi_set(PyObject *op, PyObject *const *args, Py_ssize_t
     ENTER(self);
     PyObject *items = NULL, *prepared = NULL, *res = NULL;
     fmm_batch_item *batch = NULL;
-    uint32_t page, exp;
+    uint32_t page;
+    uint64_t exp;
     if (page_of_key(self, a[0], &page) < 0 || resolve_expiry(self, a[2], NULL, &exp) < 0)
         goto out;
     items = batch_pairs(a[1]);
@@ -2579,7 +2610,8 @@ static PyObject *cache__held_set(PyObject *op, PyObject *const *args, Py_ssize_t
         return PyErr_Format(PyExc_TypeError, "_held_set(page, key, page_key, value, expire_time)");
     if (!self->c)
         return closed_error();
-    uint32_t page, exp;
+    uint32_t page;
+    uint64_t exp;
     PyObject *owner, *res = NULL;
     keybuf k;
     encoded e = {0};
@@ -2604,8 +2636,8 @@ static PyObject *cache__held_set(PyObject *op, PyObject *const *args, Py_ssize_t
         goto out;
     }
     /* stored: True, too big: False, refused by a tombstone: None */
-    res = Py_BuildValue("(OIO)", rc == 0 ? Py_True : rc == FMM_ETOOBIG ? Py_False : Py_None, exp,
-                        ec.list ? ec.list : Py_None);
+    res = Py_BuildValue("(ONO)", rc == 0 ? Py_True : rc == FMM_ETOOBIG ? Py_False : Py_None,
+                        expire_to_py(self, exp), ec.list ? ec.list : Py_None);
     LOST_R(self, res);
 out:
     Py_XDECREF(ec.list);
@@ -3151,18 +3183,22 @@ out:
 
 PyDoc_STRVAR(cache__set_time_override_doc,
              "_set_time_override($self, t, /)\n--\n\n"
-             "Use unix seconds t as the current time for this Cache (0 restores the real clock).  For tests.");
+             "Use unix seconds t (an int, or a float in the native format: milliseconds count) as the\n"
+             "current time for this Cache (0 restores the real clock).  For tests.");
 
 static PyObject *cache__set_time_override(PyObject *op, PyObject *arg)
 {
     CacheObject *self = CacheObject_CAST(op);
-    unsigned long t = PyLong_AsUnsignedLong(arg);
-    if (t == (unsigned long)-1 && PyErr_Occurred())
+    double t = PyFloat_AsDouble(arg);
+    if (t == -1 && PyErr_Occurred())
         return NULL;
-    if (t > 0xFFFFFFFFul)
+    if (!self->c)
+        return closed_error();
+    t = floor(t * fmm_time_unit(self->c));
+    if (!(t >= 0 && t <= (double)max_expire(self)))
         return PyErr_Format(PyExc_ValueError, "time override out of range");
     ENTER(self);
-    fmm_set_time(self->c, (uint32_t)t);
+    fmm_set_time(self->c, (uint64_t)t);
     LEAVE(self);
     Py_RETURN_NONE;
 }

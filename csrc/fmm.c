@@ -140,8 +140,8 @@ typedef struct page_hdr {
 
 typedef struct entry {
     uint32_t access;
-    uint32_t last_access;
-    uint32_t expire_on;
+    uint32_t atime_ms;     /* last access second mod 2^22 | expiry's milliseconds << 22 (fmm.h) */
+    uint32_t expire_on;    /* expiry's unix second, 0 = never */
     uint32_t klen_flags;
     uint32_t vlen;
     /* key bytes, value bytes */
@@ -170,7 +170,9 @@ struct fmm_cache {
     uint32_t offbits;  /* log2(page_size) - 2 */
     uint32_t offmask;  /* (1 << offbits) - 1 */
     uint64_t seed;
-    uint32_t time_override;
+    uint64_t time_override;    /* unix milliseconds, 0 = the real clock */
+    clockid_t clock_id;        /* CLOCK_REALTIME_COARSE, or CLOCK_REALTIME where it is too coarse */
+    uint64_t clock_res_ns;     /* clock_id's resolution */
     uint32_t max_slots; /* most slots a page can hold: (page_size - 128) / 4 */
     int lost;           /* set by the SIGBUS guard: the file shrank under the mapping */
     int guard_slot;     /* fmm_guard_register's slot, or -1 */
@@ -339,20 +341,80 @@ static inline page_hdr *PH(const fmm_cache *c, uint32_t page)
 static inline uint32_t *SLOTS(page_hdr *ph) { return (uint32_t *)((char *)ph + FMM_PAGE_HEADER_SIZE); }
 static inline uint32_t data_start(uint32_t num_slots) { return FMM_PAGE_HEADER_SIZE + 4u * num_slots; }
 
-uint32_t fmm_now(const fmm_cache *c)
+/* The real clock in nanoseconds.  Both clocks are read in the vDSO, with
+ * no syscall; the coarse one (the kernel's tick) is the cheaper. */
+static inline uint64_t clock_ns(const fmm_cache *c)
+{
+    struct timespec ts;
+    clock_gettime(c->clock_id, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* The coarse clock lags real time by up to one tick; an entry stored with
+ * it is given that tick more (fmm_expire_at), and read with it may live a
+ * tick longer: 2 ticks + 1 ms past its time at most.  Above 4 ms a tick
+ * (a kernel with HZ < 250) that would exceed 10 ms: the precise clock. */
+#define COARSE_CLOCK_MAX_RES_NS 4000000u
+
+static void clock_init(fmm_cache *c)
+{
+    struct timespec res;
+    c->clock_id = CLOCK_REALTIME_COARSE;
+    if (clock_getres(CLOCK_REALTIME_COARSE, &res) != 0 || res.tv_sec != 0 ||
+        (uint64_t)res.tv_nsec > COARSE_CLOCK_MAX_RES_NS) {
+        c->clock_id = CLOCK_REALTIME;
+        if (clock_getres(CLOCK_REALTIME, &res) != 0 || res.tv_sec != 0)
+            res.tv_nsec = 1000000; /* unknown: assume 1 ms */
+    }
+    c->clock_res_ns = (uint64_t)res.tv_nsec;
+}
+
+uint64_t fmm_now(const fmm_cache *c)
 {
     if (UNLIKELY(c->perl))
         return pfm_now(c->perl);
     if (c->time_override)
         return c->time_override;
+    return clock_ns(c) / 1000000u;
+}
+
+/* The second now, for last_access and the LRU stamp: time() is cheaper
+ * than the millisecond clock, which only an entry with an expiry needs. */
+static inline uint32_t now_sec(const fmm_cache *c)
+{
+    if (c->time_override)
+        return (uint32_t)(c->time_override / 1000u);
     return (uint32_t)time(NULL);
 }
 
-void fmm_set_time(fmm_cache *c, uint32_t now)
+/* now_sec, or from the millisecond time when it was read already. */
+static inline uint32_t sec_of(const fmm_cache *c, uint64_t now_ms)
+{
+    return now_ms ? (uint32_t)(now_ms / 1000u) : now_sec(c);
+}
+
+/* A Perl-format file's times are u32 unix seconds. */
+static inline uint32_t perl_secs(uint64_t t) { return t > 0xFFFFFFFFu ? 0xFFFFFFFFu : (uint32_t)t; }
+
+uint32_t fmm_time_unit(const fmm_cache *c) { return c->perl ? 1u : 1000u; }
+
+uint64_t fmm_expire_at(const fmm_cache *c, uint64_t after)
+{
+    if (UNLIKELY(c->perl))
+        return pfm_now(c->perl) + after;
+    if (c->time_override)
+        return c->time_override + after;
+    /* The clock may lag real time by its resolution: an entry must not
+     * expire before `after` has passed, so count from the latest real time
+     * the reading allows, rounded up to the millisecond. */
+    return (clock_ns(c) + c->clock_res_ns + 999999u) / 1000000u + after;
+}
+
+void fmm_set_time(fmm_cache *c, uint64_t now)
 {
     c->time_override = now;
     if (c->perl)
-        pfm_set_time(c->perl, now);
+        pfm_set_time(c->perl, perl_secs(now));
 }
 uint32_t fmm_page_size(const fmm_cache *c) { return c->page_size; }
 uint32_t fmm_num_pages(const fmm_cache *c) { return c->num_pages; }
@@ -475,9 +537,53 @@ static inline int entry_ok(const fmm_cache *c, page_hdr *ph, uint32_t slot, esna
     return entry_bounds_ok(c, ph, slot, sn) && !sn_modseq_short(sn);
 }
 
-static inline int expired(const entry *e, uint32_t now)
+/* An entry's expiry in milliseconds is its second (expire_on) and the
+ * milliseconds into it (atime_ms's high bits): the header stays 20 bytes.
+ * The access second keeps the low bits, enough to tell "this second" for
+ * the LRU stamp (stamp_fresh) and to rebuild the full second for reports
+ * (last_access_of) for an entry used in the last 48 days. */
+#define ATIME_BITS 22u
+#define ATIME_MASK ((1u << ATIME_BITS) - 1u)
+
+static inline uint64_t entry_expire(const entry *e)
 {
-    uint32_t x = RD(e->expire_on);
+    uint32_t s = RD(e->expire_on);
+    return s ? (uint64_t)s * 1000u + (RD(e->atime_ms) >> ATIME_BITS) : 0;
+}
+
+/* Both words of a store: `now_s` the access second, `expire_on` in ms (0
+ * never).  An expiry before 1970-01-01T00:00:01 is in the past all the
+ * same: stored as that second, since second 0 means never. */
+static inline void set_times(entry *e, uint32_t now_s, uint64_t expire_on)
+{
+    uint32_t sec = 0, ms = 0;
+    if (expire_on) {
+        if (expire_on < 1000u)
+            expire_on = 1000u;
+        if (expire_on > 0xFFFFFFFFull * 1000u + 999u)
+            expire_on = 0xFFFFFFFFull * 1000u + 999u;
+        sec = (uint32_t)(expire_on / 1000u);
+        ms = (uint32_t)(expire_on % 1000u);
+    }
+    e->atime_ms = (now_s & ATIME_MASK) | ms << ATIME_BITS;
+    e->expire_on = sec;
+}
+
+/* A read's new access second, keeping the expiry's milliseconds. */
+static inline void touch_atime(entry *e, uint32_t now_s)
+{
+    e->atime_ms = (e->atime_ms & ~ATIME_MASK) | (now_s & ATIME_MASK);
+}
+
+/* The full access second: the latest at or before now with those low bits. */
+static inline uint32_t last_access_of(const entry *e, uint32_t now_s)
+{
+    return now_s - ((now_s - RD(e->atime_ms)) & ATIME_MASK);
+}
+
+static inline int expired(const entry *e, uint64_t now)
+{
+    uint64_t x = entry_expire(e);
     return x && now >= x;
 }
 
@@ -493,7 +599,7 @@ static inline uint64_t sn_modseq(const esnap *sn)
 /* Fill an item from a validated snapshot; `ms` says whether the entry has
  * a modseq (a constant where the caller knows, so that the hot path has no
  * modseq test; with ms, the caller checked sn->vlen >= 8). */
-static inline __attribute__((always_inline)) void fill_item_ms(fmm_item *it, const esnap *sn, int ms)
+static inline __attribute__((always_inline)) void fill_item_ms(fmm_item *it, const esnap *sn, int ms, uint32_t now_s)
 {
     const entry *e = sn->e;
     const char *k = (const char *)(e + 1);
@@ -502,9 +608,9 @@ static inline __attribute__((always_inline)) void fill_item_ms(fmm_item *it, con
     it->val = k + sn->klen;
     it->vlen = sn->vlen;
     it->flags = sn->flags;
-    it->expire_on = e->expire_on;
+    it->expire_on = entry_expire(e);
     it->access = e->access;
-    it->last_access = e->last_access;
+    it->last_access = last_access_of(e, now_s);
     it->modseq = 0;
     if (ms) {
         it->modseq = rd64((const unsigned char *)it->val);
@@ -514,9 +620,9 @@ static inline __attribute__((always_inline)) void fill_item_ms(fmm_item *it, con
 }
 
 /* For snapshots from entry_ok (a modseq entry has its 8 bytes). */
-static inline void fill_item(fmm_item *it, const esnap *sn)
+static inline void fill_item(fmm_item *it, const esnap *sn, uint64_t now)
 {
-    fill_item_ms(it, sn, (sn->flags & FMM_F_MODSEQ) != 0);
+    fill_item_ms(it, sn, (sn->flags & FMM_F_MODSEQ) != 0, (uint32_t)(now / 1000u));
 }
 
 /* Home index of a hash in a table of num_slots: the top bits of the low
@@ -1143,23 +1249,25 @@ static inline __attribute__((always_inline)) int get_found(fmm_cache *c, page_hd
 {
     entry *e = sn->e;
     int do_touch = touch & FMM_GET_TOUCH;
-    uint32_t now = 0;
-    if (e->expire_on || do_touch)
+    uint64_t now = 0;
+    if (e->expire_on) {
         now = fmm_now(c);
-    if (expired(e, now)) {
-        if (!(touch & FMM_GET_EXPIRED))
-            return FMM_ENOTFOUND;
-        do_touch = 0;
+        if (expired(e, now)) {
+            if (!(touch & FMM_GET_EXPIRED))
+                return FMM_ENOTFOUND;
+            do_touch = 0;
+        }
     }
+    uint32_t now_s = sec_of(c, now);
     if (do_touch) {
         if (c->stats)
             ph->nhits++;
         /* reads stamp the current clock; only stores advance it (see
          * "LRU" in fmm.h) */
         e->access = ph->clock;
-        e->last_access = now;
+        touch_atime(e, now_s);
     }
-    fill_item_ms(out, sn, ms);
+    fill_item_ms(out, sn, ms, now_s);
     prefetch_value(out);
     return 0;
 }
@@ -1256,9 +1364,9 @@ static inline const char *hinted_entry(const fmm_cache *c, page_hdr *ph, uint32_
  * (gap to an exact LRU's hit rate): a stamp on every read 2.85 points, 1/16
  * 2.85-2.88, 1/8 2.91-2.93, 1/4 (of `live`, unscaled) 3.06-3.10. */
 #define STAMP_SHIFT 4
-static inline int stamp_fresh(const fmm_cache *c, const page_hdr *ph, const entry *e, uint32_t now)
+static inline int stamp_fresh(const fmm_cache *c, const page_hdr *ph, const entry *e, uint32_t now_s)
 {
-    if (RD(e->last_access) != now)
+    if (((RD(e->atime_ms) ^ now_s) & ATIME_MASK) != 0)
         return 0;
     uint64_t age = (uint32_t)(RD(ph->clock) - RD(e->access));
     uint32_t ns = RD(ph->num_slots);
@@ -1293,12 +1401,16 @@ int fmm_get_optimistic(fmm_cache *c, uint32_t page, uint64_t hash, const void *k
     if (UNLIKELY(sn.flags & FMM_F_MODSEQ))
         return FMM_EAGAIN; /* tombstone rules, short-modseq repair: the locked path */
     entry *e = sn.e;
-    uint32_t now = fmm_now(c);
-    if (expired(e, now))
-        return FMM_ENOTFOUND;
-    if (UNLIKELY((touch & FMM_GET_TOUCH) && !stamp_fresh(c, ph, e, now)))
+    uint64_t now = 0;
+    if (RD(e->expire_on)) {
+        now = fmm_now(c);
+        if (expired(e, now))
+            return FMM_ENOTFOUND;
+    }
+    uint32_t now_s = sec_of(c, now);
+    if (UNLIKELY((touch & FMM_GET_TOUCH) && !stamp_fresh(c, ph, e, now_s)))
         return FMM_EAGAIN;
-    fill_item_ms(out, &sn, 0);
+    fill_item_ms(out, &sn, 0, now_s);
     prefetch_value(out);
     return 0;
 }
@@ -1394,11 +1506,11 @@ static int64_t cap_for(const fmm_cache *c, uint32_t ns) { return (int64_t)c->pag
 
 /* Tombstones are never reported: they hold no value to write back.  `sn`
  * comes from entry_ok (or a kept record of one). */
-static void report(fmm_evict_fn fn, void *ctx, const esnap *sn)
+static void report(fmm_evict_fn fn, void *ctx, const esnap *sn, uint64_t now)
 {
     if (fn && (sn->flags & FMM_F_DIRTY) && !sn_is_tomb(sn)) {
         fmm_item it;
-        fill_item(&it, sn);
+        fill_item(&it, sn, now);
         fn(ctx, &it);
     }
 }
@@ -1420,7 +1532,7 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
 {
     uint32_t ns = RD(ph->num_slots);
     uint32_t *slots = SLOTS(ph);
-    uint32_t now = fmm_now(c);
+    uint64_t now = fmm_now(c);
     uint32_t nlive = RD(ph->live);
     if (!ns_ok(c, ns)) {
         repair_page(c, ph, "slot count changed under the lock");
@@ -1454,7 +1566,7 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
         }
         entry *e = sn.e;
         if (mode == RB_ALL || (mode != RB_RENUMBER && expired(e, now))) {
-            report(fn, ctx, &sn);
+            report(fn, ctx, &sn, now);
             continue;
         }
         /* The slot's tag must match the key's hash: a damaged tag would
@@ -1487,7 +1599,7 @@ static int rebuild(fmm_cache *c, page_hdr *ph, int mode, long drop_slot, uint32_
                 break;
             esnap sn = {(entry *)((char *)ph + ((ks[first].slot & c->offmask) << 2)), ks[first].klen,
                         ks[first].vlen, ks[first].flags, ks[first].size};
-            report(fn, ctx, &sn);
+            report(fn, ctx, &sn, now);
             total -= ks[first].size;
             first++;
         }
@@ -1556,8 +1668,7 @@ static __attribute__((noinline)) int modseq_rule(fmm_cache *c, esnap old, uint32
 {
     /* `old` by value: a pointer to set_impl's snapshot would keep it in
      * memory on the hot path too.  Its vlen was checked >= 8. */
-    uint32_t x = RD(old.e->expire_on);
-    if (x && fmm_now(c) >= x)
+    if (expired(old.e, fmm_now(c)))
         return 0; /* an expired entry never blocks a store */
     uint64_t old_ms = sn_modseq(&old);
     if (IS_TOMB(flags))
@@ -1587,7 +1698,7 @@ static inline void put_value(char *vp, const void *val, uint32_t vlen, uint32_t 
  * reported instead of being stored into again. */
 static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t page, uint64_t hash,
                                                           const void *key, uint32_t klen, const void *val,
-                                                          uint32_t vlen, uint32_t flags, uint32_t expire_on,
+                                                          uint32_t vlen, uint32_t flags, uint64_t expire_on,
                                                           uint64_t modseq, fmm_evict_fn evict, void *ctx,
                                                           const int batch)
 {
@@ -1635,20 +1746,22 @@ static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t
         }
         /* Replacing an expired dirty entry (e.g. by read-through): it was
          * never written back, so report it like any other reclaimed one. */
-        if (idx >= 0 && !rebuilt && evict && expired(old, fmm_now(c)))
-            report(evict, ctx, &sn);
+        if (idx >= 0 && !rebuilt && evict) {
+            uint64_t now = fmm_now(c);
+            if (expired(old, now))
+                report(evict, ctx, &sn, now);
+        }
         /* Same rounded size as the old entry: rewrite it in place.  Its
          * cache lines were just read by the probe, and no garbage is left
          * for compaction.  Crash safety is the same as for an append: the
          * dirty marker brackets the writes. */
         if (idx >= 0 && ROUND4((uint64_t)FMM_ENTRY_HEADER_SIZE + klen + sn.vlen) == need &&
             LIKELY(ph->clock < RENUMBER_AT)) {
-            uint32_t now = fmm_now(c);
+            uint32_t now_s = now_sec(c);
             ph->dirty = 1;
             BARRIER();
             old->access = ++ph->clock;
-            old->last_access = now;
-            old->expire_on = expire_on;
+            set_times(old, now_s, expire_on);
             old->klen_flags = klen | (flags << 24);
             old->vlen = (uint32_t)svlen;
             put_value((char *)(old + 1) + klen, val, vlen, mslen, modseq);
@@ -1686,13 +1799,12 @@ static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t
             continue;
         }
         /* Store: append the entry, then point the slot at it. */
-        uint32_t now = fmm_now(c);
+        uint32_t now_s = now_sec(c);
         ph->dirty = 1;
         BARRIER();
         entry *e = (entry *)((char *)ph + off);
         e->access = ++ph->clock;
-        e->last_access = now;
-        e->expire_on = expire_on;
+        set_times(e, now_s, expire_on);
         e->klen_flags = klen | (flags << 24);
         e->vlen = (uint32_t)svlen;
         memcpy(e + 1, key, klen);
@@ -1716,19 +1828,20 @@ static inline __attribute__((always_inline)) int set_impl(fmm_cache *c, uint32_t
 }
 
 int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
-            uint32_t vlen, uint32_t flags, uint32_t expire_on, fmm_evict_fn evict, void *ctx)
+            uint32_t vlen, uint32_t flags, uint64_t expire_on, fmm_evict_fn evict, void *ctx)
 {
     /* FMM_F_MODSEQ is ignored (fmm.h): masked for both formats */
     if (UNLIKELY(c->perl))
-        return pfm_set(c->perl, page, hash, key, klen, val, vlen, flags & 0x7Fu, expire_on, 0, evict, ctx);
+        return pfm_set(c->perl, page, hash, key, klen, val, vlen, flags & 0x7Fu, perl_secs(expire_on), 0, evict,
+                       ctx);
     return set_impl(c, page, hash, key, klen, val, vlen, flags & 0x7Fu, expire_on, 0, evict, ctx, 0);
 }
 
 int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash, const void *key, uint32_t klen, const void *val,
-               uint32_t vlen, uint32_t flags, uint32_t expire_on, uint64_t modseq, fmm_evict_fn evict, void *ctx)
+               uint32_t vlen, uint32_t flags, uint64_t expire_on, uint64_t modseq, fmm_evict_fn evict, void *ctx)
 {
     if (UNLIKELY(c->perl))
-        return pfm_set(c->perl, page, hash, key, klen, val, vlen, flags, expire_on, modseq, evict, ctx);
+        return pfm_set(c->perl, page, hash, key, klen, val, vlen, flags, perl_secs(expire_on), modseq, evict, ctx);
     if (IS_TOMB(flags & 0xFFu) && vlen)
         return FMM_EBADARG; /* a tombstone has no value */
     return set_impl(c, page, hash, key, klen, val, vlen, flags & 0xFFu, expire_on, modseq, evict, ctx, 0);
@@ -1755,7 +1868,7 @@ static int batch_sizes(fmm_cache *c, const fmm_batch_item *items, uint32_t n, ui
     return 0;
 }
 
-int fmm_set_many(fmm_cache *c, uint32_t page, fmm_batch_item *items, uint32_t n, uint32_t expire_on,
+int fmm_set_many(fmm_cache *c, uint32_t page, fmm_batch_item *items, uint32_t n, uint64_t expire_on,
                  fmm_evict_fn evict, void *ctx, uint32_t *bad)
 {
     uint64_t total;
@@ -1763,7 +1876,7 @@ int fmm_set_many(fmm_cache *c, uint32_t page, fmm_batch_item *items, uint32_t n,
     if (rc)
         return rc;
     if (UNLIKELY(c->perl))
-        return pfm_set_many(c->perl, page, items, n, expire_on, evict, ctx, bad, c->batch_fault);
+        return pfm_set_many(c->perl, page, items, n, perl_secs(expire_on), evict, ctx, bad, c->batch_fault);
     /* The whole batch must fit an empty page whose slot table has just
      * room for it (load 3/4, what a rebuild shrinks to when it must). */
     uint32_t ns_min = slots_min(n);
@@ -1890,7 +2003,7 @@ int fmm_page_foreach(fmm_cache *c, uint32_t page, fmm_visit_fn fn, void *ctx)
     page_hdr *ph = PH(c, page);
     uint32_t ns = RD(ph->num_slots);
     uint32_t *slots = SLOTS(ph);
-    uint32_t now = fmm_now(c);
+    uint64_t now = fmm_now(c);
     if (!ns_ok(c, ns)) {
         repair_page(c, ph, "slot count changed under the lock");
         return 0;
@@ -1907,7 +2020,7 @@ int fmm_page_foreach(fmm_cache *c, uint32_t page, fmm_visit_fn fn, void *ctx)
         if (expired(sn.e, now) || sn_is_tomb(&sn))
             continue;
         fmm_item it;
-        fill_item(&it, &sn);
+        fill_item(&it, &sn, now);
         int rc = fn(ctx, &it);
         if (rc)
             return rc;
@@ -1925,7 +2038,7 @@ void fmm_page_info_get(fmm_cache *c, uint32_t page, fmm_page_info *info)
     memset(info, 0, sizeof *info);
     uint32_t ns = RD(ph->num_slots);
     uint32_t *slots = SLOTS(ph);
-    uint32_t now = fmm_now(c);
+    uint64_t now = fmm_now(c);
     info->num_slots = ns;
     info->deleted = ph->deleted;
     info->data_start = data_start(ns);
@@ -2534,6 +2647,7 @@ int fmm_open(const char *path, const fmm_config *cfg, fmm_cache **out, int *crea
     c->fd = -1;
     c->guard_slot = -1;
     c->stats = cfg->enable_stats;
+    clock_init(c);
     uint32_t ps = cfg->page_size ? cfg->page_size : 65536;
     uint32_t np = cfg->num_pages ? cfg->num_pages : 89;
     set_geometry(c, ps, np, effective_start_slots(cfg->start_slots, ps));

@@ -12,16 +12,17 @@
  *
  * ---------------------------------------------------------------------------
  * File format (native, version 4; files of older versions are rejected as
- * BadFileError: reopen with init_file.  Version 3 left the first word of a
- * 9..16-byte key unseeded in the short-key hash, so its keys live on other
- * pages; version 2 had no sequence word, and its processes would write
- * pages without moving it; version 1 also had the page-header fields at
- * 64..100 and XXH64 for every key).  All fields
+ * BadFileError: reopen with init_file.  Version 3 had whole-second expiry
+ * and a full last_access second, and left the first word of a 9..16-byte
+ * key unseeded in the short-key hash (so its keys live on other pages).
+ * Version 2 had no sequence word, and its processes would write pages
+ * without moving it; version 1 also had the page-header fields at 64..100
+ * and XXH64 for every key).  All fields
  * native-endian; the file is a shared-memory file, not an exchange format.
  *
  *   offset 0      file header, FMM_HEADER_SIZE (4096) bytes, first 128 used:
  *                   char     magic[8]      "FASTMMAP"
- *                   uint32   version       4
+ *                   uint32   version       4 (FMM_FORMAT_VERSION)
  *                   uint32   state         FMM_STATE_READY once initialised
  *                   uint32   header_size   4096
  *                   uint32   page_size     power of two, 1 KiB .. 1 GiB
@@ -59,8 +60,12 @@
  * Entry: 20-byte header, then key bytes, then value bytes, total rounded up
  * to a multiple of 4:
  *   uint32 access      the page's logical LRU clock at the last read or write
- *   uint32 last_access unix seconds of the last read or write (reported only)
- *   uint32 expire_on   absolute unix seconds, 0 = never
+ *   uint32 atime_ms    low 22 bits: unix second of the last read or write,
+ *                      mod 2^22 (the full second, reported only, is the
+ *                      latest one with those bits); high 10 bits: the
+ *                      expiry's milliseconds (0..999) past expire_on
+ *   uint32 expire_on   expiry's unix second, 0 = never: the entry expires at
+ *                      expire_on * 1000 + those milliseconds (unix ms)
  *   uint32 klen_flags  key length (low 24 bits) | flags << 24
  *   uint32 vlen        value length
  * The key's hash is not stored: compaction recomputes it from the key.
@@ -127,7 +132,7 @@ extern "C" {
 #define FMM_MAX_PAGES        (1u << 24)
 #define FMM_MAX_KEY_LEN      ((1u << 24) - 1)
 #define FMM_STATE_READY      0x52454459u  /* "READ" */
-#define FMM_FORMAT_VERSION   4u  /* 4: every short-key word seeded; 3: the page sequence word for lock-free reads; 2: hot page-header fields share the mutex's cache line, short-key hash */
+#define FMM_FORMAT_VERSION   4u  /* 4: millisecond expiry, every short-key word seeded; 3: the page sequence word for lock-free reads; 2: hot page-header fields share the mutex's cache line, short-key hash */
 
 /* ---------- Error codes ----------
  * 0 is success.  Negative values are engine codes below; positive values
@@ -239,7 +244,7 @@ typedef struct fmm_item {
     uint32_t klen;
     uint32_t vlen;
     uint32_t flags;
-    uint32_t expire_on;
+    uint64_t expire_on;    /* in fmm_time_unit()s (native: ms), 0 = never */
     uint32_t access;       /* logical LRU clock value */
     uint32_t last_access;  /* unix seconds */
     uint64_t modseq;       /* when flags & FMM_F_MODSEQ, else 0 */
@@ -365,10 +370,25 @@ uint32_t fmm_page_of(const fmm_cache *c, uint64_t hash);
 
 /* ---------- Time ---------- */
 
-/** @brief Seconds now: the override if set, else time(NULL) (vDSO, no syscall). */
-uint32_t fmm_now(const fmm_cache *c);
-/** @brief Override the clock for this handle (0 = real time).  For tests. */
-void fmm_set_time(fmm_cache *c, uint32_t now);
+/* Times (expire_on, fmm_now) are unix time in the file's unit: milliseconds
+ * for the native format, seconds for Perl's.  The clock is read in the
+ * vDSO (no syscall): the kernel's coarse clock where its tick is at most
+ * 4 ms, else the precise one. */
+
+/** @brief Units per second of this file's times: 1000 (native) or 1 (Perl). */
+uint32_t fmm_time_unit(const fmm_cache *c);
+/** @brief Now, in the file's unit: the override if set, else the clock. */
+uint64_t fmm_now(const fmm_cache *c);
+/**
+ * @brief The expire_on of an entry stored now that must live @p after
+ * units: fmm_now() + after, plus what the clock may lag real time by, so
+ * that the entry never expires early; it may live up to 2 clock ticks + 1 ms
+ * longer (native; exact with the override).
+ */
+uint64_t fmm_expire_at(const fmm_cache *c, uint64_t after);
+/** @brief Override the clock for this handle, in the file's unit (0 = real
+ * time).  For tests. */
+void fmm_set_time(fmm_cache *c, uint64_t now);
 
 /* ---------- Locking ----------
  * Lock order: a thread releases the GIL (if any) before it may block on a
@@ -485,7 +505,8 @@ int fmm_read_valid(const fmm_cache *c, uint32_t page, uint32_t token);
  *
  * @param[in] flags      entry flags (FMM_F_*), 8 bits; FMM_F_MODSEQ is ignored
  *                       (use fmm_set_ms), so no tombstone is stored.
- * @param[in] expire_on  absolute unix seconds, 0 = never.
+ * @param[in] expire_on  absolute, in fmm_time_unit()s, 0 = never (Perl format:
+ *                       clamped to u32 seconds).
  * @param[in] evict      called for dirty entries removed to make room (may be NULL).
  * @return 0 or FMM_ETOOBIG; FMM_EREFUSED if an unexpired tombstone holds
  *         the key (fmm_set is fmm_set_ms without FMM_F_MODSEQ);
@@ -493,7 +514,7 @@ int fmm_read_valid(const fmm_cache *c, uint32_t page, uint32_t token);
  */
 int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash,
             const void *key, uint32_t klen, const void *val, uint32_t vlen,
-            uint32_t flags, uint32_t expire_on, fmm_evict_fn evict, void *ctx);
+            uint32_t flags, uint64_t expire_on, fmm_evict_fn evict, void *ctx);
 
 /**
  * @brief fmm_set with a modseq: as fmm_set, applying the modseq rules above.
@@ -511,7 +532,7 @@ int fmm_set(fmm_cache *c, uint32_t page, uint64_t hash,
  */
 int fmm_set_ms(fmm_cache *c, uint32_t page, uint64_t hash,
                const void *key, uint32_t klen, const void *val, uint32_t vlen,
-               uint32_t flags, uint32_t expire_on, uint64_t modseq,
+               uint32_t flags, uint64_t expire_on, uint64_t modseq,
                fmm_evict_fn evict, void *ctx);
 
 /** @brief One item of fmm_set_many. */
@@ -549,7 +570,7 @@ typedef struct fmm_batch_item {
  *         corrupt mid-batch and re-initialised: none of the batch is in it).
  */
 int fmm_set_many(fmm_cache *c, uint32_t page, fmm_batch_item *items, uint32_t n,
-                 uint32_t expire_on, fmm_evict_fn evict, void *ctx, uint32_t *bad);
+                 uint64_t expire_on, fmm_evict_fn evict, void *ctx, uint32_t *bad);
 
 /**
  * @brief Delete a key from a locked page.

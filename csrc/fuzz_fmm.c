@@ -129,7 +129,7 @@
 #define MAX_PAGES 256  /* damage can make a valid file of more, smaller pages */
 #define MAX_PS 65536    /* ... or of fewer, bigger ones */
 #define NKEYS 64
-#define BASE_TIME 1000000000u
+#define BASE_TIME 1000000000000ull /* unix ms */
 #define DEAD_TID 0x3FFFFF00u /* above any pid_max: no such thread */
 
 /* Removes the scratch file and directory: at exit, before an oracle's
@@ -202,7 +202,8 @@ static uint8_t g_key[2 * MAX_PS];
 
 typedef struct {
     int present;              /* a value, or a tombstone (flags say which) */
-    uint32_t vlen, flags, expire_on;
+    uint32_t vlen, flags;
+    uint64_t expire_on; /* unix ms */
     uint8_t fill;
     uint64_t modseq;          /* when flags & FMM_F_MODSEQ */
 } model_t;
@@ -216,7 +217,7 @@ static struct {
     unsigned char *base;
     size_t map_len;
     uint32_t ps, np, offmask;
-    uint32_t now;
+    uint64_t now; /* unix ms */
     uint64_t seed;            /* the fixed hash seed of this input's files */
     uint64_t repairs0;        /* fmm_repairs when the file was opened */
     int clean;                /* the file has not been damaged */
@@ -363,8 +364,9 @@ static void check_item(uint32_t p, const fmm_item *it, const char *who)
     model_t *m = &S.model[ki];
     EXPECT(m->present, "%s: key %d found but it was deleted, cleared or never stored", who, ki);
     EXPECT(it->vlen == m->vlen && it->flags == m->flags && it->expire_on == m->expire_on,
-           "%s: key %d is (vlen %u flags 0x%x expire %u), stored (vlen %u flags 0x%x expire %u)", who, ki, it->vlen,
-           it->flags, it->expire_on, m->vlen, m->flags, m->expire_on);
+           "%s: key %d is (vlen %u flags 0x%x expire %llu), stored (vlen %u flags 0x%x expire %llu)", who, ki,
+           it->vlen, it->flags, (unsigned long long)it->expire_on, m->vlen, m->flags,
+           (unsigned long long)m->expire_on);
     EXPECT(it->modseq == (m->flags & FMM_F_MODSEQ ? m->modseq : 0), "%s: key %d has modseq %llu, stored %llu", who,
            ki, (unsigned long long)it->modseq, (unsigned long long)m->modseq);
     for (uint32_t i = 0; i < it->vlen; i++)
@@ -480,7 +482,7 @@ static int expected_rule(const fmm_item *old, uint32_t flags, uint64_t modseq)
  * (type 6 then makes a tombstone, whose value is dropped unless vlen % 7 is
  * 3, to reach FMM_EBADARG), else fmm_set. */
 static void do_set(uint32_t p, uint64_t hash, const uint8_t *key, uint32_t klen, uint32_t vlen, uint32_t flags,
-                   uint32_t expire_on, uint64_t modseq, int ki)
+                   uint64_t expire_on, uint64_t modseq, int ki)
 {
     uint8_t fill = S.seq++;
     int ms = (flags & FMM_F_MODSEQ) != 0;
@@ -553,15 +555,17 @@ static uint32_t pick_key(rd_t *r, uint8_t *buf, int *ki)
     return n;
 }
 
-static uint32_t pick_expire(uint8_t e)
+/* In milliseconds: steps of 150 ms cross second boundaries, where the
+ * expiry's second and its milliseconds (stored apart) both count. */
+static uint64_t pick_expire(uint8_t e)
 {
     if (e < 128)
         return 0;
     if (e < 192)
-        return S.now + 1 + (e & 15); /* a little later */
+        return S.now + 1 + (e & 15) * 150u; /* a little later */
     if (e < 224)
-        return S.now - (e & 15); /* already expired (now >= expire_on) */
-    return 0xFFFFFFF0u | (e & 15);
+        return S.now - (e & 15) * 150u; /* already expired (now >= expire_on) */
+    return (uint64_t)(0xFFFFFFF0u | (e & 15)) * 1000u + (e & 15) * 61u; /* the latest there are */
 }
 
 /* ---------- Lock-free reads ---------- */
@@ -569,7 +573,8 @@ static uint32_t pick_expire(uint8_t e)
 /* What a lock-free read found (the value copied to g_optval). */
 typedef struct {
     int rc;
-    uint32_t tok, vlen, flags, expire_on, last_access;
+    uint32_t tok, vlen, flags, last_access;
+    uint64_t expire_on;
 } opt_t;
 static uint8_t g_optval[MAX_PS];
 
@@ -594,8 +599,8 @@ static void opt_get(uint32_t p, uint64_t hash, const uint8_t *key, uint32_t klen
         EXPECT(it.klen == klen && memcmp(it.key, key, klen) == 0, "lock-free get returned another key");
         EXPECT(!(it.flags & FMM_F_MODSEQ), "lock-free get returned a modseq entry (flags 0x%x)", it.flags);
         EXPECT(!(it.expire_on && S.now >= it.expire_on), "lock-free get returned an expired entry");
-        EXPECT(!touch || it.last_access == S.now, "lock-free touch of an entry stamped at %u, now %u",
-               it.last_access, S.now);
+        EXPECT(!touch || it.last_access == S.now / 1000, "lock-free touch of an entry stamped at %u, now %llu ms",
+               it.last_access, (unsigned long long)S.now);
         memcpy(g_optval, it.val, it.vlen);
         o->vlen = it.vlen;
         o->flags = it.flags;
@@ -658,9 +663,9 @@ static void opt_check_locked(uint32_t p, uint64_t hash, const uint8_t *key, uint
         EXPECT(ms || (touch && want_hit), "lock-free read FMM_EAGAIN without a reason (%s, touch %d)",
                found ? (live ? "a live entry" : "an expired entry") : "no entry", touch);
     }
-    if (touch && want_hit && it.last_access != S.now)
-        EXPECT(o->rc == FMM_EAGAIN, "lock-free touch of an entry stamped at %u, now %u: %d", it.last_access, S.now,
-               o->rc);
+    if (touch && want_hit && it.last_access != S.now / 1000)
+        EXPECT(o->rc == FMM_EAGAIN, "lock-free touch of an entry stamped at %u, now %llu ms: %d", it.last_access,
+               (unsigned long long)S.now, o->rc);
 }
 
 static void op_key(rd_t *r, int kind, uint8_t op)
@@ -683,7 +688,7 @@ static void op_key(rd_t *r, int kind, uint8_t op)
     if (kind == 0) { /* set */
         uint32_t vlen = value_len(u8(r));
         uint32_t flags = u8(r);
-        uint32_t expire_on = pick_expire(u8(r));
+        uint64_t expire_on = pick_expire(u8(r));
         uint64_t modseq = 0;
         if (flags & FMM_F_MODSEQ) { /* small numbers, so that they compare; sometimes the extremes */
             uint8_t m = u8(r);
@@ -1385,7 +1390,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 15: op_reopen(&r); break;
         case 16: { /* time passes */
             uint8_t t = u8(&r);
-            S.now += t < 200 ? t : (uint32_t)(t - 199) * 3600;
+            S.now += t < 200 ? (uint64_t)t * 37u : (uint64_t)(t - 199) * 3600000u; /* ms */
             fmm_set_time(S.c, S.now);
             EXPECT(fmm_now(S.c) == S.now, "fmm_now");
             break;

@@ -253,7 +253,7 @@ static fmm_cache *open_anon(uint32_t page_size, uint32_t num_pages)
 }
 
 /* Locked one-shot operations on a key (a C string). */
-static int kset_full(fmm_cache *c, const char *k, const void *v, uint32_t vlen, uint32_t flags, uint32_t exp,
+static int kset_full(fmm_cache *c, const char *k, const void *v, uint32_t vlen, uint32_t flags, uint64_t exp,
                      fmm_evict_fn fn, void *ctx)
 {
     uint32_t klen = (uint32_t)strlen(k);
@@ -1231,10 +1231,82 @@ static void test_expiry(void)
     fmm_set_time(c, T + 11);
     CHECK(!khas(c, "soon2"));
     CHECK_EQ(check_all_pages(c), 0);
-    /* back to real time */
+    /* back to real time, in milliseconds */
     fmm_set_time(c, 0);
-    uint32_t real = (uint32_t)time(NULL);
-    CHECK(fmm_now(c) + 2 >= real && fmm_now(c) <= real + 2);
+    CHECK_EQ(fmm_time_unit(c), 1000);
+    uint64_t real = (uint64_t)time(NULL) * 1000u;
+    CHECK(fmm_now(c) + 2000 >= real && fmm_now(c) <= real + 2000);
+    fmm_close(c);
+}
+
+/* Native expiry has millisecond resolution: the milliseconds share a word
+ * with the access second, which reads and stores must both keep right. */
+static void test_expiry_ms(void)
+{
+    fmm_cache *c = open_anon(8192, 1);
+    CHECK(c != NULL);
+    if (!c)
+        return;
+    const uint64_t T = 1700000000123u; /* unix ms */
+    fmm_set_time(c, T);
+    CHECK_EQ(fmm_now(c), T);
+    CHECK_EQ(fmm_expire_at(c, 250), T + 250); /* exact with the override */
+    CHECK_EQ(kset_full(c, "q", "v", 1, 0, T + 250, NULL, NULL), 0);
+    CHECK_EQ(kset_full(c, "s", "w", 1, 0, T + 877, NULL, NULL), 0); /* crosses into the next second */
+    CHECK_EQ(kset_full(c, "tiny", "x", 1, 0, 1, NULL, NULL), 0);     /* 1 ms after 1970: expired, not never */
+    CHECK(!khas(c, "tiny"));
+    uint64_t h = fmm_hash(c, "q", 1);
+    fmm_item it;
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    CHECK_RC(fmm_get(c, 0, h, "q", 1, 0, &it), 0);
+    CHECK_EQ(it.expire_on, T + 250);
+    CHECK_EQ(it.last_access, T / 1000);
+    fmm_unlock(c, 0);
+    /* a touching read a second later restamps the access second and keeps
+     * the expiry's milliseconds */
+    fmm_set_time(c, T + 249);
+    CHECK(kiss(c, "q", "v"));
+    fmm_set_time(c, T + 1000 - 123 - 1); /* the last ms of the store's second */
+    CHECK(kiss(c, "s", "w"));
+    fmm_set_time(c, T + 250 - 1);
+    CHECK_EQ(kget_full(c, "q", FMM_GET_TOUCH, NULL, 0, NULL, NULL), 0);
+    fmm_set_time(c, T + 250);
+    CHECK(!khas(c, "q"));
+    CHECK(kiss(c, "s", "w"));
+    fmm_set_time(c, T + 876);
+    CHECK_EQ(kget_full(c, "s", FMM_GET_TOUCH, NULL, 0, NULL, NULL), 0);
+    h = fmm_hash(c, "s", 1);
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    CHECK_RC(fmm_get(c, 0, h, "s", 1, 0, &it), 0);
+    CHECK_EQ(it.expire_on, T + 877);
+    CHECK_EQ(it.last_access, (T + 876) / 1000);
+    fmm_unlock(c, 0);
+    fmm_set_time(c, T + 877);
+    CHECK(!khas(c, "s"));
+    /* last_access is the full second for an entry used 40 days ago */
+    fmm_set_time(c, T);
+    CHECK_EQ(kset_full(c, "old", "o", 1, 0, 0, NULL, NULL), 0);
+    fmm_set_time(c, T + 40ull * 86400 * 1000);
+    h = fmm_hash(c, "old", 3);
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    CHECK_RC(fmm_get(c, 0, h, "old", 3, 0, &it), 0);
+    CHECK_EQ(it.last_access, T / 1000);
+    CHECK_EQ(it.expire_on, 0);
+    fmm_unlock(c, 0);
+    /* the latest expiry there is: second 2^32-1, 999 ms */
+    CHECK_EQ(kset_full(c, "far", "f", 1, 0, UINT64_MAX, NULL, NULL), 0);
+    h = fmm_hash(c, "far", 3);
+    CHECK_EQ(fmm_lock(c, 0, -1), 0);
+    CHECK_RC(fmm_get(c, 0, h, "far", 3, 0, &it), 0);
+    CHECK(it.expire_on == 0xFFFFFFFFull * 1000 + 999);
+    fmm_unlock(c, 0);
+    /* the real clock: fmm_expire_at counts from the latest real time the
+     * clock reading allows, so never before fmm_now() + after */
+    fmm_set_time(c, 0);
+    uint64_t before = fmm_now(c);
+    uint64_t at = fmm_expire_at(c, 250);
+    CHECK(at >= before + 250 && at <= fmm_now(c) + 250 + 10);
+    CHECK_EQ(check_all_pages(c), 0);
     fmm_close(c);
 }
 
@@ -3942,12 +4014,12 @@ static void test_optimistic_basic(void)
     CHECK(c != NULL);
     if (!c)
         return;
-    fmm_set_time(c, T);
+    fmm_set_time(c, (uint64_t)T * 1000u);
     CHECK_EQ(ksets(c, "hot", "h"), 0);
     CHECK(oget_is(c, "hot", FMM_GET_TOUCH, "h")); /* stamped by its store */
     CHECK_EQ(ksets(c, "other", "o"), 0);
     CHECK(oget_is(c, "hot", FMM_GET_TOUCH, "h")); /* one store later: still among the newest */
-    fmm_set_time(c, T + 1);
+    fmm_set_time(c, (uint64_t)(T + 1) * 1000u);
     CHECK_RC(oget(c, "hot", FMM_GET_TOUCH, buf, sizeof buf, &vl), FMM_EAGAIN); /* stamped in another second */
     CHECK(oget_is(c, "hot", 0, "h"));
     CHECK(khas(c, "hot")); /* a locked peek does not stamp */
@@ -4560,6 +4632,7 @@ static const test TESTS[] = {
     T(test_race_free_creation),
     T(test_get_set_delete),
     T(test_expiry),
+    T(test_expiry_ms),
     T(test_lru_eviction),
     T(test_compaction_overwrites),
     T(test_slot_growth_shrink),

@@ -39,7 +39,7 @@ def read_cb(store: Store, key: str | bytes) -> Any:
     return store.get(key)
 
 
-def write_cb(store: Store, key: str | bytes, value: Any, expire_on: int) -> None:
+def write_cb(store: Store, key: str | bytes, value: Any, expire_on: float) -> None:
     store[key] = value
 
 
@@ -161,7 +161,7 @@ def basics(path: pathlib.Path) -> None:
 
         # the file and its counters
         assert_type(cache.share_file, str | None)
-        assert_type(cache.expire_time, int)
+        assert_type(cache.expire_time, float)  # seconds, with milliseconds
         assert cache.expire_time == 3600
         assert_type(cache.page_size, int)
         assert cache.cache_size == cache.page_size * cache.num_pages

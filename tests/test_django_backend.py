@@ -986,13 +986,15 @@ def test_timeouts_map_to_expire_on(cache):
     cache.set("huge", 1, 10**12)
     cache.set("counter", 1, None)
     cache.incr("counter")
-    t1 = time.time()
-    assert math.ceil(t0 + 300) <= expire_on("default") <= math.ceil(t1 + 300)
-    assert math.ceil(t0 + 100.2) <= expire_on("float") <= math.ceil(t1 + 100.2)
+    cache.set("quarter", 1, 0.25)
+    t1 = time.time() + 0.001  # expire_on is rounded up to the millisecond, not the second
+    assert t0 + 300 <= expire_on("default") <= t1 + 300
+    assert t0 + 100.2 <= expire_on("float") <= t1 + 100.2
+    assert t0 + 0.25 <= expire_on("quarter") <= t1 + 0.25
     assert expire_on("never") == 0
     assert expire_on("huge") == 2**32 - 1
     # incr() gives the entry the default timeout again (as Django's generic incr()).
-    assert math.ceil(t0 + 300) <= expire_on("counter") <= math.ceil(t1 + 300)
+    assert t0 + 300 <= expire_on("counter") <= t1 + 300
 
 
 def test_value_too_big_for_a_page(cache):

@@ -7,6 +7,7 @@ now >= expire_on).  Unlike Perl, our set() treats expire_time 0 as "never".
 
 from __future__ import annotations
 
+import datetime
 import time
 
 import pytest
@@ -280,3 +281,73 @@ def test_expired_entries_make_room_before_live_ones_are_evicted(clocked):
     for k in new_keys:
         assert c.set(k, value)
     assert sorted(c.get_keys(0)) == sorted(live_keys + new_keys)
+
+
+# ---------------------------------------------------------------- sub-second expiry
+
+
+@pytest.mark.parametrize("spec", [0.25, datetime.timedelta(milliseconds=250)], ids=["float", "timedelta"])
+def test_sub_second_expire_time(clocked, spec):
+    """The native format keeps milliseconds: 0.25 is 250 ms, not a second."""
+    c = clocked()
+    c.set("k", "v", expire_time=spec)
+    assert expire_on(c, "k") == T0 + 0.25
+    c._set_time_override(T0 + 0.249)
+    assert live(c, "k")
+    c._set_time_override(T0 + 0.25)
+    assert not live(c, "k")
+
+
+def test_sub_second_default_and_absolute_expiry(clocked):
+    c = clocked(expire_time=1.5)
+    assert c.expire_time == 1.5
+    c.set("dflt", 1)
+    c.set("abs", 2, expire_on=T0 + 0.75)
+    c.set("whole", 3, expire_time=2)
+    assert (expire_on(c, "dflt"), expire_on(c, "abs"), expire_on(c, "whole")) == (T0 + 1.5, T0 + 0.75, T0 + 2)
+    assert type(expire_on(c, "whole")) is int  # whole seconds stay ints
+    c._set_time_override(T0 + 0.75)
+    assert not live(c, "abs") and live(c, "dflt")
+    c._set_time_override(T0 + 1.5)
+    assert not live(c, "dflt") and live(c, "whole")
+    assert clocked(expire_time=2).expire_time == 2
+
+
+def test_perl_format_keeps_whole_seconds(clocked):
+    """Perl's Cache::FastMmap stores whole seconds: a fraction rounds up."""
+    c = clocked(format="perl", serializer="raw", expire_time=0.25)
+    assert c.expire_time == 1
+    c.set("k", b"v")
+    c.set("k2", b"v", expire_time=1.5)
+    c.set("abs", b"v", expire_on=T0 + 0.5)
+    assert (expire_on(c, "k"), expire_on(c, "k2"), expire_on(c, "abs")) == (T0 + 1, T0 + 2, T0 + 1)
+
+
+def test_sub_second_expiry_with_the_real_clock(cache):
+    """expire_time=0.25 with real time: the entry is there for at least
+    250 ms and gone 10 ms later.  Each bound is asserted only for reads that
+    the monotonic clock places certainly inside its window (the time taken
+    before the set to after the get for the first, after the set to before
+    the get for the second), so a loaded machine makes the test take
+    longer, never fail."""
+    c = cache(num_pages=3)
+    present_seen = absent_seen = 0
+    for attempt in range(20):
+        before_set = time.monotonic()
+        c.set("k", "v", expire_time=0.25)
+        after_set = time.monotonic()
+        while True:
+            before_get = time.monotonic()
+            hit = c.get("k") is not None
+            after_get = time.monotonic()
+            if after_get - before_set < 0.25:
+                assert hit, f"gone {after_get - before_set:.4f} s after the set began"
+                present_seen += 1
+            if before_get - after_set >= 0.26:
+                assert not hit, f"still there {before_get - after_set:.4f} s after the set ended"
+                absent_seen += 1
+                break
+            time.sleep(0.002)
+        if present_seen and absent_seen:
+            break
+    assert present_seen and absent_seen, "the machine was too loaded to place any read"

@@ -382,7 +382,7 @@ BAD_HEADERS = {
     "file_size off by a page": {H_FILE_SIZE: HEADER_SIZE + 5 * 8192},
     "version 1 (the old page layout)": {H_VERSION: 1},
     "version 2 (no sequence word: its writers would not move it)": {H_VERSION: 2},
-    "version 3 (keys hashed to other pages)": {H_VERSION: 3},
+    "version 3 (whole-second expiry, keys hashed to other pages)": {H_VERSION: 3},
     "version 5": {H_VERSION: 5},
     "state not ready": {H_STATE: 0},
 }

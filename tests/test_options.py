@@ -2,6 +2,7 @@
 
 import datetime
 import math
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -188,6 +189,38 @@ def test_parse_expire_time_good(value, expected):
     result = parse_expire_time(value)
     assert result == expected
     assert type(result) is int
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (0.25, 250),
+        (0.0001, 1),  # a fraction of a millisecond rounds up
+        (1.5, 1500),
+        (2, 2000),
+        (0, 0),
+        (0.0, 0),
+        (datetime.timedelta(milliseconds=250), 250),
+        (datetime.timedelta(microseconds=1), 1),
+        (datetime.timedelta(days=1), 86_400_000),
+        ("5m", 300_000),
+        ("never", 0),
+        ("now", o.EXPIRE_NOW),
+        (o.MAX_EXPIRE_TIME, o.MAX_EXPIRE_TIME * 1000),
+    ],
+)
+def test_parse_expire_time_ms(value, expected):
+    result = o.parse_expire_time_ms(value)
+    assert result == expected
+    assert type(result) is int
+
+
+@pytest.mark.parametrize("value", [-0.25, float("nan"), float("inf"), "1ms", None, o.MAX_EXPIRE_TIME + 0.5])
+def test_parse_expire_time_ms_refuses_what_parse_expire_time_does(value):
+    with pytest.raises((TypeError, ValueError)) as err:
+        parse_expire_time(value)
+    with pytest.raises(err.type, match=re.escape(str(err.value))):
+        o.parse_expire_time_ms(value)
 
 
 @pytest.mark.parametrize(

@@ -316,10 +316,11 @@ class Cache(CacheBase):
             slots = _options.parse_start_slots(start_slots)
         perms = _options.parse_permissions(permissions)
         timeout = _options.parse_lock_timeout(lock_timeout)
-        default_expire = _options.parse_expire_time(expire_time)
+        # Milliseconds: the native format's resolution (Perl's rounds up to seconds).
+        default_expire = _options.parse_expire_time_ms(expire_time)
         tombstone_expire = (
             None if tombstone_expire_time is None
-            else _options.parse_expire_time(tombstone_expire_time, "tombstone_expire_time")
+            else _options.parse_expire_time_ms(tombstone_expire_time, "tombstone_expire_time")
         )
         ser_type, dumps, loads = _resolve_serializer(serializer)
         if perl:
@@ -394,7 +395,7 @@ class Cache(CacheBase):
             raise
         self._configure(
             default_expire, timeout, ser_type, dumps, loads, comp_type, compress, decompress,
-            compress_threshold, _options.parse_expire_time, tombstone_expire,
+            compress_threshold, _options.parse_expire_time_ms, tombstone_expire,
         )
         self._set_callbacks(
             context, read_cb, write_cb, delete_cb, write_action == "write_back",
@@ -410,7 +411,12 @@ class Cache(CacheBase):
             st = os.stat(path)
             self._file_id = (st.st_dev, st.st_ino)
         self._private_dir = private_dir
-        self._expire_time = default_expire
+        self._expire_time: float = default_expire  # 0 and EXPIRE_NOW
+        if default_expire > 0:
+            # seconds: whole in Perl's format (rounded up, as stored), else
+            # with the milliseconds, an int when there are none
+            secs, ms = divmod(default_expire, 1000)
+            self._expire_time = secs + (ms > 0) if perl else secs if ms == 0 else default_expire / 1000
         self._creator_pid = os.getpid()
         self._created = bool(created)
         self._unlink_on_exit = (bool(created) if unlink_on_exit is None else bool(unlink_on_exit)) and not anonymous
@@ -436,8 +442,9 @@ class Cache(CacheBase):
         return self._share_file
 
     @property
-    def expire_time(self) -> int:
-        """Default time to live in seconds (0 = never, -1 = expire at once)."""
+    def expire_time(self) -> float:
+        """Default time to live in seconds (0 = never, -1 = expire at once); an
+        int, or a float with milliseconds (the native format's resolution)."""
         return self._expire_time
 
     # ----- lifecycle -----

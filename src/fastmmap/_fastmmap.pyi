@@ -26,7 +26,8 @@ _Key: TypeAlias = str | bytes
 _KeyT = TypeVar("_KeyT", bound=str | bytes)
 _T = TypeVar("_T")
 
-#: A relative expiry: seconds (int or float, rounded up), a timedelta, or a
+#: A relative expiry: seconds (int or float, rounded up to the millisecond;
+#: to the second with format="perl"), a timedelta, or a
 #: string such as "30s", "5m", "2h", "1d", "1w", "never" or "now".
 _ExpireTime: TypeAlias = float | str | datetime.timedelta
 #: An absolute expiry in unix seconds (0 = never).
@@ -35,7 +36,7 @@ _ExpireOn: TypeAlias = float
 #: read_cb(context, key) -> value, or None for "not found".
 _ReadCallback: TypeAlias = Callable[[Any, _Key], Any]
 #: write_cb(context, key, value, expire_on); the result is ignored.
-_WriteCallback: TypeAlias = Callable[[Any, _Key, Any, int], object]
+_WriteCallback: TypeAlias = Callable[[Any, _Key, Any, float], object]
 #: delete_cb(context, key); the result is ignored.
 _DeleteCallback: TypeAlias = Callable[[Any, _Key], object]
 
@@ -318,7 +319,7 @@ class CacheBase:
     @overload
     def _entries(self, mode: int, /) -> list[Any]: ...
     def _page_info(self, page: int, /) -> dict[str, int]: ...
-    def _set_time_override(self, t: int, /) -> None: ...
+    def _set_time_override(self, t: float, /) -> None: ...
     def _set_batch_fault(self, k: int, /) -> None: ...
     def _release_locks(self) -> None: ...
     def _held_get(self, page: int, key: _Key, page_key: _Key | None, default: Any, /) -> Any: ...
@@ -330,7 +331,7 @@ class CacheBase:
         value: Any,
         expire_time: _ExpireTime | None,
         /,
-    ) -> tuple[bool | None, int, list[_Evicted] | None]: ...
+    ) -> tuple[bool | None, float, list[_Evicted] | None]: ...
     def _held_delete(self, page: int, key: _Key, page_key: _Key | None, /) -> bool: ...
     def _flush_evicted(self, entries: list[_Evicted] | None, /) -> None: ...
 

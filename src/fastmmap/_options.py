@@ -37,6 +37,7 @@ __all__ = [
     "MAX_LOCK_TIMEOUT",
     "parse_size",
     "parse_expire_time",
+    "parse_expire_time_ms",
     "compute_geometry",
     "legacy_geometry",
     "LARGE_CACHE_SIZE",
@@ -420,6 +421,24 @@ def parse_expire_time(value: object, name: str = "expire_time") -> int:
             f"got {value!r}; use 0 or 'never' for no expiry"
         )
     return secs
+
+
+def parse_expire_time_ms(value: object, name: str = "expire_time") -> int:
+    """parse_expire_time in milliseconds: the native format's resolution.
+
+    Accepts and rejects what parse_expire_time does; a float or a timedelta
+    is rounded up to the millisecond (0.25 -> 250), not to the second.
+    Returns 0 for never and EXPIRE_NOW for now, as parse_expire_time.
+    """
+    secs = parse_expire_time(value, name)  # validates, and the whole-second cases
+    if secs in (0, EXPIRE_NOW) and not isinstance(value, (float, datetime.timedelta)):
+        return secs
+    if isinstance(value, float):
+        return math.ceil(value * 1000) if value else 0
+    if isinstance(value, datetime.timedelta):
+        micros = (value.days * 86400 + value.seconds) * 1_000_000 + value.microseconds
+        return -(-micros // 1000)
+    return secs * 1000
 
 
 def compute_perl_geometry(

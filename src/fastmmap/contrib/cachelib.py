@@ -12,7 +12,9 @@ With Flask-Caching::
     app.config["CACHE_OPTIONS"] = {"share_file": "/dev/shm/app.cache", "cache_size": "64m"}
 
 Timeouts follow cachelib: ``None`` is the default timeout, ``0`` never
-expires, a negative timeout expires at once (the key is removed).  ``inc``
+expires, a negative timeout expires at once (the key is removed); but a
+float or ``timedelta`` keeps its milliseconds (cachelib rounds it up to
+whole seconds, and warns that floats are deprecated).  ``inc``
 and ``dec`` are atomic across processes.  Values go through fastmmap's
 serializer (pickle by default), so anyone who can write the file can run
 code in the processes that read it: see "Security and trust" in the
@@ -27,7 +29,9 @@ are then stored as the bytes it returns, as cachelib's own backends do.
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
+import math
 import os
 import threading
 import time
@@ -183,7 +187,17 @@ class FastMmapCache(BaseCache):
 
     def _expire_on(self, timeout: Any) -> float:
         """cachelib timeout -> fastmmap expire_on (0 = never) or _EXPIRED."""
-        seconds = self._normalize_timeout(timeout)
+        if timeout is None:
+            timeout = self.default_timeout
+        # fastmmap keeps milliseconds: no rounding up to a second (nor
+        # cachelib's deprecation of floats, which is about that rounding)
+        seconds: float
+        if isinstance(timeout, float) and math.isfinite(timeout):
+            seconds = timeout
+        elif isinstance(timeout, dt.timedelta):
+            seconds = timeout.total_seconds()
+        else:
+            seconds = self._normalize_timeout(timeout)
         if seconds == 0:
             return 0
         if seconds < 0:

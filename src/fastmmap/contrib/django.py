@@ -140,7 +140,7 @@ class FastMmapCache(BaseCache):  # type: ignore[misc,unused-ignore]
             return 0
         if timeout <= 0:
             return _EXPIRED
-        # A float is rounded up by fastmmap: an entry never expires early.
+        # A float keeps its milliseconds (rounded up): an entry never expires early.
         return min(time.time() + float(timeout), _MAX_EXPIRE_ON)
 
     def _store(self, cache: fastmmap.Cache, key: str, value: Any, expire_on: float) -> bool:

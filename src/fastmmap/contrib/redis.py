@@ -16,7 +16,7 @@ Redis::
   the store's serializer, and a key that is absent gives ``None`` (fastmmap's
   "not found").
 - ``write_cb(context, key, value, expire_on)``: ``SET prefix+key`` with
-  ``EXAT expire_on`` (absolute unix seconds; 0 = no expiry).  An
+  ``PXAT`` at ``expire_on`` (absolute unix seconds; 0 = no expiry).  An
   ``expire_on`` already in the past deletes the key instead.
 - ``delete_cb(context, key)``: ``DEL prefix+key``.
 
@@ -35,6 +35,7 @@ unless ``RedisStore.from_url`` is used.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import threading
@@ -175,14 +176,15 @@ class RedisStore:
             return None
         return self.loads(data)
 
-    def write_cb(self, context: Any, key: str | bytes, value: Any, expire_on: int) -> None:
-        """fastmmap write_cb: SET with EXAT expire_on (0: no expiry); PUBLISH if channel is set."""
+    def write_cb(self, context: Any, key: str | bytes, value: Any, expire_on: float) -> None:
+        """fastmmap write_cb: SET with PXAT at expire_on (0: no expiry); PUBLISH if channel is set."""
         rkey = self.redis_key(key)
         pipe = self.client.pipeline(transaction=False)
         if expire_on and expire_on <= time.time():
             pipe.delete(rkey)  # already expired: what Redis holds is out of date too
         elif expire_on:
-            pipe.set(rkey, self.dumps(value), exat=int(expire_on))
+            # PXAT: expire_on has milliseconds (rounded up: never before fastmmap's entry)
+            pipe.set(rkey, self.dumps(value), pxat=math.ceil(expire_on * 1000))
         else:
             pipe.set(rkey, self.dumps(value))
         if self.channel is not None:
