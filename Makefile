@@ -22,6 +22,17 @@
 #                busy loops load the cores; reports every test that failed
 #                even once (.ci/flake_hunt.py, output in build/flake-hunt)
 #   make bench / bench-smoke   benchmarks/run.py (full / quick)
+#   make test-matrix     the pytest suite (not stress, not slow) on the other
+#                        CPython versions, a venv each (.venv-3.12, ...)
+#   make wheels  manylinux_2_28 x86_64/aarch64 and musllinux_1_2 x86_64 wheels
+#                with zig cc (tools/build_wheels.py) into wheelhouse/, checked
+#                with auditwheel, then ctest-cross and wheel-test
+#   make ctest-cross     the C engine tests built with zig cc for each wheel
+#                        target (aarch64 run under qemu-user, musl static)
+#   make wheel-test      the pytest suite against the x86_64 wheel in a fresh
+#                        venv, with every C compiler off PATH
+#   make sdist-check     build the sdist, check-manifest, twine check --strict,
+#                        then `make ctest` from the unpacked sdist
 #   make clean / distclean     remove build outputs / also .venv
 #
 # The tests import the fastmmap *installed* in .venv, never src/: the src
@@ -87,7 +98,8 @@ VALGRIND_CFLAGS := -std=gnu11 -g -O0 -Wall -Wextra -Wpedantic -Werror
 VALGRIND := valgrind --error-exitcode=1 -q --leak-check=full
 
 .PHONY: all venv install install-test demo ctest ctest-valgrind test test-asan test-upstream stress fuzz \
-	fuzz-merge flake-hunt bench-deps bench bench-smoke clean distclean
+	fuzz-merge flake-hunt bench-deps bench bench-smoke clean distclean test-matrix dist-tools wheels \
+	ctest-cross wheel-test sdist-check
 
 all: test
 
@@ -224,6 +236,104 @@ bench: bench-deps
 bench-smoke: bench-deps
 	$(VPY) benchmarks/run.py --smoke
 
+# The suite on the CPython versions besides $(PYTHON), one venv each; the
+# slow tests (kill storm, guard, long races) run on $(PYTHON) only, in
+# `make test`.  tools/find-python says which interpreter is missing.
+# MATRIX_PYTHONS takes free-threaded builds too (3.13t) once the binding
+# supports them.
+MATRIX_PYTHONS ?= 3.12 3.13
+test-matrix:
+	for v in $(MATRIX_PYTHONS); do \
+		py="$$(tools/find-python $$v)"; venv=".venv-$$v"; \
+		echo "test-matrix: $$v ($$py)"; \
+		if [ ! -x "$$venv/bin/python" ]; then "$$py" -m venv "$$venv"; fi; \
+		"$$venv/bin/python" -m pip install -q --upgrade pip; \
+		rm -rf $(SETUPTOOLS_BUILD_DIRS); \
+		"$$venv/bin/python" -m pip install -q '.[test]'; \
+		"$$venv/bin/python" -m pytest -q -p no:cacheprovider -m "not stress and not slow"; \
+	done
+
+# ---- Release wheels (tools/build_wheels.py says why zig cc) ----
+DIST_VENV := .venv-dist
+DIST_PY := $(DIST_VENV)/bin/python
+ZIG := $(DIST_PY) -m ziglang
+WHEEL_PYTHONS ?= 3.11 3.12 3.13
+WHEELHOUSE ?= wheelhouse
+CROSS_TARGETS := x86_64-linux-gnu.2.28 aarch64-linux-gnu.2.28 x86_64-linux-musl
+CROSS_CFLAGS := -std=gnu11 -g -O1 -Wall -Wextra -Werror
+# Debian's qemu-user and libc6-arm64-cross (the aarch64 glibc to run on).
+QEMU_AARCH64 ?= qemu-aarch64 -L /usr/aarch64-linux-gnu
+
+dist-tools:
+	@if [ ! -x $(DIST_PY) ]; then echo "creating $(DIST_VENV)"; $(PYTHON) -m venv $(DIST_VENV); fi
+	$(DIST_PY) -m pip install -q --upgrade pip
+	$(DIST_PY) -m pip install -q -r tools/dist-requirements.txt
+
+wheels: dist-tools
+	rm -rf $(WHEELHOUSE)
+	args=(); for v in $(WHEEL_PYTHONS); do args+=(--python "$$v=$$(tools/find-python $$v)"); done; \
+	$(DIST_PY) tools/build_wheels.py --werror --out $(WHEELHOUSE) "$${args[@]}"
+	@# auditwheel must name the tag the file carries, nothing older.
+	for w in $(WHEELHOUSE)/*.whl; do \
+		tag="$$(basename "$$w" .whl)"; tag="$${tag##*-}"; \
+		out="$$($(DIST_VENV)/bin/auditwheel show "$$w" 2>&1 | tr '\n' ' ')"; \
+		echo "$$out" | grep -q "consistent with the following platform tag: \"$$tag\"" || \
+			{ echo "wheels: auditwheel does not accept $$w as $$tag: $$out" >&2; exit 1; }; \
+		echo "wheels: $$(basename "$$w"): auditwheel: $$tag"; \
+	done
+	$(MAKE) --no-print-directory ctest-cross
+	$(MAKE) --no-print-directory wheel-test
+
+ctest-cross: dist-tools
+	$(CHECK_DEPS) wheels
+	mkdir -p build/cross
+	for t in $(CROSS_TARGETS); do \
+		case "$$t" in \
+			*musl) link=-static; run=() ;; \
+			aarch64*) link=; run=($(QEMU_AARCH64)) ;; \
+			*) link=; run=() ;; \
+		esac; \
+		for d in test_fmm test_fmm_perl; do \
+			echo "ctest-cross: $$d on $$t"; \
+			$(ZIG) cc -target "$$t" $$link $(CROSS_CFLAGS) -Icsrc $(ENGINE_SRC) csrc/$$d.c \
+				-o "build/cross/$$d-$$t" -lpthread; \
+			"$${run[@]}" "build/cross/$$d-$$t" | tail -n 1; \
+		done; \
+	done
+
+# The wheel for $(PYTHON) in a fresh venv: fastmmap installed from it with
+# no compiler reachable (build/no-cc shadows every C compiler name with a
+# script that fails), the test dependencies installed normally (uwsgi is
+# built from source), then the suite run with the compilers still shadowed.
+WHEEL_TEST_VENV := build/wheel-test-venv
+NO_CC := cc gcc g++ c++ clang clang-14 x86_64-linux-gnu-gcc x86_64-linux-gnu-gcc-12 zig
+wheel-test:
+	rm -rf $(WHEEL_TEST_VENV) build/no-cc
+	mkdir -p build/no-cc
+	for c in $(NO_CC); do \
+		printf '#!/bin/sh\necho "%s: no C compiler in wheel-test" >&2\nexit 127\n' "$$c" > build/no-cc/$$c; \
+		chmod +x build/no-cc/$$c; \
+	done
+	$(PYTHON) -m venv $(WHEEL_TEST_VENV)
+	nodot="$$($(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"; \
+	whl="$$(ls $(WHEELHOUSE)/fastmmap-*-cp$$nodot-cp$$nodot-manylinux_2_28_x86_64.whl)"; \
+	PATH="$$PWD/build/no-cc:$$PATH" $(WHEEL_TEST_VENV)/bin/pip install -q --no-index --no-deps "$$whl"; \
+	$(WHEEL_TEST_VENV)/bin/pip install -q "$$whl[test]"; \
+	PATH="$$PWD/build/no-cc:$$PATH" $(WHEEL_TEST_VENV)/bin/python -c \
+		'import subprocess, fastmmap._fastmmap as m; assert subprocess.run(["cc"], capture_output=True).returncode == 127; print("wheel-test:", m.__file__)'; \
+	PATH="$$PWD/build/no-cc:$$PATH" $(WHEEL_TEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not stress"
+
+# The sdist alone: every file in git is in it (or excluded in
+# pyproject.toml's [tool.check-manifest] with the reason), its metadata
+# passes twine's strict check, and the C tests run from the unpacked tree.
+sdist-check: dist-tools
+	rm -rf build/sdist && mkdir -p build/sdist
+	$(DIST_VENV)/bin/check-manifest
+	$(DIST_PY) -m build --sdist --outdir build/sdist .
+	$(DIST_VENV)/bin/twine check --strict build/sdist/*.tar.gz
+	tar -xzf build/sdist/*.tar.gz -C build/sdist
+	$(MAKE) -C build/sdist/fastmmap-*/ --no-print-directory ctest
+
 clean:
 	rm -rf build dist src/*.egg-info *.egg-info .pytest_cache .hypothesis .benchmarks
 	rm -f src/fastmmap/*.so
@@ -231,4 +341,4 @@ clean:
 		-exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(ASAN_VENV) $(UPSTREAM_VENV)
+	rm -rf $(VENV) $(ASAN_VENV) $(UPSTREAM_VENV) $(DIST_VENV) .venv-3.* $(WHEELHOUSE)

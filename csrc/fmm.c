@@ -41,6 +41,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fmm_compat.h"
+
 #ifdef FMM_DEBUG_LOG
 #define FMM_DEBUG(...) fprintf(stderr, "fmm: " __VA_ARGS__)
 #else
@@ -692,8 +694,15 @@ static int page_ok(const fmm_cache *c, const page_hdr *ph)
 /* initial-exec: direct %fs-relative access instead of a __tls_get_addr call
  * on every lock and unlock (55 fewer instructions per get, measured with
  * callgrind); the ~200 bytes fit the static TLS glibc reserves for
- * dlopen'ed modules. */
+ * dlopen'ed modules.  musl reserves none and refuses to dlopen a module
+ * with initial-exec TLS, so there the compiler's default (dynamic) model
+ * stays, which on musl's x86_64 and aarch64 goes through TLS descriptors
+ * (a call that returns a fixed offset, no __tls_get_addr). */
+#ifdef __GLIBC__
 #define TL_MODEL __attribute__((tls_model("initial-exec")))
+#else
+#define TL_MODEL
+#endif
 #define TL_MAX 8
 static TL_MODEL _Thread_local struct {
     uint64_t id; /* the handle's id, not its address: a freed handle's
@@ -706,7 +715,9 @@ static TL_MODEL _Thread_local int tl_n;
 /* glibc puts a mutex it locks at the head of the thread's robust list: its
  * __prev link is then the list head, the same for every lock of a thread,
  * and the lock word holds the thread's TID. */
+#ifdef __GLIBC__
 static TL_MODEL _Thread_local void *tl_head;
+#endif
 static TL_MODEL _Thread_local uint32_t tl_tid;
 static uint64_t next_handle_id = 1;
 
@@ -947,7 +958,7 @@ static __attribute__((noinline)) int lock_mutex_wait(fmm_cache *c, page_hdr *ph,
             ts.tv_sec++;
             ts.tv_nsec -= 1000000000;
         }
-        rc = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
+        rc = fmm_mutex_clocklock_mono(m, &ts);
         if (rc != ETIMEDOUT || fmm_lost(c))
             return rc;
         if (timeout_ns > 0)
@@ -2390,7 +2401,7 @@ int fmm_tmp_publish(int fd, const char *tmpname, const char *path, int replace)
         rc = errno;
         /* filesystems without hard links */
         if (rc != EEXIST)
-            rc = renameat2(AT_FDCWD, tmpname, AT_FDCWD, path, RENAME_NOREPLACE) == 0 ? 0 : errno;
+            rc = fmm_rename_noreplace(tmpname, path) == 0 ? 0 : errno;
     }
     if (rc == 0)
         flock(fd, LOCK_UN);

@@ -61,6 +61,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fmm_compat.h"
+
 #define P_MAGIC 0x92f7e3b1u
 #define P_HDR 32u
 #define E_HDR 24u
@@ -346,7 +348,7 @@ int pfm_lock(pfm_cache *p, uint32_t page, int64_t timeout_ns)
         rc = pthread_mutex_lock(&p->mx[page]);
     } else {
         struct timespec ts = {.tv_sec = (time_t)(deadline / 1000000000LL), .tv_nsec = (long)(deadline % 1000000000LL)};
-        rc = pthread_mutex_clocklock(&p->mx[page], CLOCK_MONOTONIC, &ts);
+        rc = fmm_mutex_clocklock_mono(&p->mx[page], &ts);
     }
     if (rc == EBUSY)
         return FMM_EBUSY;

@@ -43,6 +43,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -3591,7 +3592,10 @@ static void test_fork_while_holding(void)
     CHECK_EQ(ksets(c, "k", "v"), 0);
     uint64_t h = fmm_hash(c, "k", 1);
     uint32_t p = fmm_page_of(c, h), q = 1 - p;
-    volatile uint32_t *seq = (volatile uint32_t *)(fmm_page_ptr(c, p) + 52);
+    /* seq sits 12 bytes after the mutex, which fmm.c pads to 40 bytes, or
+     * to 64 where the ABI's mutex is larger (aarch64's is 48) */
+    size_t seq_off = (sizeof(pthread_mutex_t) <= 40 ? 40 : 64) + 12;
+    volatile uint32_t *seq = (volatile uint32_t *)(fmm_page_ptr(c, p) + seq_off);
     CHECK_RC(fmm_lock(c, p, -1), 0);
     CHECK(*seq & 1u);
     uint32_t held_seq = *seq;
@@ -4598,9 +4602,24 @@ static void test_optimistic_after_killed_writer(void)
 typedef struct test {
     const char *name;
     void (*fn)(void);
+    int needs_robust; /* its subject is a lock holder's death */
 } test;
 
-#define T(f) {#f, f}
+#define T(f) {#f, f, 0}
+#define T_ROBUST(f) {#f, f, 1}
+
+/* A dead holder's mutex is released (EOWNERDEAD) by the kernel, which walks
+ * the robust-futex list the thread registered.  qemu-user, which runs these
+ * tests for other architectures, cannot pass that list to the host kernel
+ * and fails the call with ENOSYS: there a dead holder's lock is never
+ * released and the tests of that would wait forever, so they are skipped
+ * (and reported as skipped). */
+static int robust_list_works(void)
+{
+    void *head;
+    size_t len;
+    return syscall(SYS_get_robust_list, 0, &head, &len) == 0;
+}
 static const test TESTS[] = {
     T(test_xxh64_vectors),
     T(test_short_key_hash_seeds_every_byte),
@@ -4629,7 +4648,7 @@ static const test TESTS[] = {
     T(test_locking_rules),
     T(test_threads_counter),
     T(test_cross_process_counter),
-    T(test_crash_repair),
+    T_ROBUST(test_crash_repair),
     T(test_check_file),
     T(test_corruption_fuzz),
     T(test_stats),
@@ -4640,11 +4659,11 @@ static const test TESTS[] = {
     T(test_guard_concurrent_growth),
     T(test_optimistic_basic),
     T(test_optimistic_torn_threads),
-    T(test_optimistic_after_killed_writer),
+    T_ROBUST(test_optimistic_after_killed_writer),
     T(test_optimistic_cross_process),
     T(test_prefetch_hint),
     T(test_fork_while_holding),
-    T(test_set_many),
+    T_ROBUST(test_set_many), /* its last part kills a holder mid-batch */
     T(test_store_needs_the_lock),
 };
 
@@ -4660,9 +4679,15 @@ int main(void)
         perror("mkdtemp");
         return 2;
     }
-    int passed = 0, failed = 0;
+    int passed = 0, failed = 0, skipped = 0;
+    int robust = robust_list_works();
     double t0 = now_s();
     for (size_t i = 0; i < sizeof TESTS / sizeof TESTS[0]; i++) {
+        if (TESTS[i].needs_robust && !robust) {
+            skipped++;
+            printf("skip %-30s (no robust-futex list here, e.g. under qemu-user)\n", TESTS[i].name);
+            continue;
+        }
         g_test_failures = 0;
         double t = now_s();
         TESTS[i].fn();
@@ -4677,6 +4702,6 @@ int main(void)
     }
     rm_rf(g_dir);
     fprintf(stderr, "total time %.2fs\n", now_s() - t0);
-    printf("%d passed, %d failed\n", passed, failed);
+    printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);
     return failed ? 1 : 0;
 }

@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import atexit
 import errno
-import json
 import os
 import pickle
-import shutil
 import sys
-import tempfile
 import weakref
-import zlib
 from collections.abc import MutableMapping
 
 from . import _fastmmap as _C
@@ -115,7 +111,13 @@ def _report_close_failure(cache: Cache, e: Exception, when: str) -> None:
     print(f"fastmmap: closing the cache {name!r} {when} failed: {e!r}", file=sys.stderr)
 
 
+# json, zlib, shutil and tempfile are imported where an option or method
+# first needs them, not with fastmmap, so that `import fastmmap` stays cheap.
+
+
 def _json_dumps(obj: Any) -> bytes:
+    import json
+
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -139,12 +141,16 @@ def _resolve_serializer(serializer: _Serializer) -> _SerializerSpec:
 
 def _gzip_compress(data: bytes) -> bytes:
     """Compress::Zlib's memGzip format (a gzip member), as Perl's 'zlib' compressor writes."""
+    import zlib
+
     z = zlib.compressobj(6, zlib.DEFLATED, 31)
     return z.compress(data) + z.flush()
 
 
 def _gzip_decompress(data: bytes) -> bytes:
     """Read memGzip output (and, leniently, a zlib stream)."""
+    import zlib
+
     return zlib.decompress(data, 47)
 
 
@@ -176,6 +182,8 @@ def _resolve_compressor(compressor: _Compressor) -> _CompressorSpec:
     if compressor is None:
         return _C.C_NONE, None, None
     if compressor == "zlib":
+        import zlib
+
         return _C.C_ZLIB, zlib.compress, None
     if compressor == "lz4":
         try:
@@ -241,6 +249,9 @@ def _default_dir() -> str:
     mkdtemp makes a new directory (it never adopts an existing one); the
     check catches a file system that ignores the mode it asked for.
     """
+    import shutil
+    import tempfile
+
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     path = tempfile.mkdtemp(prefix="fastmmap-", dir=base)
     try:
@@ -378,6 +389,8 @@ class Cache(CacheBase):
                     )
         except BaseException:
             if private_dir:
+                import shutil
+
                 shutil.rmtree(private_dir, ignore_errors=True)
             raise
         self._configure(
@@ -466,6 +479,8 @@ class Cache(CacheBase):
             except FileNotFoundError:
                 pass
             if self._private_dir:
+                import shutil
+
                 shutil.rmtree(self._private_dir, ignore_errors=True)
 
     def __del__(self) -> None:

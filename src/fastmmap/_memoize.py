@@ -45,16 +45,12 @@ other key, and the values through the cache's serializer.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import functools
-import hashlib
-import inspect
 import io
 import math
 import os
 import pickle
-import random
 import threading
 import time
 
@@ -181,10 +177,23 @@ class _Memo:
         self.timeout = stampede_timeout
         self.namespace = namespace
         self.gen_key = _GEN_PREFIX + namespace
+        # inspect and hashlib are imported here, when a function is
+        # decorated, not with fastmmap: `import fastmmap` stays cheap for
+        # programs that never memoize.
+        import hashlib
+        import inspect
+
+        self.blake2b = hashlib.blake2b
         try:
             self.sig: inspect.Signature | None = inspect.signature(func)
         except (TypeError, ValueError):  # some builtins have none
             self.sig = None
+        #: the **kwargs parameter's name, whose dict is keyed sorted
+        self.var_kw = (
+            {n for n, p in self.sig.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD}
+            if self.sig is not None
+            else set()
+        )
 
     # -- keys
 
@@ -221,10 +230,10 @@ class _Memo:
             except TypeError:
                 return None
             bound.apply_defaults()
-            params = self.sig.parameters
+            var_kw = self.var_kw
             normal: list[Any] = []
             for name, value in bound.arguments.items():
-                if params[name].kind is inspect.Parameter.VAR_KEYWORD:
+                if name in var_kw:
                     value = sorted(value.items())
                 normal.append((name, value))
             call: Any = tuple(normal)
@@ -238,7 +247,7 @@ class _Memo:
                 f"memoize cannot hash the arguments of {self.namespace} ({e}); "
                 "pass key=lambda *args, **kwargs: ... returning a str"
             ) from e
-        digest = hashlib.blake2b(payload, digest_size=20).hexdigest()
+        digest = self.blake2b(payload, digest_size=20).hexdigest()
         return f"{_VALUE_PREFIX}{self.namespace}:{gen}:{digest}"
 
     @staticmethod
@@ -291,6 +300,8 @@ def _next_delay(delay: float) -> float:
 
 
 def _jitter(delay: float) -> float:
+    import random  # only callers that wait for another's computation get here
+
     return delay * random.uniform(0.75, 1.25)
 
 
@@ -344,6 +355,10 @@ def _sync_wrapper(memo: _Memo) -> Callable[..., Any]:
 
 
 def _async_wrapper(memo: _Memo) -> Callable[..., Awaitable[Any]]:
+    # asyncio is imported when a coroutine function is decorated (it would
+    # be most of `import fastmmap`'s time); the sync wrapper never needs it.
+    import asyncio
+
     func = memo.func
 
     @functools.wraps(func)
@@ -405,6 +420,8 @@ def _decorate(
     if not callable(func):
         raise TypeError(f"memoize needs a function, got {type(func).__name__}")
     memo = _Memo(cache, func, expire_time, key, stampede_timeout, namespace or _namespace_of(func))
+    import inspect
+
     if inspect.iscoroutinefunction(func):
         wrapper = _async_wrapper(memo)
     else:
