@@ -13,6 +13,9 @@
 #   make fuzz-merge      fold new fuzz finds into a minimal tests/fuzz_corpus
 #   make stress  the tests marked "stress", then `make fuzz`
 #   make bench / bench-smoke   benchmarks/run.py (full / quick)
+#   make python-ft   build a free-threaded CPython 3.13 (3.13t) into a cache
+#                folder, once (.ci/build-python-ft)
+#   make test-ft the pytest suite on 3.13t with the GIL off (.venv-ft)
 #   make clean / distclean     remove build outputs / also .venv
 #
 # The tests import the fastmmap *installed* in .venv, never src/: the src
@@ -76,7 +79,7 @@ VALGRIND_CFLAGS := -std=gnu11 -g -O0 -Wall -Wextra -Werror
 VALGRIND := valgrind --error-exitcode=1 -q --leak-check=full
 
 .PHONY: all venv install install-test demo ctest ctest-valgrind test test-asan stress fuzz \
-	fuzz-merge bench-deps bench bench-smoke clean distclean
+	fuzz-merge bench-deps bench bench-smoke clean distclean python-ft test-ft
 
 all: test
 
@@ -137,6 +140,31 @@ test-asan:
 			{ s=$$?; if [ $$s -ne 5 ]; then rc=1; fi; }; \
 	done; exit $$rc
 
+# Free-threaded CPython: the suite in its own venv, with PYTHON_GIL=0 so
+# that a test dependency without free-threading support cannot turn the GIL
+# back on; fastmmap itself must not (checked after import, and with
+# PYTHON_GIL unset by tests/test_freethreading.py).  FASTMMAP_FT_ROUNDS
+# lengthens that file's thread races; they run here, not in every version.
+FT_VENV := .venv-ft
+FT_VPY := $(FT_VENV)/bin/python
+FT_ROUNDS ?= 4
+
+python-ft:
+	.ci/build-python-ft
+
+test-ft:
+	@if [ ! -x $(FT_VPY) ]; then py=$$(.ci/build-python-ft); echo "creating $(FT_VENV) from $$py"; \
+		"$$py" -m venv $(FT_VENV); fi
+	$(FT_VPY) -m pip install -q --upgrade pip
+	rm -rf $(SETUPTOOLS_BUILD_DIRS)
+	@# hypothesis' newer releases and mypy's ast-serialize have a Rust part
+	@# with no free-threaded wheel, whose sdist fetches crates from the
+	@# network: take the newest releases that ship wheels instead.
+	$(FT_VPY) -m pip install -q --only-binary=hypothesis,ast-serialize '.[test]'
+	rm -rf $(SETUPTOOLS_BUILD_DIRS)
+	PYTHON_GIL=0 $(FT_VPY) -c 'import sys, fastmmap; assert not sys._is_gil_enabled(), "GIL on after import"'
+	PYTHON_GIL=0 FASTMMAP_FT_ROUNDS=$(FT_ROUNDS) $(FT_VPY) -m pytest -q -p no:cacheprovider -m "not stress"
+
 fuzz:
 	mkdir -p build/fuzz-new build/fuzz-artifacts
 	$(CLANG) $(FUZZ_CFLAGS) -Icsrc $(ENGINE_SRC) csrc/fuzz_fmm.c -o build/fuzz_fmm -lpthread
@@ -184,8 +212,8 @@ bench-smoke: bench-deps
 clean:
 	rm -rf build dist src/*.egg-info *.egg-info .pytest_cache .hypothesis .benchmarks
 	rm -f src/fastmmap/*.so
-	find . \( -path ./$(VENV) -o -path ./$(ASAN_VENV) \) -prune -o -name __pycache__ -type d -prune \
+	find . \( -path ./$(VENV) -o -path ./$(ASAN_VENV) -o -path ./$(FT_VENV) \) -prune -o -name __pycache__ -type d -prune \
 		-exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(ASAN_VENV)
+	rm -rf $(VENV) $(ASAN_VENV) $(FT_VENV)
