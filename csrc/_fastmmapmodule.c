@@ -23,9 +23,9 @@
  *
  * Free-threaded CPython (Py_GIL_DISABLED): the module declares that it does
  * not need the GIL.  Threads then run these methods in parallel on one
- * object, so the closed flag and the in-flight count are one atomic word
- * (a close() between another thread's check and its count would free the
- * handle under it), option and callback swaps keep the objects they replace
+ * object, so the in-flight count and the closed flag are atomics, ordered
+ * so that a close() between another thread's check and its count cannot
+ * free the handle under it; option and callback swaps keep the objects they replace
  * alive until the object dies (other threads may be calling them, borrowed),
  * the lazily imported functions are published with a compare-and-swap, and
  * the engine keeps its error text per thread.  Page locks were already per
@@ -133,6 +133,16 @@ typedef struct {
     const int *lost;          /* fmm_lost_flag(c): the file was truncated under us */
     const volatile unsigned char *probe; /* fmm_probe_addr(c), read before `lost` */
     PyObject *weakreflist;
+#ifdef Py_GIL_DISABLED
+    /* The in-flight count, split by thread (see op_enter): one cache line
+     * each, after a line of padding, so that threads entering in parallel
+     * write no line in common. */
+    char shard_pad[64];
+    struct {
+        int n;
+        char pad[60];
+    } shards[8];
+#endif
 } CacheObject;
 
 #define CacheObject_CAST(op) ((CacheObject *)(op))
@@ -226,18 +236,29 @@ static const int never_lost = 0;
 static const unsigned char no_probe = 0;
 
 #ifdef Py_GIL_DISABLED
-/* `inflight` holds the count and, in CLOSED_BIT, the closed flag: entering
- * counts first and then looks at the flag in the same atomic step, and
- * close() sets the flag and sees the count in one step too, so either the
- * entering thread sees the flag or close() sees it counted.  `closed` is
- * unused in this build. */
-#define CLOSED_BIT (1 << 30)
+/* Each thread counts its operations in its own shard of self->shards, so
+ * that two threads' gets do not pass one cache line back and forth.  The
+ * order makes close() safe: an operation counts itself, then reads
+ * `closed`; close() sets `closed`, then sums the shards; all sequentially
+ * consistent, so either the operation sees the flag (and backs out) or
+ * close() sees it counted.  Whoever then brings the sum to zero with the
+ * flag set closes the handle; the exchange in really_close makes that
+ * once even when two threads see the zero. */
+#define N_SHARDS 8
+/* initial-exec: a direct %fs access, not a __tls_get_addr call per operation */
+static __attribute__((tls_model("initial-exec"))) _Thread_local int tl_shard = -1;
+static int next_shard;
+
+static inline int *my_shard(CacheObject *self)
+{
+    if (UNLIKELY(tl_shard < 0))
+        tl_shard = __atomic_fetch_add(&next_shard, 1, __ATOMIC_RELAXED) % N_SHARDS;
+    return &self->shards[tl_shard].n;
+}
 
 static void really_close(CacheObject *self)
 {
-    /* A thread backing out of a closed object can reach a zero count after
-     * close() did: whoever takes the handle closes it. */
-    fmm_cache *c = __atomic_exchange_n(&self->c, NULL, __ATOMIC_ACQ_REL);
+    fmm_cache *c = __atomic_exchange_n(&self->c, NULL, __ATOMIC_SEQ_CST);
     if (c) {
         self->lost = &never_lost;
         self->probe = &no_probe;
@@ -245,17 +266,28 @@ static void really_close(CacheObject *self)
     }
 }
 
+static Py_NO_INLINE void close_if_idle(CacheObject *self)
+{
+    long sum = 0;
+    for (int i = 0; i < N_SHARDS; i++)
+        sum += __atomic_load_n(&self->shards[i].n, __ATOMIC_SEQ_CST);
+    if (sum == 0)
+        really_close(self);
+}
+
 static inline void op_leave(CacheObject *self)
 {
-    if (UNLIKELY(__atomic_sub_fetch(&self->inflight, 1, __ATOMIC_ACQ_REL) == CLOSED_BIT))
-        really_close(self);
+    __atomic_sub_fetch(my_shard(self), 1, __ATOMIC_SEQ_CST);
+    if (UNLIKELY(__atomic_load_n(&self->closed, __ATOMIC_SEQ_CST)))
+        close_if_idle(self);
 }
 
 /* Count one operation in; -1 with ValueError set if closed (or never opened). */
 static inline int op_enter(CacheObject *self)
 {
-    int v = __atomic_fetch_add(&self->inflight, 1, __ATOMIC_ACQ_REL);
-    if (UNLIKELY(v & CLOSED_BIT) || UNLIKELY(!__atomic_load_n(&self->c, __ATOMIC_ACQUIRE))) {
+    __atomic_add_fetch(my_shard(self), 1, __ATOMIC_SEQ_CST);
+    if (UNLIKELY(__atomic_load_n(&self->closed, __ATOMIC_SEQ_CST)) ||
+        UNLIKELY(!__atomic_load_n(&self->c, __ATOMIC_ACQUIRE))) {
         op_leave(self);
         closed_error();
         return -1;
@@ -263,16 +295,17 @@ static inline int op_enter(CacheObject *self)
     return 0;
 }
 
-/* One more count for an entered operation (a page held across calls). */
-static inline void op_hold(CacheObject *self) { __atomic_add_fetch(&self->inflight, 1, __ATOMIC_RELAXED); }
+/* One more count for an entered operation (a page held across calls: it is
+ * released by this thread, so the count returns to the same shard). */
+static inline void op_hold(CacheObject *self) { __atomic_add_fetch(my_shard(self), 1, __ATOMIC_SEQ_CST); }
 
 static void op_close(CacheObject *self)
 {
-    if (__atomic_fetch_or(&self->inflight, CLOSED_BIT, __ATOMIC_ACQ_REL) == 0)
-        really_close(self);
+    __atomic_store_n(&self->closed, 1, __ATOMIC_SEQ_CST);
+    close_if_idle(self);
 }
 
-#define CLOSED_FLAG(self) (__atomic_load_n(&(self)->inflight, __ATOMIC_ACQUIRE) & CLOSED_BIT)
+#define CLOSED_FLAG(self) __atomic_load_n(&(self)->closed, __ATOMIC_SEQ_CST)
 #define IS_CLOSED(self) (CLOSED_FLAG(self) || !__atomic_load_n(&(self)->c, __ATOMIC_ACQUIRE))
 #else
 /* The GIL serializes these (each runs with it held). */
