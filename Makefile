@@ -33,6 +33,9 @@
 #                        venv, with every C compiler off PATH
 #   make sdist-check     build the sdist, check-manifest, twine check --strict,
 #                        then `make ctest` from the unpacked sdist
+#   make python-ft   build a free-threaded CPython 3.13 (3.13t) into a cache
+#                folder, once (.ci/build-python-ft)
+#   make test-ft the pytest suite on 3.13t with the GIL off (.venv-ft)
 #   make clean / distclean     remove build outputs / also .venv
 #
 # The tests import the fastmmap *installed* in .venv, never src/: the src
@@ -99,7 +102,7 @@ VALGRIND := valgrind --error-exitcode=1 -q --leak-check=full
 
 .PHONY: all venv install install-test demo ctest ctest-valgrind test test-asan test-upstream stress fuzz \
 	fuzz-merge flake-hunt bench-deps bench bench-smoke clean distclean test-matrix dist-tools wheels \
-	ctest-cross wheel-test sdist-check
+	ctest-cross wheel-test sdist-check python-ft test-ft
 
 all: test
 
@@ -182,6 +185,33 @@ test-upstream:
 	$(UPSTREAM_VPY) -m pip install -q . -r tests/upstream/requirements.txt
 	rm -rf $(SETUPTOOLS_BUILD_DIRS)
 	$(UPSTREAM_VPY) tests/upstream/run.py
+
+# Free-threaded CPython: the suite in its own venv, with PYTHON_GIL=0 so
+# that a test dependency without free-threading support cannot turn the GIL
+# back on; fastmmap itself must not (checked after import, and with
+# PYTHON_GIL unset by tests/test_freethreading.py).  FASTMMAP_FT_ROUNDS
+# lengthens that file's thread races; they run here, not in every version.
+FT_VENV := .venv-ft
+FT_VPY := $(FT_VENV)/bin/python
+FT_ROUNDS ?= 4
+
+python-ft:
+	$(CHECK_DEPS) ft
+	.ci/build-python-ft
+
+test-ft:
+	$(CHECK_DEPS) ft
+	@if [ ! -x $(FT_VPY) ]; then py=$$(.ci/build-python-ft); echo "creating $(FT_VENV) from $$py"; \
+		"$$py" -m venv $(FT_VENV); fi
+	$(FT_VPY) -m pip install -q --upgrade pip
+	rm -rf $(SETUPTOOLS_BUILD_DIRS)
+	@# hypothesis' newer releases and mypy's ast-serialize have a Rust part
+	@# with no free-threaded wheel, whose sdist fetches crates from the
+	@# network: take the newest releases that ship wheels instead.
+	$(FT_VPY) -m pip install -q --only-binary=hypothesis,ast-serialize '.[test]'
+	rm -rf $(SETUPTOOLS_BUILD_DIRS)
+	PYTHON_GIL=0 $(FT_VPY) -c 'import sys, fastmmap; assert not sys._is_gil_enabled(), "GIL on after import"'
+	PYTHON_GIL=0 FASTMMAP_FT_ROUNDS=$(FT_ROUNDS) $(FT_VPY) -m pytest -q -p no:cacheprovider -m "not stress"
 
 fuzz:
 	$(CHECK_DEPS) fuzz
@@ -337,8 +367,8 @@ sdist-check: dist-tools
 clean:
 	rm -rf build dist src/*.egg-info *.egg-info .pytest_cache .hypothesis .benchmarks
 	rm -f src/fastmmap/*.so
-	find . \( -path ./$(VENV) -o -path ./$(ASAN_VENV) \) -prune -o -name __pycache__ -type d -prune \
+	find . \( -path ./$(VENV) -o -path ./$(ASAN_VENV) -o -path ./$(FT_VENV) \) -prune -o -name __pycache__ -type d -prune \
 		-exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(ASAN_VENV) $(UPSTREAM_VENV) $(DIST_VENV) .venv-3.* $(WHEELHOUSE)
+	rm -rf $(VENV) $(ASAN_VENV) $(UPSTREAM_VENV) $(DIST_VENV) .venv-3.* $(WHEELHOUSE) $(FT_VENV)

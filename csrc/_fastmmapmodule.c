@@ -23,6 +23,16 @@
  * a Share) counts as a call in flight; close() first releases the ones the
  * calling thread holds.
  *
+ * Free-threaded CPython (Py_GIL_DISABLED): the module declares that it does
+ * not need the GIL.  Threads then run these methods in parallel on one
+ * object, so the in-flight count and the closed flag are atomics, ordered
+ * so that a close() between another thread's check and its count cannot
+ * free the handle under it; option and callback swaps keep the objects they replace
+ * alive until the object dies (other threads may be calling them, borrowed),
+ * the lazily imported functions are published with a compare-and-swap, and
+ * the engine keeps its error text per thread.  Page locks were already per
+ * thread.  Under the GIL the same helpers compile to the plain counters.
+ *
  * Naming: CacheObject, cache_<method>, get_state(), set_error().
  */
 #define PY_SSIZE_T_CLEAN
@@ -61,6 +71,12 @@ static void PyErr_SetRaisedException(PyObject *e)
     if (e)
         PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(e)), e, PyException_GetTraceback(e));
 }
+#endif
+
+/* Per-object critical sections are 3.13's; before, the GIL is the lock. */
+#if PY_VERSION_HEX < 0x030D0000
+#define Py_BEGIN_CRITICAL_SECTION(op) {
+#define Py_END_CRITICAL_SECTION() }
 #endif
 
 /* ---------- Module state ---------- */
@@ -113,6 +129,7 @@ typedef struct {
     PyObject *read_cb;        /* read_cb(context, key) on a miss */
     PyObject *write_cb;       /* write_cb(context, key, value, expire_on) */
     PyObject *delete_cb;      /* delete_cb(context, key) */
+    PyObject *retired;        /* list: options and callbacks replaced while in use (see retire) */
     int write_back;           /* entries marked dirty, written when they leave */
     int cache_not_found;      /* store None results of read_cb */
     int allow_recursive;      /* unlock the page around read_cb */
@@ -122,6 +139,17 @@ typedef struct {
     PyObject *weakreflist;
     struct PageLockObject *holders; /* PageLocks holding a page of this cache */
     struct orphan_lock *orphans;    /* pages whose PageLock died in another thread */
+#ifdef Py_GIL_DISABLED
+    PyMutex lists_mutex; /* holders and orphans: any thread may link or unlink */
+    /* The in-flight count, split by thread (see op_enter): one cache line
+     * each, after a line of padding, so that threads entering in parallel
+     * write no line in common. */
+    char shard_pad[64];
+    struct {
+        int n;
+        char pad[60];
+    } shards[8];
+#endif
 } CacheObject;
 
 /* A page lock held across calls: the C core of LockedEntry, LockedPage and
@@ -243,6 +271,86 @@ static Py_NO_INLINE PyObject *replaced_error(CacheObject *self)
 static const int never_lost = 0;
 static const unsigned char no_probe = 0;
 
+#ifdef Py_GIL_DISABLED
+/* Each thread counts its operations in its own shard of self->shards, so
+ * that two threads' gets do not pass one cache line back and forth.  The
+ * order makes close() safe: an operation counts itself, then reads
+ * `closed`; close() sets `closed`, then sums the shards; all sequentially
+ * consistent, so either the operation sees the flag (and backs out) or
+ * close() sees it counted.  Whoever then brings the sum to zero with the
+ * flag set closes the handle; the exchange in really_close makes that
+ * once even when two threads see the zero. */
+#define N_SHARDS 8
+/* initial-exec: a direct %fs access, not a __tls_get_addr call per operation */
+static __attribute__((tls_model("initial-exec"))) _Thread_local int tl_shard = -1;
+static int next_shard;
+
+static inline int *my_shard(CacheObject *self)
+{
+    if (UNLIKELY(tl_shard < 0))
+        tl_shard = __atomic_fetch_add(&next_shard, 1, __ATOMIC_RELAXED) % N_SHARDS;
+    return &self->shards[tl_shard].n;
+}
+
+static void really_close(CacheObject *self)
+{
+    fmm_cache *c = __atomic_exchange_n(&self->c, NULL, __ATOMIC_SEQ_CST);
+    if (c) {
+        self->lost = &never_lost;
+        self->probe = &no_probe;
+        fmm_close(c);
+    }
+}
+
+static Py_NO_INLINE void close_if_idle(CacheObject *self)
+{
+    long sum = 0;
+    for (int i = 0; i < N_SHARDS; i++)
+        sum += __atomic_load_n(&self->shards[i].n, __ATOMIC_SEQ_CST);
+    if (sum == 0)
+        really_close(self);
+}
+
+static inline void op_leave(CacheObject *self)
+{
+    __atomic_sub_fetch(my_shard(self), 1, __ATOMIC_SEQ_CST);
+    if (UNLIKELY(__atomic_load_n(&self->closed, __ATOMIC_SEQ_CST)))
+        close_if_idle(self);
+}
+
+/* Count one operation in; -1 with ValueError set if closed (or never opened). */
+static inline int op_enter(CacheObject *self)
+{
+    __atomic_add_fetch(my_shard(self), 1, __ATOMIC_SEQ_CST);
+    if (UNLIKELY(__atomic_load_n(&self->closed, __ATOMIC_SEQ_CST)) ||
+        UNLIKELY(!__atomic_load_n(&self->c, __ATOMIC_ACQUIRE))) {
+        op_leave(self);
+        closed_error();
+        return -1;
+    }
+    return 0;
+}
+
+/* One more count for an entered operation (a page held across calls: it is
+ * released by this thread, so the count returns to the same shard). */
+static inline void op_hold(CacheObject *self) { __atomic_add_fetch(my_shard(self), 1, __ATOMIC_SEQ_CST); }
+
+/* Undo an op_hold without closing: the caller still has its own count. */
+static inline void op_unhold(CacheObject *self) { __atomic_sub_fetch(my_shard(self), 1, __ATOMIC_SEQ_CST); }
+
+#define LISTS_LOCK(self) PyMutex_Lock(&(self)->lists_mutex)
+#define LISTS_UNLOCK(self) PyMutex_Unlock(&(self)->lists_mutex)
+
+static void op_close(CacheObject *self)
+{
+    __atomic_store_n(&self->closed, 1, __ATOMIC_SEQ_CST);
+    close_if_idle(self);
+}
+
+#define CLOSED_FLAG(self) __atomic_load_n(&(self)->closed, __ATOMIC_SEQ_CST)
+#define IS_CLOSED(self) (CLOSED_FLAG(self) || !__atomic_load_n(&(self)->c, __ATOMIC_ACQUIRE))
+#else
+/* The GIL serializes these (each runs with it held). */
 static void really_close(CacheObject *self)
 {
     if (self->c) {
@@ -254,17 +362,47 @@ static void really_close(CacheObject *self)
     }
 }
 
-#define ENTER(self)                                  \
-    do {                                             \
-        if (UNLIKELY((self)->closed || !(self)->c))  \
-            return closed_error();                   \
-        (self)->inflight++;                          \
+static inline int op_enter(CacheObject *self)
+{
+    if (UNLIKELY(self->closed || !self->c)) {
+        closed_error();
+        return -1;
+    }
+    self->inflight++;
+    return 0;
+}
+
+static inline void op_leave(CacheObject *self)
+{
+    if (--self->inflight == 0 && UNLIKELY(self->closed))
+        really_close(self);
+}
+
+static inline void op_hold(CacheObject *self) { self->inflight++; }
+
+static inline void op_unhold(CacheObject *self) { self->inflight--; }
+
+/* the GIL guards the holders and orphans lists */
+#define LISTS_LOCK(self) ((void)0)
+#define LISTS_UNLOCK(self) ((void)0)
+
+static void op_close(CacheObject *self)
+{
+    self->closed = 1;
+    if (self->inflight == 0)
+        really_close(self);
+}
+
+#define CLOSED_FLAG(self) ((self)->closed)
+#define IS_CLOSED(self) ((self)->closed || !(self)->c)
+#endif
+
+#define ENTER(self)                           \
+    do {                                      \
+        if (UNLIKELY(op_enter(self) < 0))     \
+            return NULL;                      \
     } while (0)
-#define LEAVE(self)                                           \
-    do {                                                      \
-        if (--(self)->inflight == 0 && UNLIKELY((self)->closed)) \
-            really_close(self);                               \
-    } while (0)
+#define LEAVE(self) op_leave(self)
 
 /* ---------- Keys ---------- */
 
@@ -314,6 +452,7 @@ static Py_NO_INLINE int release_orphans(CacheObject *self)
     unsigned long me = PyThread_get_thread_ident();
     pid_t pid = getpid();
     int released = 0;
+    LISTS_LOCK(self);
     orphan_lock **pp = &self->orphans;
     while (*pp) {
         orphan_lock *o = *pp;
@@ -327,8 +466,9 @@ static Py_NO_INLINE int release_orphans(CacheObject *self)
             released = 1;
         }
         PyMem_Free(o);
-        self->inflight--; /* the orphan's share; the caller's own keeps it above zero */
+        op_unhold(self); /* the orphan's share; the caller's own keeps it above zero */
     }
+    LISTS_UNLOCK(self);
     return released;
 }
 
@@ -620,6 +760,25 @@ static PyObject *import_attr(const char *mod, const char *attr)
     return a;
 }
 
+/* *slot, importing mod.attr into it on first use (borrowed: the module
+ * state keeps it).  Threads can race here without the GIL: the first to
+ * publish wins and the others drop their copy, so a pointer once read is
+ * never freed under its reader. */
+static PyObject *lazy_attr(PyObject **slot, const char *mod, const char *attr)
+{
+    PyObject *fn = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+    if (LIKELY(fn != NULL))
+        return fn;
+    if (!(fn = import_attr(mod, attr)))
+        return NULL;
+    PyObject *expected = NULL;
+    if (!__atomic_compare_exchange_n(slot, &expected, fn, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        Py_DECREF(fn);
+        fn = expected;
+    }
+    return fn;
+}
+
 /* Decode the raw bytes of an entry (no page lock needed: `raw` is a copy,
  * or NULL with buf/len pointing into the page for the natively stored
  * types, which call no Python code). */
@@ -636,23 +795,18 @@ static PyObject *decode_value(CacheObject *self, uint32_t flags, const char *buf
     if (comp != FMM_C_NONE) {
         PyObject *fn = NULL;
         if (comp == FMM_C_ZLIB) {
-            if (!st->zlib_decompress && !(st->zlib_decompress = import_attr("zlib", "decompress")))
+            if (!(fn = lazy_attr(&st->zlib_decompress, "zlib", "decompress")))
                 return NULL;
-            fn = st->zlib_decompress;
         } else if (comp == FMM_C_LZ4) {
-            if (!st->lz4_decompress) {
-                st->lz4_decompress = import_attr("lz4.frame", "decompress");
-                if (!st->lz4_decompress) {
-                    if (PyErr_ExceptionMatches(PyExc_ImportError)) {
-                        PyErr_Clear();
-                        PyErr_SetString(PyExc_ImportError,
-                                        "this value was compressed with lz4, which is not installed: "
-                                        "pip install fastmmap[lz4]");
-                    }
-                    return NULL;
+            if (!(fn = lazy_attr(&st->lz4_decompress, "lz4.frame", "decompress"))) {
+                if (PyErr_ExceptionMatches(PyExc_ImportError)) {
+                    PyErr_Clear();
+                    PyErr_SetString(PyExc_ImportError,
+                                    "this value was compressed with lz4, which is not installed: "
+                                    "pip install fastmmap[lz4]");
                 }
+                return NULL;
             }
-            fn = st->lz4_decompress;
         } else {
             fn = self->decompress;
             if (!fn)
@@ -714,9 +868,8 @@ static PyObject *decode_value(CacheObject *self, uint32_t flags, const char *buf
             fn = st->pickle_loads;
         }
         else if (type == FMM_T_JSON) {
-            if (!st->json_loads && !(st->json_loads = import_attr("json", "loads")))
+            if (!(fn = lazy_attr(&st->json_loads, "json", "loads")))
                 goto done;
-            fn = st->json_loads;
         } else {
             fn = self->loads;
             if (!fn) {
@@ -1403,11 +1556,8 @@ static int do_delete(CacheObject *self, PyObject *key)
 static int cache_ass_subscript(PyObject *op, PyObject *key, PyObject *value)
 {
     CacheObject *self = CacheObject_CAST(op);
-    if (UNLIKELY(self->closed || !self->c)) {
-        closed_error();
+    if (UNLIKELY(op_enter(self) < 0))
         return -1;
-    }
-    self->inflight++;
     int r;
     if (value) {
         uint64_t exp;
@@ -1438,11 +1588,8 @@ static int cache_ass_subscript(PyObject *op, PyObject *key, PyObject *value)
 static int cache_contains(PyObject *op, PyObject *key)
 {
     CacheObject *self = CacheObject_CAST(op);
-    if (UNLIKELY(self->closed || !self->c)) {
-        closed_error();
+    if (UNLIKELY(op_enter(self) < 0))
         return -1;
-    }
-    self->inflight++;
     int r = -1;
     keybuf k;
     if (get_key(key, &k) == 0) {
@@ -1466,11 +1613,8 @@ static int cache_contains(PyObject *op, PyObject *key)
 static Py_ssize_t cache_length(PyObject *op)
 {
     CacheObject *self = CacheObject_CAST(op);
-    if (UNLIKELY(self->closed || !self->c)) {
-        closed_error();
+    if (UNLIKELY(op_enter(self) < 0))
         return -1;
-    }
-    self->inflight++;
     Py_ssize_t n = 0;
     uint32_t np = fmm_num_pages(self->c);
     for (uint32_t p = 0; p < np; p++) {
@@ -2528,7 +2672,7 @@ static PyObject *cache__set_batch_fault(PyObject *op, PyObject *arg)
     unsigned long k = PyLong_AsUnsignedLong(arg);
     if (k == (unsigned long)-1 && PyErr_Occurred())
         return NULL;
-    if (self->closed || !self->c)
+    if (IS_CLOSED(self))
         return closed_error();
     fmm_set_batch_fault(self->c, (uint32_t)k);
     Py_RETURN_NONE;
@@ -2712,15 +2856,18 @@ static PyObject *cache__flush_evicted(PyObject *op, PyObject *list)
 
 static void holders_link(CacheObject *c, PageLockObject *lk)
 {
+    LISTS_LOCK(c);
     lk->prev = NULL;
     lk->next = c->holders;
     if (c->holders)
         c->holders->prev = lk;
     c->holders = lk;
+    LISTS_UNLOCK(c);
 }
 
 static void holders_unlink(CacheObject *c, PageLockObject *lk)
 {
+    LISTS_LOCK(c);
     if (lk->prev)
         lk->prev->next = lk->next;
     else if (c->holders == lk)
@@ -2728,6 +2875,7 @@ static void holders_unlink(CacheObject *c, PageLockObject *lk)
     if (lk->next)
         lk->next->prev = lk->prev;
     lk->next = lk->prev = NULL;
+    LISTS_UNLOCK(c);
 }
 
 /* Stop holding (depth to 0) and unlock if this is the holding process.
@@ -2743,7 +2891,7 @@ static int pagelock_drop(PageLockObject *lk, int unlock)
         replaced_error(c);
     else if (rc)
         set_error(c->state, "unlock", rc, c->c ? fmm_errdetail(c->c) : NULL, NULL);
-    LEAVE(c); /* pairs with the inflight++ of pagelock_acquire */
+    LEAVE(c); /* pairs with the op_enter of pagelock_acquire */
     return rc;
 }
 
@@ -2767,15 +2915,12 @@ static int pagelock_acquire(PageLockObject *lk)
         }
         /* a Share held by another thread: wait for the page like anyone */
     }
-    if (UNLIKELY(c->closed || !c->c)) {
-        closed_error();
-        return -1;
-    }
     keybuf k;
     if (get_key(lk->key, &k) < 0)
         return -1;
+    if (op_enter(c) < 0) /* held until pagelock_drop's LEAVE */
+        return -1;
     uint32_t page = fmm_page_of(c->c, fmm_hash(c->c, k.buf, (size_t)k.len));
-    c->inflight++;
     if (lock_page(c, page) < 0) {
         LEAVE(c);
         return -1;
@@ -2831,23 +2976,27 @@ static void release_thread_locks(CacheObject *self)
     unsigned long me = PyThread_get_thread_ident();
     pid_t pid = getpid();
     PyObject *exc = PyErr_GetRaisedException();
-    PageLockObject *lk = self->holders;
-    while (lk) {
-        PageLockObject *next = lk->next;
-        if (lk->pid != pid || lk->thread == me) {
-            int unlock = lk->pid == pid; /* else inherited across fork: the parent's */
-            lk->closed_out = 1;
-            self->inflight++; /* pagelock_drop's LEAVE must not close under us */
-            pagelock_drop(lk, unlock);
-            self->inflight--;
-            PyErr_Clear(); /* closing: a truncated file is no news */
-        }
-        lk = next;
+    for (;;) {
+        /* one at a time, the list searched afresh: other threads may link
+         * and unlink their own holders meanwhile */
+        LISTS_LOCK(self);
+        PageLockObject *lk = self->holders;
+        while (lk && !(lk->pid != pid || lk->thread == me))
+            lk = lk->next;
+        LISTS_UNLOCK(self);
+        if (!lk)
+            break;
+        int unlock = lk->pid == pid; /* else inherited across fork: the parent's */
+        lk->closed_out = 1;
+        op_hold(self); /* pagelock_drop's LEAVE must not close under us */
+        pagelock_drop(lk, unlock);
+        op_unhold(self);
+        PyErr_Clear(); /* closing: a truncated file is no news */
     }
     if (self->orphans) {
-        self->inflight++;
+        op_hold(self);
         release_orphans(self);
-        self->inflight--;
+        op_unhold(self);
     }
     PyErr_SetRaisedException(exc);
 }
@@ -2968,8 +3117,10 @@ static void pagelock_finalize(PyObject *op)
             o->thread = lk->thread;
             o->pid = lk->pid;
             o->page = lk->page;
+            LISTS_LOCK(c);
             o->next = c->orphans;
             c->orphans = o;
+            LISTS_UNLOCK(c);
             lk->depth = 0;
             holders_unlink(c, lk);
         } else {
@@ -3056,6 +3207,29 @@ static PyType_Spec pagelock_spec = {
     .slots = pagelock_slots,
 };
 
+
+/* Set an option or callback field to obj (None: NULL), in a critical
+ * section on self.  The object it replaces is kept in self->retired until
+ * self dies, not released: another thread may be calling it right now
+ * through a borrowed pointer (in parallel without the GIL, or in Python
+ * code that let this thread run).  Only reconfiguring with new objects
+ * grows the list. */
+static int swap_opt(CacheObject *self, PyObject **field, PyObject *obj)
+{
+    PyObject *old = *field, *new = obj == Py_None ? NULL : obj;
+    if (old == new)
+        return 0;
+    if (old) {
+        if (!self->retired && !(self->retired = PyList_New(0)))
+            return -1;
+        if (PyList_Append(self->retired, old) < 0)
+            return -1;
+    }
+    __atomic_store_n(field, Py_XNewRef(new), __ATOMIC_RELEASE);
+    Py_XDECREF(old);
+    return 0;
+}
+
 static PyObject *cache__set_callbacks(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
     CacheObject *self = CacheObject_CAST(op);
@@ -3067,15 +3241,18 @@ static PyObject *cache__set_callbacks(PyObject *op, PyObject *const *args, Py_ss
     for (int i = 0; i < 3; i++)
         if ((flags[i] = PyObject_IsTrue(args[4 + i])) < 0)
             return NULL;
-#define SETOPT(field, obj) Py_XSETREF(self->field, (obj) == Py_None ? NULL : Py_NewRef(obj))
-    SETOPT(context, args[0]);
-    SETOPT(read_cb, args[1]);
-    SETOPT(write_cb, args[2]);
-    SETOPT(delete_cb, args[3]);
-#undef SETOPT
-    self->write_back = flags[0];
-    self->cache_not_found = flags[1];
-    self->allow_recursive = flags[2];
+    int rc = -1;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    if (swap_opt(self, &self->context, args[0]) == 0 && swap_opt(self, &self->read_cb, args[1]) == 0 &&
+        swap_opt(self, &self->write_cb, args[2]) == 0 && swap_opt(self, &self->delete_cb, args[3]) == 0) {
+        self->write_back = flags[0];
+        self->cache_not_found = flags[1];
+        self->allow_recursive = flags[2];
+        rc = 0;
+    }
+    Py_END_CRITICAL_SECTION();
+    if (rc < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -3214,7 +3391,7 @@ static PyObject *cache__open(PyObject *op, PyObject *const *args, Py_ssize_t nar
     CacheObject *self = CacheObject_CAST(op);
     if (nargs != 9 && nargs != 11)
         return PyErr_Format(PyExc_TypeError, "_open expected 9 or 11 arguments");
-    if (self->c || self->closed)
+    if (self->c || CLOSED_FLAG(self))
         return PyErr_Format(PyExc_ValueError, "cache is already open");
     PyObject *path = args[0];
     PyObject *path_bytes = NULL;
@@ -3277,10 +3454,22 @@ static PyObject *cache__open(PyObject *op, PyObject *const *args, Py_ssize_t nar
         }
         return set_error(self->state, "open", rc, err, NULL);
     }
-    self->c = c;
-    self->lost = fmm_lost_flag(c);
-    self->probe = fmm_probe_addr(c);
-    self->perl = cfg.format == FMM_FORMAT_PERL;
+    int raced = 0;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    /* another thread's _open or close() ran while this one was opening */
+    raced = self->c || CLOSED_FLAG(self);
+    if (!raced) {
+        self->lost = fmm_lost_flag(c);
+        self->probe = fmm_probe_addr(c);
+        self->perl = cfg.format == FMM_FORMAT_PERL;
+        /* last: other threads take a non-NULL c as open */
+        __atomic_store_n(&self->c, c, __ATOMIC_RELEASE);
+    }
+    Py_END_CRITICAL_SECTION();
+    if (raced) {
+        fmm_close(c);
+        return PyErr_Format(PyExc_ValueError, "cache is already open");
+    }
     return Py_NewRef(created ? Py_True : Py_False);
 }
 
@@ -3314,19 +3503,22 @@ static PyObject *cache__configure(PyObject *op, PyObject *const *args, Py_ssize_
     Py_ssize_t thr = PyLong_AsSsize_t(args[8]);
     if (PyErr_Occurred())
         return NULL;
-    self->default_expire = de;
-    self->tombstone_expire = te;
-    self->lock_timeout_ns = lt < 0 ? -1 : (int64_t)(lt * 1e9);
-    self->ser_type = (uint32_t)ser;
-    self->comp_type = (uint32_t)comp;
-    self->compress_threshold = thr;
-#define SETOPT(field, obj) Py_XSETREF(self->field, (obj) == Py_None ? NULL : Py_NewRef(obj))
-    SETOPT(dumps, args[3]);
-    SETOPT(loads, args[4]);
-    SETOPT(compress, args[6]);
-    SETOPT(decompress, args[7]);
-    SETOPT(parse_expire, args[9]);
-#undef SETOPT
+    int rc = -1;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    if (swap_opt(self, &self->dumps, args[3]) == 0 && swap_opt(self, &self->loads, args[4]) == 0 &&
+        swap_opt(self, &self->compress, args[6]) == 0 && swap_opt(self, &self->decompress, args[7]) == 0 &&
+        swap_opt(self, &self->parse_expire, args[9]) == 0) {
+        self->default_expire = de;
+        self->tombstone_expire = te;
+        self->lock_timeout_ns = lt < 0 ? -1 : (int64_t)(lt * 1e9);
+        self->ser_type = (uint32_t)ser;
+        self->comp_type = (uint32_t)comp;
+        self->compress_threshold = thr;
+        rc = 0;
+    }
+    Py_END_CRITICAL_SECTION();
+    if (rc < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -3336,10 +3528,8 @@ PyDoc_STRVAR(cache_close_doc, "close($self, /)\n--\n\n"
 static PyObject *cache_close(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
     CacheObject *self = CacheObject_CAST(op);
-    self->closed = 1;
     release_thread_locks(self);
-    if (self->inflight == 0)
-        really_close(self);
+    op_close(self);
     Py_RETURN_NONE;
 }
 
@@ -3347,7 +3537,7 @@ static PyObject *cache_close(PyObject *op, PyObject *Py_UNUSED(ignored))
 
 static PyObject *cache_get_closed(PyObject *op, void *Py_UNUSED(closure))
 {
-    return Py_NewRef(CacheObject_CAST(op)->closed || !CacheObject_CAST(op)->c ? Py_True : Py_False);
+    return Py_NewRef(IS_CLOSED(CacheObject_CAST(op)) ? Py_True : Py_False);
 }
 static PyObject *cache_get_page_size(PyObject *op, void *Py_UNUSED(closure))
 {
@@ -3472,6 +3662,7 @@ static int cache_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(self->read_cb);
     Py_VISIT(self->write_cb);
     Py_VISIT(self->delete_cb);
+    Py_VISIT(self->retired);
     return 0;
 }
 
@@ -3487,6 +3678,7 @@ static int cache_clear_refs(PyObject *op)
     Py_CLEAR(self->read_cb);
     Py_CLEAR(self->write_cb);
     Py_CLEAR(self->delete_cb);
+    Py_CLEAR(self->retired);
     return 0;
 }
 
@@ -3497,13 +3689,13 @@ static void cache_dealloc(PyObject *op)
     PyObject_GC_UnTrack(op);
     if (self->weakreflist)
         PyObject_ClearWeakRefs(op);
-    self->closed = 1;
+    op_close(self);
     while (self->orphans) { /* their pages: fmm_close releases this thread's */
         orphan_lock *o = self->orphans;
         self->orphans = o->next;
         PyMem_Free(o);
     }
-    really_close(self);
+    really_close(self); /* even with a page still counted as held */
     cache_clear_refs(op);
     tp->tp_free(op);
     Py_DECREF(tp);
@@ -3776,6 +3968,10 @@ static void fastmmap_free(void *mod) { fastmmap_clear((PyObject *)mod); }
 
 static PyModuleDef_Slot fastmmap_slots[] = {
     {Py_mod_exec, fastmmap_exec},
+#ifdef Py_GIL_DISABLED
+    /* safe without the GIL: see "Free-threaded CPython" at the top */
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#endif
 #ifdef Py_mod_multiple_interpreters
     /* fcntl-free, but page locks are per thread and the thread-local record
      * of held pages is shared by interpreters of one thread: stay conservative. */

@@ -181,8 +181,13 @@ struct fmm_cache {
     pfm_cache *perl;           /* non-NULL: a Perl-format file, every call goes to fmm_perl.c */
     uint8_t *ns_hint;          /* per page: log2 of its slot count when last seen (fmm_prefetch) */
     uint32_t batch_fault;      /* fmm_set_batch_fault (tests): 0 off */
-    char err[256];
 };
+
+/* The detail of the last error, per thread rather than per handle: threads
+ * sharing a handle (free-threaded Python runs them in parallel) would
+ * otherwise overwrite the text another thread is formatting into its
+ * exception.  Only error paths touch it, so the default TLS model. */
+static _Thread_local char tl_err[256];
 
 /* ---------- XXH64 (the published algorithm, written from its spec) ---------- */
 
@@ -443,7 +448,7 @@ uint64_t fmm_repairs(const fmm_cache *c)
         return pfm_repairs(c->perl);
     return c->fh ? __atomic_load_n(&c->fh->repairs, __ATOMIC_RELAXED) : 0;
 }
-const char *fmm_errdetail(const fmm_cache *c) { return c->perl ? pfm_errdetail(c->perl) : c->err; }
+const char *fmm_errdetail(const fmm_cache *c) { return c->perl ? pfm_errdetail(c->perl) : tl_err; }
 int fmm_lost(const fmm_cache *c) { return UNLIKELY(__atomic_load_n(&c->lost, __ATOMIC_ACQUIRE) != 0); }
 const int *fmm_lost_flag(const fmm_cache *c) { return &c->lost; }
 const volatile unsigned char *fmm_probe_addr(const fmm_cache *c)
@@ -664,7 +669,7 @@ static void repair_page(fmm_cache *c, page_hdr *ph, const char *why)
 {
     unsigned page = (unsigned)(((unsigned char *)ph - c->base - FMM_HEADER_SIZE) / c->page_size);
     FMM_DEBUG("repairing page %u: %s\n", page, why);
-    snprintf(c->err, sizeof c->err, "page %u re-initialised: %s", page, why);
+    snprintf(tl_err, sizeof tl_err, "page %u re-initialised: %s", page, why);
     init_page_fields(c, ph);
     if (c->fh)
         __atomic_fetch_add(&c->fh->repairs, 1, __ATOMIC_RELAXED);
@@ -1017,7 +1022,7 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
         return FMM_EREPLACED;
     int held = tl_find(c);
     if (UNLIKELY(held >= 0)) {
-        snprintf(c->err, sizeof c->err, "page %u is already locked by this thread; can't lock page %u",
+        snprintf(tl_err, sizeof tl_err, "page %u is already locked by this thread; can't lock page %u",
                  tl_held[held].page, page);
         return FMM_ELOCKED;
     }
@@ -1054,12 +1059,12 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
     case ETIMEDOUT:
         return fmm_lost(c) ? FMM_EREPLACED : FMM_ETIMEDOUT;
     case EDEADLK:
-        snprintf(c->err, sizeof c->err, "page %u is already locked by this thread", page);
+        snprintf(tl_err, sizeof tl_err, "page %u is already locked by this thread", page);
         return FMM_ELOCKED;
     default:
         if (fmm_lost(c))
             return FMM_EREPLACED;
-        snprintf(c->err, sizeof c->err, "locking page %u: %s", page, strerror(rc));
+        snprintf(tl_err, sizeof tl_err, "locking page %u: %s", page, strerror(rc));
         return rc;
     }
     int i = tl_n;
@@ -1134,7 +1139,7 @@ static __attribute__((noinline, cold)) int held_slow(fmm_cache *c, uint32_t page
     int i = tl_find(c);
     if (i >= 0 && tl_held[i].page == page)
         return 0;
-    snprintf(c->err, sizeof c->err, "page %u is not locked by this thread (a child forked under the lock?)", page);
+    snprintf(tl_err, sizeof tl_err, "page %u is not locked by this thread (a child forked under the lock?)", page);
     return FMM_EBADARG;
 }
 #ifdef __GLIBC__
@@ -1156,7 +1161,7 @@ int fmm_unlock(fmm_cache *c, uint32_t page)
     if (UNLIKELY(i < 0 || tl_held[i].page != page)) {
         /* Not ours: touching its seq or its mutex would open the page to
          * torn reads while its real holder writes. */
-        snprintf(c->err, sizeof c->err, "page %u is not locked by this thread", page);
+        snprintf(tl_err, sizeof tl_err, "page %u is not locked by this thread", page);
         return FMM_EBADARG;
     }
     if (UNLIKELY(fmm_lost(c))) {
@@ -1855,7 +1860,7 @@ static int batch_sizes(fmm_cache *c, const fmm_batch_item *items, uint32_t n, ui
     uint64_t sum = 0;
     for (uint32_t i = 0; i < n; i++) {
         if (!fmm_item_fits(c, items[i].klen, items[i].vlen)) {
-            snprintf(c->err, sizeof c->err, "item %u: %llu bytes of key and value do not fit in a page (at most %u)",
+            snprintf(tl_err, sizeof tl_err, "item %u: %llu bytes of key and value do not fit in a page (at most %u)",
                      (unsigned)i, (unsigned long long)items[i].klen + items[i].vlen,
                      (unsigned)(fmm_max_item(c) - FMM_ENTRY_HEADER_SIZE));
             if (bad)
@@ -1881,7 +1886,7 @@ int fmm_set_many(fmm_cache *c, uint32_t page, fmm_batch_item *items, uint32_t n,
      * room for it (load 3/4, what a rebuild shrinks to when it must). */
     uint32_t ns_min = slots_min(n);
     if (ns_min > c->max_slots || (int64_t)total > cap_for(c, ns_min)) {
-        snprintf(c->err, sizeof c->err,
+        snprintf(tl_err, sizeof tl_err,
                  "%u items need %llu bytes with their headers and slots, more than a page of %u bytes holds",
                  (unsigned)n, (unsigned long long)(total + 4ull * ns_min + FMM_PAGE_HEADER_SIZE),
                  (unsigned)c->page_size);

@@ -334,7 +334,8 @@ void fmm_close(fmm_cache *c);
 /** @brief Describe an FMM_E* code or errno value. */
 const char *fmm_strerror(int rc);
 
-/** @brief Detail text for the last error on this handle ("" if none). */
+/** @brief Detail text for the last error of an fmm_* call in this thread
+ * ("" if none).  Kept per thread, so read it right after the failing call. */
 const char *fmm_errdetail(const fmm_cache *c);
 
 /* ---------- Geometry ---------- */

@@ -102,7 +102,6 @@ struct pfm_cache {
     unsigned gen;             /* fork generation this fd belongs to */
     pthread_mutex_t *mx;      /* one per page: threads of this handle */
     uint64_t repairs;
-    char err[256];
 };
 
 /* ---------- process-wide state ---------- */
@@ -136,12 +135,18 @@ static int tl_find(const pfm_cache *p)
     return -1;
 }
 
+/* Per thread, not per handle: threads sharing a handle run in parallel
+ * under free-threaded Python, and one must not overwrite the text another
+ * is reading (fmm.c's tl_err, for the same reason). */
+static _Thread_local char tl_err[256];
+
 static void detail(pfm_cache *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void detail(pfm_cache *p, const char *fmt, ...)
 {
     va_list ap;
+    (void)p;
     va_start(ap, fmt);
-    vsnprintf(p->err, sizeof p->err, fmt, ap);
+    vsnprintf(tl_err, sizeof tl_err, fmt, ap);
     va_end(ap);
 }
 
@@ -177,7 +182,11 @@ uint32_t pfm_page_of(const pfm_cache *p, uint64_t hash) { return (uint32_t)hash 
 static inline uint32_t slot_hash_of(const pfm_cache *p, uint64_t hash) { return (uint32_t)hash / p->num_pages; }
 uint32_t pfm_now(const pfm_cache *p) { return p->time_override ? p->time_override : (uint32_t)time(NULL); }
 void pfm_set_time(pfm_cache *p, uint32_t now) { p->time_override = now; }
-const char *pfm_errdetail(const pfm_cache *p) { return p->err; }
+const char *pfm_errdetail(const pfm_cache *p)
+{
+    (void)p;
+    return tl_err;
+}
 unsigned char *pfm_page_ptr(pfm_cache *p, uint32_t page) { return PB(p, page); }
 
 /* ---------- flags: Perl's bits <-> the engine's ---------- */

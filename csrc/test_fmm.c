@@ -36,6 +36,7 @@
 #include <limits.h>
 #include <pthread.h>
 #include <sched.h>
+#include <semaphore.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -2451,6 +2452,47 @@ static pid_t hold_page_in_child(fmm_cache *c, uint32_t page, int *release)
     return pid;
 }
 
+/* Two threads of one handle: each reads the detail of its own last error,
+ * even after the other thread failed in between (free-threaded Python runs
+ * them in parallel). */
+typedef struct {
+    fmm_cache *c;
+    sem_t a_failed, b_failed;
+    char b_detail[256];
+} errdetail_ctx;
+
+static void *errdetail_thread_b(void *arg)
+{
+    errdetail_ctx *x = arg;
+    sem_wait(&x->a_failed);
+    CHECK_RC(fmm_unlock(x->c, 2), FMM_EBADARG);
+    snprintf(x->b_detail, sizeof x->b_detail, "%s", fmm_errdetail(x->c));
+    sem_post(&x->b_failed);
+    return NULL;
+}
+
+static void test_errdetail_per_thread(void)
+{
+    errdetail_ctx x;
+    x.c = open_anon(4096, 4);
+    CHECK(x.c != NULL);
+    if (!x.c)
+        return;
+    sem_init(&x.a_failed, 0, 0);
+    sem_init(&x.b_failed, 0, 0);
+    pthread_t tb;
+    CHECK_EQ(pthread_create(&tb, NULL, errdetail_thread_b, &x), 0);
+    CHECK_RC(fmm_unlock(x.c, 1), FMM_EBADARG); /* "page 1 is not locked by this thread" */
+    sem_post(&x.a_failed);
+    sem_wait(&x.b_failed); /* thread b failed on page 2 meanwhile */
+    CHECK(strstr(fmm_errdetail(x.c), "page 1 ") != NULL);
+    pthread_join(tb, NULL);
+    CHECK(strstr(x.b_detail, "page 2 ") != NULL);
+    sem_destroy(&x.a_failed);
+    sem_destroy(&x.b_failed);
+    fmm_close(x.c);
+}
+
 static void test_locking_rules(void)
 {
     char pa[PATH_MAX], pb[PATH_MAX];
@@ -4646,6 +4688,7 @@ static const test TESTS[] = {
     T(test_modseq_visibility_eviction),
     T(test_modseq_check_page),
     T(test_locking_rules),
+    T(test_errdetail_per_thread),
     T(test_threads_counter),
     T(test_cross_process_counter),
     T_ROBUST(test_crash_repair),
