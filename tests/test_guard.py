@@ -500,3 +500,72 @@ def test_truncate_under_hundreds_of_caches_of_one_process(tmp_path, forked):
     n = 300
     r = forked(_many_caches_then_truncate, path, n, timeout=30)
     assert r == {n - 1: "FileReplacedError", 0: "FileReplacedError", n // 2: "FileReplacedError"}, r
+
+
+def _key_on_page(path: str, page: int) -> str:
+    with fastmmap.Cache(path, serializer="raw") as c:
+        for i in range(10000):
+            key = f"k{i}"
+            before = c._page_info(page)["live"]
+            c.set(key, b"x")
+            if c._page_info(page)["live"] > before:
+                return key
+    raise AssertionError(f"no key for page {page}")
+
+
+def _wait_behind_a_holder_that_lost_the_file(path: str, key: str, cut: int) -> str:
+    """A forked holder of key's page loses its mapping to a cut through that
+    page (past the lock word, which stays in the file) and stays alive;
+    this process then waits for the page's lock, without a lock_timeout."""
+    to_test_r, to_test_w = os.pipe()
+    to_holder_r, to_holder_w = os.pipe()
+    waiter = fastmmap.Cache(path, serializer="raw")
+    waiter.get("mapped before the cut")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            # only our ends: if the test dies, our read sees the end of the pipe
+            os.close(to_test_r)
+            os.close(to_holder_w)
+            holder = fastmmap.Cache(path, serializer="raw")
+            try:
+                with holder.lock(key) as held:
+                    os.write(to_test_w, b"L")
+                    os.read(to_holder_r, 1)  # the file is cut now
+                    held.value = os.urandom(3000)  # reaches past the cut
+            except fastmmap.FileReplacedError:
+                code = 0
+            os.write(to_test_w, b"R" if code == 0 else b"?")
+            os.read(to_holder_r, 1)  # alive, its TID in the lock word, until the end
+        finally:
+            os._exit(code)
+    os.close(to_test_w)
+    os.close(to_holder_r)
+    try:
+        assert os.read(to_test_r, 1) == b"L"
+        os.truncate(path, cut)
+        os.write(to_holder_w, b"g")
+        assert os.read(to_test_r, 1) == b"R", "the holder did not get FileReplacedError"
+        try:
+            waiter.get(key)
+            return "got the page"
+        except fastmmap.FileReplacedError:
+            return "FileReplacedError"
+    finally:
+        os.close(to_holder_w)  # the holder's last read ends
+        os.close(to_test_r)
+        _, st = os.waitpid(pid, 0)
+        assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0, st
+
+
+@pytest.mark.timeout(120)
+def test_lock_waiter_sees_the_truncation_that_its_holder_hit(tmp_path, forked):
+    # The holder cannot unlock a word it no longer maps, and the waiter
+    # only touches the word (still in the file), so no SIGBUS tells it:
+    # it must notice the shorter file by itself, not wait forever.
+    path = str(tmp_path / "cache.fmm")
+    fastmmap.Cache(path, page_size=PAGE_SIZE, num_pages=NUM_PAGES, init_file=True, unlink_on_exit=False).close()
+    key = _key_on_page(path, 2)
+    cut = 4096 + 2 * PAGE_SIZE + PAGE_SIZE // 2  # the middle of page 2
+    assert forked(_wait_behind_a_holder_that_lost_the_file, path, key, cut, timeout=60) == "FileReplacedError"
