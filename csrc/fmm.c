@@ -890,6 +890,17 @@ static int revive_mutex(page_hdr *ph)
  * it is noticed by its waiters within this time. */
 #define WAIT_SLICE_NS 200000000LL
 
+/* 1 if the file is now shorter than our mapping.  A waiter needs this as
+ * well as the lost flag: when a cut leaves the lock word in the file, the
+ * holder can lose its mapping (SIGBUS past the cut) and with it any way to
+ * unlock the word, while the waiter touches only the word and never faults.
+ * Asked only after a wait slice ran out, so it costs one fstat per slice. */
+static int file_shrank(const fmm_cache *c)
+{
+    struct stat st;
+    return c->fd >= 0 && fstat(c->fd, &st) == 0 && (uint64_t)st.st_size < (uint64_t)c->map_len;
+}
+
 #ifdef __GLIBC__
 static int64_t mono_now_ns(void)
 {
@@ -944,7 +955,9 @@ static __attribute__((noinline)) int lock_mutex_wait(fmm_cache *c, page_hdr *ph,
             v |= FUTEX_WAITERS;
         }
         struct timespec rel = {(time_t)(slice / 1000000000LL), (long)(slice % 1000000000LL)};
-        syscall(SYS_futex, word, FUTEX_WAIT, v, &rel, NULL, 0); /* any result: look again */
+        /* any result: look again */
+        if (syscall(SYS_futex, word, FUTEX_WAIT, v, &rel, NULL, 0) != 0 && errno == ETIMEDOUT && file_shrank(c))
+            return ESTALE; /* fmm_lock reports FMM_EREPLACED */
     }
 }
 #else
@@ -966,6 +979,8 @@ static __attribute__((noinline)) int lock_mutex_wait(fmm_cache *c, page_hdr *ph,
         rc = fmm_mutex_clocklock_mono(m, &ts);
         if (rc != ETIMEDOUT || fmm_lost(c))
             return rc;
+        if (file_shrank(c))
+            return ESTALE;
         if (timeout_ns > 0)
             timeout_ns -= t;
     } while (timeout_ns != 0);
@@ -1064,6 +1079,13 @@ int fmm_lock(fmm_cache *c, uint32_t page, int64_t timeout_ns)
     default:
         if (fmm_lost(c))
             return FMM_EREPLACED;
+        if (rc == ESTALE) {
+            /* the file shrank under a lock we wait for (lock_mutex_wait):
+             * nothing of this handle is released or changed, and every
+             * later wait for that page ends the same way */
+            snprintf(tl_err, sizeof tl_err, "the file was truncated while waiting for the lock of page %u", page);
+            return FMM_EREPLACED;
+        }
         snprintf(tl_err, sizeof tl_err, "locking page %u: %s", page, strerror(rc));
         return rc;
     }

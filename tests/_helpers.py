@@ -35,3 +35,30 @@ def run_threads(target: Callable[[int], object], n: int, *, timeout: float = 60.
         raise AssertionError(f"threads {alive} still running after {timeout}s: possible deadlock")
     if errors:
         raise errors[0]
+
+
+# A waiter sets this bit in a page's lock word (glibc's robust-mutex
+# protocol, which the engine's own wait follows) before it sleeps; only the
+# holder's unlock clears it.
+FUTEX_WAITERS = 0x80000000
+FILE_HEADER_SIZE = 4096  # pages follow the file header; the lock word opens each
+
+
+def wait_for_a_sleeper(path: str, page: int, page_size: int, timeout: float = 60.0) -> bool:
+    """True once some thread sleeps on the lock of `page` of the cache file
+    at `path` (a fastmmap-format file); False after `timeout` seconds."""
+    import os
+    import struct
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            (word,) = struct.unpack("<I", os.pread(fd, 4, FILE_HEADER_SIZE + page * page_size))
+            if word & FUTEX_WAITERS:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)  # polling the lock word, not waiting for a time
+    finally:
+        os.close(fd)

@@ -16,6 +16,7 @@ import pytest
 
 import fastmmap
 from _helpers import run_threads as _run_threads
+from _helpers import wait_for_a_sleeper
 
 THREAD_TIMEOUT = 30.0
 
@@ -402,24 +403,28 @@ def test_a_signal_interrupts_a_blocked_lock_wait(cache):
 
         c.get_and_set("k", fn)
 
+    def sender():
+        # signal only once the main thread sleeps on the lock
+        if wait_for_a_sleeper(c.share_file, 0, 8192):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
     t = threading.Thread(target=holder, args=(0,), daemon=True)
+    s = threading.Thread(target=sender, daemon=True)
     old_handler = signal.signal(signal.SIGUSR1, handler)
-    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
     t.start()
     try:
         assert inside.wait(THREAD_TIMEOUT)
-        timer.start()
-        start = time.monotonic()
+        s.start()
+        # Were the wait not interrupted, the get would wait for the holder,
+        # which waits for `release`: the test fails, it does not pass late.
         with pytest.raises(Interrupted):
             c.get("k")
-        assert time.monotonic() - start < 10
     finally:
+        s.join(THREAD_TIMEOUT)
         release.set()
-        timer.cancel()
-        timer.join(THREAD_TIMEOUT)
         t.join(THREAD_TIMEOUT)
         signal.signal(signal.SIGUSR1, old_handler)
-    assert not t.is_alive(), "possible deadlock"
+    assert not t.is_alive() and not s.is_alive(), "possible deadlock"
     assert c["k"] == 2
 
 

@@ -25,6 +25,7 @@ import time
 import pytest
 
 import fastmmap
+from _helpers import wait_for_a_sleeper
 from fastmmap import _fastmmap
 
 pytestmark = pytest.mark.timeout(120)
@@ -509,7 +510,9 @@ def test_lock_timeout_raises_when_another_process_holds_the_page(cache, forked):
             with pytest.raises(fastmmap.LockTimeout):
                 _locked_op(c, op, key)
             waited = time.monotonic() - start
-            assert 0.19 <= waited < 1.5, f"{op}: LockTimeout after {waited:.3f}s with lock_timeout=0.2"
+            # never early; the upper bound only catches a unit mix-up (the
+            # holder never lets go, so without the timeout this would hang)
+            assert 0.19 <= waited < 20, f"{op}: LockTimeout after {waited:.3f}s with lock_timeout=0.2"
         # Only that page is held: some other key (on another page) is served at once.
         served = []
         for i in range(40):
@@ -574,7 +577,7 @@ def _readline(proc, timeout: float) -> str:
 @pytest.mark.parametrize("op", ["get", "set", "get_and_set", "lock"])
 def test_ctrl_c_interrupts_a_process_waiting_for_a_page_lock(cache, tmp_path, op, timeout):
     path = cache.path()
-    c = cache(path, num_pages=2, page_size=8192)
+    c = cache(path, num_pages=1, page_size=8192)  # the key's page is page 0
     key = "contended"
     c[key] = "initial"
     proc = subprocess.Popen(
@@ -584,14 +587,12 @@ def test_ctrl_c_interrupts_a_process_waiting_for_a_page_lock(cache, tmp_path, op
     try:
         with c.lock(key) as e:  # this process holds the page
             assert _readline(proc, 30) == "waiting"
-            time.sleep(0.5)  # let it block on the lock
-            sent = time.monotonic()
+            assert wait_for_a_sleeper(path, 0, 8192), "the waiter never blocked on the lock"
             proc.send_signal(signal.SIGINT)
-            line = _readline(proc, 10)
-            delay = time.monotonic() - sent
+            # well within the waiter's lock timeout (30 s, or none): the
+            # signal ended the wait, not the timeout or our release
+            line = _readline(proc, 20)
             assert line.startswith("KeyboardInterrupt after "), line + proc.stderr.read()
-            assert float(line.split()[-1]) >= 0.4, "the waiter was not blocked on the lock when interrupted"
-            assert delay < 1.0, f"KeyboardInterrupt came {delay:.3f}s after SIGINT"
             e.value = "holder"
         proc.stdin.write("go\n")
         proc.stdin.flush()
