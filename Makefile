@@ -205,10 +205,11 @@ test-ft:
 		"$$py" -m venv $(FT_VENV); fi
 	$(FT_VPY) -m pip install -q --upgrade pip
 	rm -rf $(SETUPTOOLS_BUILD_DIRS)
-	@# hypothesis' newer releases and mypy's ast-serialize have a Rust part
-	@# with no free-threaded wheel, whose sdist fetches crates from the
-	@# network: take the newest releases that ship wheels instead.
-	$(FT_VPY) -m pip install -q --only-binary=hypothesis,ast-serialize '.[test]'
+	@# hypothesis' newer releases, mypy's ast-serialize and pydantic-core
+	@# (for fastapi) have a Rust part with no free-threaded wheel, whose
+	@# sdist fetches crates from the network: take the newest releases that
+	@# ship wheels instead.
+	$(FT_VPY) -m pip install -q --only-binary=hypothesis,ast-serialize,pydantic-core '.[test]'
 	rm -rf $(SETUPTOOLS_BUILD_DIRS)
 	PYTHON_GIL=0 $(FT_VPY) -c 'import sys, fastmmap; assert not sys._is_gil_enabled(), "GIL on after import"'
 	PYTHON_GIL=0 FASTMMAP_FT_ROUNDS=$(FT_ROUNDS) $(FT_VPY) -m pytest -q -p no:cacheprovider -m "not stress"
