@@ -74,7 +74,7 @@ def test_usage_without_a_group(fake_ci: Path) -> None:
 
 
 def test_every_line_has_groups_and_a_probe() -> None:
-    known = {"build", "test", "fuzz", "wheels"}
+    known = {"build", "test", "fuzz", "wheels", "ft"}
     for line in APT_PACKAGES.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             fields = line.split(None, 2)
