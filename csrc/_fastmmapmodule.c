@@ -624,6 +624,15 @@ static PyObject *compressed(CacheObject *self, const encoded *e)
 static int encode_perl(CacheObject *self, PyObject *v, encoded *e);
 static PyObject *lazy_attr(PyObject **slot, const char *mod, const char *attr);
 
+/* pickle.dumps, imported on first use after HIGHEST_PROTOCOL (the order
+ * encode_value relies on); out of line so that its fast path stays small. */
+static __attribute__((noinline, cold)) PyObject *load_pickle_dumps(fastmmap_state *st)
+{
+    if (!lazy_attr(&st->pickle_protocol, "pickle", "HIGHEST_PROTOCOL"))
+        return NULL;
+    return lazy_attr(&st->pickle_dumps, "pickle", "dumps");
+}
+
 static int encode_value(CacheObject *self, PyObject *v, encoded *e)
 {
     e->owner = NULL;
@@ -650,12 +659,14 @@ static int encode_value(CacheObject *self, PyObject *v, encoded *e)
     } else {
         PyObject *out;
         if (self->ser_type == FMM_T_PICKLE) {
+            /* The protocol is published before dumps, so once dumps is
+             * seen (acquire) the protocol is too: one atomic load and a
+             * branch per pickled set. */
             fastmmap_state *st = self->state;
-            PyObject *dumps = lazy_attr(&st->pickle_dumps, "pickle", "dumps");
-            PyObject *proto = dumps ? lazy_attr(&st->pickle_protocol, "pickle", "HIGHEST_PROTOCOL") : NULL;
-            if (!proto)
+            PyObject *dumps = __atomic_load_n(&st->pickle_dumps, __ATOMIC_ACQUIRE);
+            if (UNLIKELY(dumps == NULL) && !(dumps = load_pickle_dumps(st)))
                 return -1;
-            PyObject *args[2] = {v, proto};
+            PyObject *args[2] = {v, __atomic_load_n(&st->pickle_protocol, __ATOMIC_RELAXED)};
             out = PyObject_Vectorcall(dumps, args, 2, NULL);
         } else {
             out = PyObject_CallOneArg(self->dumps, v);
