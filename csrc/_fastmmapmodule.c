@@ -93,10 +93,12 @@ typedef struct {
     PyObject *ItemTooLargeError;
     PyObject *UntrustedFileError;
     PyObject *WriteBackLostError;
+    /* imported on first use (lazy_attr), so that `import fastmmap` does
+     * not load pickle and a cache that never pickles never pays for it */
     PyObject *pickle_dumps;
     PyObject *pickle_loads;
     PyObject *pickle_protocol;
-    PyObject *json_loads;   /* imported on first use */
+    PyObject *json_loads;
     PyObject *zlib_decompress;
     PyObject *lz4_decompress;
     /* fastmmap.NO_CHANGE, fastmmap.Update and fastmmap.Entry, registered by
@@ -620,6 +622,16 @@ static PyObject *compressed(CacheObject *self, const encoded *e)
 }
 
 static int encode_perl(CacheObject *self, PyObject *v, encoded *e);
+static PyObject *lazy_attr(PyObject **slot, const char *mod, const char *attr);
+
+/* pickle.dumps, imported on first use after HIGHEST_PROTOCOL (the order
+ * encode_value relies on); out of line so that its fast path stays small. */
+static __attribute__((noinline, cold)) PyObject *load_pickle_dumps(fastmmap_state *st)
+{
+    if (!lazy_attr(&st->pickle_protocol, "pickle", "HIGHEST_PROTOCOL"))
+        return NULL;
+    return lazy_attr(&st->pickle_dumps, "pickle", "dumps");
+}
 
 static int encode_value(CacheObject *self, PyObject *v, encoded *e)
 {
@@ -647,8 +659,15 @@ static int encode_value(CacheObject *self, PyObject *v, encoded *e)
     } else {
         PyObject *out;
         if (self->ser_type == FMM_T_PICKLE) {
-            PyObject *args[2] = {v, self->state->pickle_protocol};
-            out = PyObject_Vectorcall(self->state->pickle_dumps, args, 2, NULL);
+            /* The protocol is published before dumps, so once dumps is
+             * seen (acquire) the protocol is too: one atomic load and a
+             * branch per pickled set. */
+            fastmmap_state *st = self->state;
+            PyObject *dumps = __atomic_load_n(&st->pickle_dumps, __ATOMIC_ACQUIRE);
+            if (UNLIKELY(dumps == NULL) && !(dumps = load_pickle_dumps(st)))
+                return -1;
+            PyObject *args[2] = {v, __atomic_load_n(&st->pickle_protocol, __ATOMIC_RELAXED)};
+            out = PyObject_Vectorcall(dumps, args, 2, NULL);
         } else {
             out = PyObject_CallOneArg(self->dumps, v);
         }
@@ -865,7 +884,8 @@ static PyObject *decode_value(CacheObject *self, uint32_t flags, const char *buf
                                         "serializer='pickle' if you trust every writer of the file");
                 goto done;
             }
-            fn = st->pickle_loads;
+            if (!(fn = lazy_attr(&st->pickle_loads, "pickle", "loads")))
+                goto done;
         }
         else if (type == FMM_T_JSON) {
             if (!(fn = lazy_attr(&st->json_loads, "json", "loads")))
@@ -3880,14 +3900,6 @@ static int fastmmap_exec(PyObject *mod)
         return -1;
     }
     Py_DECREF(no_keys);
-    st->pickle_dumps = import_attr("pickle", "dumps");
-    st->pickle_loads = import_attr("pickle", "loads");
-    if (!st->pickle_dumps || !st->pickle_loads)
-        return -1;
-    PyObject *proto = import_attr("pickle", "HIGHEST_PROTOCOL");
-    if (!proto)
-        return -1;
-    st->pickle_protocol = proto;
     if (PyModule_AddIntConstant(mod, "T_BYTES", FMM_T_BYTES) < 0 ||
         PyModule_AddIntConstant(mod, "T_STR", FMM_T_STR) < 0 ||
         PyModule_AddIntConstant(mod, "T_NONE", FMM_T_NONE) < 0 ||

@@ -1,7 +1,9 @@
 """`import fastmmap` stays cheap: the heavy modules that only some options
 or features need (asyncio for async memoize, json and zlib for those
-serializer/compressor options, the frameworks of fastmmap.contrib) are
-imported when first used, not with the package."""
+serializer/compressor options, pickle for pickled values, datetime for
+timedelta expiries, re for size and time strings, the memoize machinery,
+the frameworks of fastmmap.contrib) are imported when first used, not with
+the package."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import sys
 # Each of these took a measurable share of `import fastmmap` when it was
 # imported at module level (asyncio alone about two thirds).
 LAZY = ("asyncio", "json", "zlib", "tempfile", "shutil", "inspect", "hashlib", "random",
-        "django", "flask", "flask_caching", "cachelib", "redis", "lz4")
+        "django", "flask", "flask_caching", "cachelib", "redis", "lz4",
+        "pickle", "datetime", "re", "fastmmap._memoize")
 
 
 def _loaded_after(code: str) -> set[str]:
@@ -50,3 +53,39 @@ def test_json_and_zlib_options_still_work(tmp_path: object) -> None:
         "assert c.get('k') == {'a': 'x' * 1000}\n"
     )
     assert {"json", "zlib"} <= loaded
+
+
+def test_pickle_memoize_and_timedelta_work_after_a_plain_import(tmp_path: object) -> None:
+    # pickle (in the binding and in Share), datetime, re and _memoize are
+    # imported on first use: each feature still works from a bare import.
+    loaded = _loaded_after(
+        "import fastmmap, os, tempfile\n"
+        "d = tempfile.mkdtemp()\n"
+        "c = fastmmap.Cache(os.path.join(d, 'c'), init_file=True, cache_size='1m')\n"
+        "c.set('k', {'a': [1, 2.5]})\n"
+        "assert c.get('k') == {'a': [1, 2.5]}\n"
+        "r = fastmmap.Cache(os.path.join(d, 'c'), serializer='raw')\n"
+        "try:\n"
+        "    r.get('k')\n"
+        "except fastmmap.Error as e:\n"
+        "    assert 'pickle' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('raw reader unpickled')\n"
+        "s = fastmmap.Share(1000)\n"
+        "s.set([1, 2, 3])\n"
+        "assert s.get() == [1, 2, 3]\n"
+        "@c.memoize(expire_time='10m')\n"
+        "def f(x):\n"
+        "    return [x]\n"
+        "assert f(2) == [2] and f(2) == [2]\n"
+        "import datetime\n"
+        "c.set('t', 1, expire_time=datetime.timedelta(minutes=5))\n"
+        "assert c.get('t') == 1\n"
+        "try:\n"
+        "    c.set('u', 1, expire_time=datetime.timedelta(seconds=-1))\n"
+        "except ValueError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise AssertionError('negative timedelta accepted')\n"
+    )
+    assert {"pickle", "fastmmap._memoize", "datetime", "re"} <= loaded

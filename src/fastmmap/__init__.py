@@ -17,13 +17,12 @@ from __future__ import annotations
 import atexit
 import errno
 import os
-import pickle
 import sys
 import weakref
 from collections.abc import MutableMapping
 
 from . import _fastmmap as _C
-from . import _memoize, _options
+from . import _options
 from ._update import NO_CHANGE, Entry, Update
 from ._fastmmap import (
     BadFileError,
@@ -625,6 +624,10 @@ class Cache(CacheBase):
         ``cache_key(*args, **kwargs)``.  ``namespace=`` replaces
         ``module.qualname`` in the keys.
         """
+        # Imported here, not with the package: _memoize needs pickle,
+        # datetime and more, which a cache that never memoizes never loads.
+        from . import _memoize
+
         return _memoize.memoize(self, expire_time=expire_time, key=key, **kw)
 
 
@@ -804,6 +807,8 @@ class Share(_C.PageLock):
         elif isinstance(obj, str):
             n = len(obj.encode("utf-8", "surrogatepass"))
         else:
+            import pickle  # only here: `import fastmmap` does not load it
+
             n = len(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
         if n > self._size:
             raise ValueError(f"object needs {n} bytes, more than this Share's size of {self._size}")

@@ -18,9 +18,17 @@ instead of something the engine finds out later.
 
 from __future__ import annotations
 
-import datetime
 import math
-import re
+
+# datetime and re are imported where first needed, not with the module, so
+# that `import fastmmap` stays cheap: a timedelta can only be checked for
+# once something that is not an int, float or str comes in, and the regexes
+# are compiled on the first size or time string.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import datetime
+    import re
+    from typing import TypeGuard
 
 __all__ = [
     "compute_perl_geometry",
@@ -88,10 +96,7 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 # "4096", "64k", "64 KB", "64KiB", "1m", "2g", "4096b"; a bare "ib" needs a
 # unit in front of it.  ASCII digits only (re.ASCII), so "６４k" is refused.
-_SIZE_RE = re.compile(
-    r"\s*([0-9]+)\s*(?:([kmg])(?:i?b)?|b)?\s*",
-    re.IGNORECASE | re.ASCII,
-)
+_SIZE_PATTERN = r"\s*([0-9]+)\s*(?:([kmg])(?:i?b)?|b)?\s*"
 
 _TIME_UNITS = {
     "": 1,
@@ -104,7 +109,27 @@ _TIME_UNITS = {
 
 # Whole string, unlike Perl's /^(\d+)\s*([mhdws]?)/i, which reads
 # "1 month" as 60 seconds.
-_TIME_RE = re.compile(r"\s*([0-9]+)\s*([smhdw]?)\s*", re.IGNORECASE | re.ASCII)
+_TIME_PATTERN = r"\s*([0-9]+)\s*([smhdw]?)\s*"
+
+_compiled: dict[str, re.Pattern[str]] = {}
+
+
+def _fullmatch(pattern: str, value: str) -> re.Match[str] | None:
+    """re.fullmatch with pattern compiled on first use (case-insensitive, ASCII)."""
+    rx = _compiled.get(pattern)
+    if rx is None:
+        import re
+
+        rx = _compiled[pattern] = re.compile(pattern, re.IGNORECASE | re.ASCII)
+    return rx.fullmatch(value)
+
+
+def _is_timedelta(value: object) -> TypeGuard[datetime.timedelta]:
+    if isinstance(value, (int, float, str)):
+        return False
+    import datetime
+
+    return isinstance(value, datetime.timedelta)
 
 
 def _as_int(value: object) -> int | None:
@@ -186,7 +211,7 @@ def parse_size(value: object, name: str) -> int:
             raise ValueError(f"{name} must be >= 0, got {value!r}")
         return n
     if isinstance(value, str):
-        m = _SIZE_RE.fullmatch(value)
+        m = _fullmatch(_SIZE_PATTERN, value)
         if m is None:
             raise ValueError(f"{name} must be a size like 4096, '64k', '1m' or '2g', got {value!r}")
         return _digits(m.group(1), name, value) * _SIZE_UNITS[(m.group(2) or "").lower()]
@@ -392,8 +417,8 @@ def parse_expire_time(value: object, name: str = "expire_time") -> int:
                 f"got {value!r}; use 0 or 'never' for no expiry"
             )
         secs = math.ceil(value)
-    elif isinstance(value, datetime.timedelta):
-        if value < datetime.timedelta(0):
+    elif _is_timedelta(value):
+        if value.days < 0:  # a timedelta is normalised: negative iff days < 0
             raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
         secs = value.days * 86400 + value.seconds + (1 if value.microseconds else 0)
     elif isinstance(value, str):
@@ -402,7 +427,7 @@ def parse_expire_time(value: object, name: str = "expire_time") -> int:
             return 0
         if word == "now":
             return EXPIRE_NOW
-        m = _TIME_RE.fullmatch(value)
+        m = _fullmatch(_TIME_PATTERN, value)
         if m is None:
             raise ValueError(
                 f"{name} must be seconds or a string like '30s', '5m', '2h', "
@@ -431,11 +456,11 @@ def parse_expire_time_ms(value: object, name: str = "expire_time") -> int:
     Returns 0 for never and EXPIRE_NOW for now, as parse_expire_time.
     """
     secs = parse_expire_time(value, name)  # validates, and the whole-second cases
-    if secs in (0, EXPIRE_NOW) and not isinstance(value, (float, datetime.timedelta)):
+    if secs in (0, EXPIRE_NOW) and not (isinstance(value, float) or _is_timedelta(value)):
         return secs
     if isinstance(value, float):
         return math.ceil(value * 1000) if value else 0
-    if isinstance(value, datetime.timedelta):
+    if _is_timedelta(value):
         micros = (value.days * 86400 + value.seconds) * 1_000_000 + value.microseconds
         return -(-micros // 1000)
     return secs * 1000
