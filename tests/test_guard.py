@@ -1,5 +1,5 @@
 """Damage to a live cache file: truncation and random byte writes while
-other processes use it (issue 5, "Reliability").
+other processes use it (README, "Caveats").
 
 - Truncation: four forked workers hammer a small cache while the test
   truncates the file (to 0 bytes, or to the middle of a page).  Touching the

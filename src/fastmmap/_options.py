@@ -2,7 +2,8 @@
 
 Pure Python, no dependency on the C extension: Cache.__init__ turns the
 user's many, loosely typed options into a small, fixed set of plain ints
-and floats, and the C type receives only those (STYLE.md item 12).
+and floats, and the C type receives only those: the C side converts
+no loosely typed input of its own.
 
 Every helper raises TypeError for a value of the wrong type and ValueError
 for a value of the right type that is out of range or malformed.  Messages
