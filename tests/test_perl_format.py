@@ -587,6 +587,9 @@ def test_mixed_churn_perl_and_python(share: str, tmp_path: Path) -> None:
     either side is intact, no side errors, and both see the same survivors."""
     go = tmp_path / "go"
     seconds = "4"
+    # The file exists before the racers start: Perl's creation of a missing
+    # file (O_EXCL) fails when another process creates it at the same time.
+    open_perl_format(share, num_pages=3, page_size=8192).close()
     procs = []
     for i in range(2):
         procs.append(subprocess.Popen(
