@@ -27,7 +27,7 @@ pytest.importorskip("uvicorn", reason="uvicorn is in the test extra")
 pytest.importorskip("aiocache", reason="aiocache is in the test extra")
 
 import fastmmap  # noqa: E402
-from test_servers import START_TIMEOUT, Server, _free_port, request  # noqa: E402
+from test_servers import START_TIMEOUT, Server, _free_port, request, request_retrying  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -55,19 +55,8 @@ def hammer(port: int, path: str, total: int, clients: int = CLIENTS):
                     if conn is not None:
                         conn.close()
                     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                for attempt in range(3):
-                    reused = conn.sock is not None
-                    try:
-                        status, body, pid = request(port, path, conn)
-                        break
-                    except (http.client.RemoteDisconnected, ConnectionError):
-                        # only a connection the server closed while idle is
-                        # retried: the request never reached the app (and a
-                        # double count would show in the values)
-                        conn.close()
-                        if not reused or attempt == 2:
-                            raise
-                        retries += 1
+                status, body, pid, retried = request_retrying(port, path, conn)
+                retries += retried
                 assert status == 200, (status, body)
                 values.append(int(body))
                 pids.add(pid)

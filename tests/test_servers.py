@@ -167,6 +167,22 @@ def request(port: int, path: str, conn: http.client.HTTPConnection | None = None
             conn.close()
 
 
+def request_retrying(port: int, path: str, conn: http.client.HTTPConnection) -> tuple[int, str, int, int]:
+    """request() on a kept-alive connection: (status, body, worker pid,
+    retries).  Only a connection the server closed while idle is retried:
+    the request never reached the app.  (A double count would still show
+    in the values.)"""
+    for attempt in range(3):
+        reused = conn.sock is not None
+        try:
+            return (*request(port, path, conn), attempt)
+        except (http.client.RemoteDisconnected, ConnectionError):
+            conn.close()
+            if not reused or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def hammer(port: int, path: str, total: int = REQUESTS, clients: int = CLIENTS):
     """Send total requests from clients threads (keep-alive connections where
     the server keeps them).  Returns (values, pids, retries)."""
@@ -178,19 +194,8 @@ def hammer(port: int, path: str, total: int = REQUESTS, clients: int = CLIENTS):
         values, pids, retries = [], set(), 0
         try:
             for _ in range(shares[i]):
-                for attempt in range(3):
-                    reused = conn.sock is not None
-                    try:
-                        status, body, pid = request(port, path, conn)
-                        break
-                    except (http.client.RemoteDisconnected, ConnectionError):
-                        # Only a connection the server closed while idle is
-                        # retried: the request never reached the app.  (A
-                        # double count would still show in the values.)
-                        conn.close()
-                        if not reused or attempt == 2:
-                            raise
-                        retries += 1
+                status, body, pid, retried = request_retrying(port, path, conn)
+                retries += retried
                 assert status == 200, (status, body)
                 values.append(int(body))
                 pids.add(pid)
